@@ -1,0 +1,9 @@
+//! Routing as pure data and functions. `Tables` is what the control plane wants the node to do;
+//! the kernel maps are a projection of it, the router reads it through a snapshot, and
+//! `redirectctl explain` calls the same decisions. Nothing here touches the kernel or an API.
+
+mod connect;
+mod tables;
+
+pub use connect::{ConnectDecision, ConnectInput, at_connect};
+pub use tables::{KeyInfo, ServiceName, Tables};

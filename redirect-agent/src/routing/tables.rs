@@ -1,0 +1,59 @@
+//! The desired routing state of one node.
+
+use std::collections::BTreeMap;
+
+use redirect_common::{ForkEndpoints, ForkKey, RouterConfig, ServiceValue, SockAddr, WorkloadValue};
+
+/// A service port by name, for humans and for the router's lookups.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ServiceName {
+    pub namespace: String,
+    pub name: String,
+    /// The port's name, or its number when unnamed.
+    pub port: String,
+}
+
+impl std::fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}:{}", self.namespace, self.name, self.port)
+    }
+}
+
+/// A routing key and where it came from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyInfo {
+    /// The key as it appears in requests.
+    pub key: String,
+    /// `namespace/name` of the sandboxes (or route group) that carry it.
+    pub owners: Vec<String>,
+    /// Whether requests for a fork with no ready endpoint fall back to baseline (else 503).
+    pub fallback_to_baseline: bool,
+}
+
+/// Everything the node's kernel maps and router need, keyed exactly as the maps are.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tables {
+    /// `services_v1`: forked service ports by VIP:port and by baseline backend ip:port.
+    pub services: BTreeMap<SockAddr, ServiceValue>,
+    /// `forks_v1`: (routing key, service port) → ready fork endpoints.
+    pub forks: BTreeMap<ForkKey, ForkEndpoints>,
+    /// `workloads_v1`: fork pod cgroup id → its sandbox's routing key.
+    pub workloads: BTreeMap<u64, WorkloadValue>,
+    /// `router_v1`: router addresses and mark.
+    pub router: RouterConfig,
+    /// Names behind the ids, for the router, explain and logs (not in the kernel).
+    pub service_names: BTreeMap<u32, ServiceName>,
+    pub keys: BTreeMap<u32, KeyInfo>,
+}
+
+impl Tables {
+    /// The id of a routing key as it appears in requests.
+    pub fn key_id(&self, key: &str) -> Option<u32> {
+        self.keys.iter().find(|(_, k)| k.key == key).map(|(id, _)| *id)
+    }
+
+    /// Ready fork endpoints of `service_id` under routing key `key_id`.
+    pub fn fork(&self, key_id: u32, service_id: u32) -> Option<&ForkEndpoints> {
+        self.forks.get(&ForkKey { key_id, service_id })
+    }
+}

@@ -1,0 +1,12 @@
+//! Every type that crosses the kernel boundary, in one place.
+//!
+//! Rules: `#[repr(C)]`, no implicit padding (explicit `_pad` fields), integers instead of
+//! `bool`/`Option`, and a size assertion beside each type. Both the eBPF programs and the agent
+//! use these definitions, so a layout change cannot drift between them.
+#![no_std]
+
+pub mod maps;
+pub mod reason;
+
+pub use maps::*;
+pub use reason::Reason;

@@ -1,0 +1,195 @@
+//! Map names, sizes, keys and values.
+
+use core::mem::size_of;
+
+/// Version carried by every map, program and link name; bump on any layout change so a new
+/// agent never reuses pins of an incompatible layout.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Directory under the bpffs mount where maps and links are pinned.
+pub const PIN_SUBDIR: &str = "redirect";
+
+pub const MAP_SERVICES: &str = "services_v1";
+pub const MAP_FORKS: &str = "forks_v1";
+pub const MAP_WORKLOADS: &str = "workloads_v1";
+pub const MAP_ROUTER: &str = "router_v1";
+pub const MAP_ROUTER_SOCKS: &str = "router_socks_v1";
+pub const MAP_ORIG_DST_SK: &str = "orig_sk_v1";
+pub const MAP_CONNS: &str = "conns_v1";
+pub const MAP_COUNTERS: &str = "counters_v1";
+
+/// Every map, for cleanup and status listings.
+pub const ALL_MAPS: [&str; 8] = [
+    MAP_SERVICES,
+    MAP_FORKS,
+    MAP_WORKLOADS,
+    MAP_ROUTER,
+    MAP_ROUTER_SOCKS,
+    MAP_ORIG_DST_SK,
+    MAP_CONNS,
+    MAP_COUNTERS,
+];
+
+pub const PROG_CONNECT4: &str = "redirect_connect4";
+pub const PROG_CONNECT6: &str = "redirect_connect6";
+pub const PROG_SOCK_OPS: &str = "redirect_sock_ops";
+
+/// Every program with the pin name of its cgroup link.
+pub const ALL_PROGRAMS: [(&str, &str); 3] = [
+    (PROG_CONNECT4, "link_connect4_v1"),
+    (PROG_CONNECT6, "link_connect6_v1"),
+    (PROG_SOCK_OPS, "link_sock_ops_v1"),
+];
+
+pub const MAX_SERVICES: u32 = 65_536;
+pub const MAX_FORKS: u32 = 16_384;
+pub const MAX_WORKLOADS: u32 = 16_384;
+pub const MAX_CONNS: u32 = 65_536;
+/// Endpoints kept per fork; one is picked per connection.
+pub const MAX_FORK_ENDPOINTS: usize = 8;
+/// cgroup ancestry levels walked to find a pod cgroup (root is level 0).
+pub const MAX_CGROUP_LEVELS: i32 = 12;
+
+/// Index of the router's listening socket in `router_socks_v1`, per family.
+pub const ROUTER_SOCK_V4: u32 = 0;
+pub const ROUTER_SOCK_V6: u32 = 1;
+
+/// A socket address. IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`) so one type serves both
+/// families; `ip` holds the address as four 32-bit words in network byte order (as the kernel's
+/// `user_ip6` does), `port` is in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SockAddr {
+    pub ip: [u32; 4],
+    pub port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<SockAddr>() == 20);
+
+/// Network-order word 2 of an IPv4-mapped address (`::ffff:0:0/96`).
+pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+impl SockAddr {
+    /// From an IPv4 address in network byte order (as `user_ip4`) and a host-order port.
+    pub const fn v4(ip_be: u32, port: u16) -> Self {
+        SockAddr {
+            ip: [0, 0, V4_MAPPED_WORD, ip_be],
+            port,
+            _pad: 0,
+        }
+    }
+
+    /// From IPv6 words in network byte order and a host-order port.
+    pub const fn v6(ip: [u32; 4], port: u16) -> Self {
+        SockAddr { ip, port, _pad: 0 }
+    }
+
+    pub const fn is_v4(&self) -> bool {
+        self.ip[0] == 0 && self.ip[1] == 0 && self.ip[2] == V4_MAPPED_WORD
+    }
+
+    /// The IPv4 address in network byte order, if this is an IPv4(-mapped) address.
+    pub const fn v4_be(&self) -> Option<u32> {
+        if self.is_v4() { Some(self.ip[3]) } else { None }
+    }
+
+    pub const fn is_unset(&self) -> bool {
+        self.ip[0] == 0 && self.ip[1] == 0 && self.ip[2] == 0 && self.ip[3] == 0 && self.port == 0
+    }
+}
+
+/// Value of `services_v1`, keyed by a `SockAddr` (ClusterIP:port, and each baseline backend
+/// ip:port as fallback for when another program translated the VIP first). Only services that
+/// some sandbox forks are present, so the miss is the common, cheap case.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Identifies one service port (namespace/name/port).
+    pub service_id: u32,
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<ServiceValue>() == 8);
+
+/// Value of `workloads_v1`, keyed by a pod's cgroup id (u64, the cgroup directory's inode).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkloadValue {
+    /// The routing key the pod's sandbox carries.
+    pub key_id: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<WorkloadValue>() == 8);
+
+/// Key of `forks_v1`: which routing key forks which service port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ForkKey {
+    pub key_id: u32,
+    pub service_id: u32,
+}
+const _: () = assert!(size_of::<ForkKey>() == 8);
+
+/// Value of `forks_v1`: the ready endpoints of a fork (target ip:port), `count` of them valid.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ForkEndpoints {
+    pub count: u32,
+    pub _pad: u32,
+    pub endpoints: [SockAddr; MAX_FORK_ENDPOINTS],
+}
+const _: () = assert!(size_of::<ForkEndpoints>() == 8 + 20 * MAX_FORK_ENDPOINTS);
+
+/// The single entry of `router_v1`: where redirected connections go and how the router marks
+/// its own sockets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RouterConfig {
+    /// Router address for IPv4 callers (unset: no IPv4 redirect).
+    pub v4: SockAddr,
+    /// Router address for IPv6 callers (unset: no IPv6 redirect).
+    pub v6: SockAddr,
+    /// `SO_MARK` the router puts on its upstream sockets; 0 disables the check.
+    pub mark: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<RouterConfig>() == 48);
+
+/// A redirected connection's original destination: stored per socket in `orig_sk_v1` at
+/// `connect()`, then copied by `sock_ops` into `conns_v1` keyed by the client's source address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    pub dst: SockAddr,
+    pub service_id: u32,
+    /// cgroup id of the connecting socket (for explain and tracing).
+    pub cgroup_id: u64,
+}
+const _: () = assert!(size_of::<OrigDst>() == 32);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are `#[repr(C)]`, made only of integers, with no padding (asserted).
+    unsafe impl aya::Pod for SockAddr {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for WorkloadValue {}
+    unsafe impl aya::Pod for ForkKey {}
+    unsafe impl aya::Pod for ForkEndpoints {}
+    unsafe impl aya::Pod for RouterConfig {}
+    unsafe impl aya::Pod for OrigDst {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v4_addresses_are_stored_v4_mapped() {
+        let a = SockAddr::v4(u32::from_ne_bytes([10, 200, 0, 5]), 80);
+        assert!(a.is_v4());
+        assert_eq!(a.v4_be(), Some(u32::from_ne_bytes([10, 200, 0, 5])));
+        let b = SockAddr::v6([u32::from_ne_bytes([0xfd, 0, 2, 0]), 0, 0, 1], 80);
+        assert!(!b.is_v4());
+        assert_eq!(b.v4_be(), None);
+    }
+}

@@ -47,6 +47,7 @@ pub const MAX_WORKLOADS: u32 = 16_384;
 pub const MAX_CONNS: u32 = 65_536;
 /// Endpoints kept per fork; one is picked per connection.
 pub const MAX_FORK_ENDPOINTS: usize = 8;
+const _: () = assert!(MAX_FORK_ENDPOINTS.is_power_of_two());
 /// cgroup ancestry levels walked to find a pod cgroup (root is level 0).
 pub const MAX_CGROUP_LEVELS: i32 = 12;
 

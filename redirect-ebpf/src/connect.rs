@@ -1,0 +1,158 @@
+//! The `connect4`/`connect6` decision. Mirrors `redirect-agent/src/routing/connect.rs` step for
+//! step; change both together.
+
+use core::{ffi::c_void, ptr::addr_of};
+
+use aya_ebpf::{
+    helpers::generated::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_prandom_u32,
+        bpf_map_lookup_elem, bpf_sk_release,
+    },
+    programs::SockAddrContext,
+};
+use redirect_common::{
+    ForkKey, MAX_CGROUP_LEVELS, MAX_FORK_ENDPOINTS, OrigDst, ROUTER_SOCK_V4, ROUTER_SOCK_V6,
+    Reason, SockAddr,
+};
+
+use crate::{
+    counters::count,
+    maps::{FORKS, ORIG_SK, ROUTER, ROUTER_SOCKS, SERVICES, WORKLOADS},
+};
+
+const IPPROTO_TCP: u32 = 6;
+/// `connect()` proceeds; the programs never refuse a connection (fail open).
+const ALLOW: i32 = 1;
+
+#[inline(always)]
+pub fn run(ctx: &SockAddrContext, ipv6: bool) -> i32 {
+    let reason = match try_connect(ctx, ipv6) {
+        Ok(r) | Err(r) => r,
+    };
+    count(reason);
+    ALLOW
+}
+
+#[inline(always)]
+fn try_connect(ctx: &SockAddrContext, ipv6: bool) -> Result<Reason, Reason> {
+    // SAFETY: the context pointer is valid for the program's run.
+    let sa = unsafe { &*ctx.sock_addr };
+    if sa.protocol != IPPROTO_TCP {
+        return Ok(Reason::NotForked);
+    }
+    let port = u16::from_be(sa.user_port as u16);
+    let dst = if ipv6 {
+        SockAddr::v6(
+            [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]],
+            port,
+        )
+    } else {
+        SockAddr::v4(sa.user_ip4, port)
+    };
+    // SAFETY: map values are read, never held across helper calls that could free them.
+    let Some(svc) = (unsafe { SERVICES.get(&dst) }) else {
+        return Ok(Reason::NotForked);
+    };
+    let service_id = svc.service_id;
+    let router = ROUTER.get(0).ok_or(Reason::Error)?;
+    if router.mark != 0 {
+        // SAFETY: `sk` is the socket being connected; the verifier checks the access.
+        let sk = unsafe { sa.__bindgen_anon_1.sk };
+        if !sk.is_null() && unsafe { (*sk).mark } == router.mark {
+            return Ok(Reason::RouterSocket);
+        }
+    }
+    if let Some(key_id) = caller_key() {
+        let Some(fork) = (unsafe { FORKS.get(&ForkKey { key_id, service_id }) }) else {
+            return Ok(Reason::OriginBaseline);
+        };
+        let count = fork.count as usize;
+        if count == 0 {
+            return Ok(Reason::OriginNoEndpoint);
+        }
+        let n = if count > MAX_FORK_ENDPOINTS { MAX_FORK_ENDPOINTS } else { count };
+        let i = (unsafe { bpf_get_prandom_u32() } as usize) % n;
+        // The verifier does not track `%`, and LLVM would drop a plain mask as redundant: the
+        // volatile read hides the bound from LLVM so the mask (a power of two) stays.
+        let i = unsafe { core::ptr::read_volatile(&i) } & (MAX_FORK_ENDPOINTS - 1);
+        let Some(ep) = fork.endpoints.get(i) else {
+            return Err(Reason::Error);
+        };
+        if !ipv6 && !ep.is_v4() {
+            return Ok(Reason::FamilyMismatch);
+        }
+        rewrite(ctx, ipv6, ep);
+        return Ok(Reason::OriginFork);
+    }
+    let (to, slot) = if dst.is_v4() {
+        (router.v4, ROUTER_SOCK_V4)
+    } else {
+        (router.v6, ROUTER_SOCK_V6)
+    };
+    if to.is_unset() {
+        return Ok(Reason::RouterNoAddress);
+    }
+    if !router_alive(slot) {
+        return Ok(Reason::RouterDown);
+    }
+    let mut orig = OrigDst {
+        dst,
+        service_id,
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+    };
+    let stored = ORIG_SK.get_or_insert_ptr_mut(ctx, Some(&mut orig));
+    if stored.is_null() {
+        return Ok(Reason::StorageFull);
+    }
+    // SAFETY: non-null storage of this socket; a reconnect overwrites the old value.
+    unsafe { *stored = orig };
+    rewrite(ctx, ipv6, &to);
+    Ok(Reason::ToRouter)
+}
+
+/// The routing key of the caller's pod, when the caller runs in a fork pod: the first cgroup
+/// ancestor (from the root down) found in `workloads_v1`.
+#[inline(always)]
+fn caller_key() -> Option<u32> {
+    for level in 0..MAX_CGROUP_LEVELS {
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 {
+            return None;
+        }
+        if let Some(w) = unsafe { WORKLOADS.get(&id) } {
+            return Some(w.key_id);
+        }
+    }
+    None
+}
+
+/// Whether the router's listener for this family sits in the liveness sockmap.
+#[inline(always)]
+fn router_alive(slot: u32) -> bool {
+    let map = addr_of!(ROUTER_SOCKS) as *mut c_void;
+    let sk = unsafe { bpf_map_lookup_elem(map, addr_of!(slot) as *const c_void) };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: a sockmap lookup takes a reference on the socket that must be released.
+    unsafe { bpf_sk_release(sk) };
+    true
+}
+
+/// Writes the new destination. Each field separately and volatile: adjacent 4-byte context
+/// stores merged into one 8-byte store are rejected by the verifier.
+#[inline(always)]
+fn rewrite(ctx: &SockAddrContext, ipv6: bool, to: &SockAddr) {
+    let sa = ctx.sock_addr;
+    unsafe {
+        if ipv6 {
+            core::ptr::write_volatile(&mut (*sa).user_ip6[0], to.ip[0]);
+            core::ptr::write_volatile(&mut (*sa).user_ip6[1], to.ip[1]);
+            core::ptr::write_volatile(&mut (*sa).user_ip6[2], to.ip[2]);
+            core::ptr::write_volatile(&mut (*sa).user_ip6[3], to.ip[3]);
+        } else {
+            core::ptr::write_volatile(&mut (*sa).user_ip4, to.ip[3]);
+        }
+        core::ptr::write_volatile(&mut (*sa).user_port, u32::from(to.port.to_be()));
+    }
+}

@@ -1,0 +1,42 @@
+//! redirect's kernel programs. Entry points are one line each; the decisions live in
+//! `connect.rs` and `sock_ops.rs`, the maps in `maps.rs`, all types in `redirect-common`.
+#![no_std]
+#![no_main]
+
+mod connect;
+mod counters;
+mod maps;
+mod sock_ops;
+
+use aya_ebpf::{
+    macros::{cgroup_sock_addr, sock_ops},
+    programs::{SockAddrContext, SockOpsContext},
+};
+
+/// `connect()` on IPv4 sockets.
+#[cgroup_sock_addr(connect4)]
+pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
+    connect::run(&ctx, false)
+}
+
+/// `connect()` on IPv6 sockets, including IPv4-mapped destinations.
+#[cgroup_sock_addr(connect6)]
+pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
+    connect::run(&ctx, true)
+}
+
+/// Records a redirected connection's original destination by its source address.
+#[sock_ops]
+pub fn redirect_sock_ops(ctx: SockOpsContext) -> u32 {
+    sock_ops::run(&ctx)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

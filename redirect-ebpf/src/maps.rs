@@ -1,0 +1,46 @@
+//! Every map of the programs, pinned by name under the agent's pin directory. Sizes and names
+//! come from `redirect-common`, so userspace and kernel cannot disagree.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::{Array, HashMap, PerCpuArray, SkStorage, SockMap},
+    macros::btf_map,
+};
+use redirect_common::{
+    ForkEndpoints, ForkKey, MAX_CONNS, MAX_FORKS, MAX_SERVICES, MAX_WORKLOADS, OrigDst, Reason,
+    RouterConfig, ServiceValue, SockAddr, WorkloadValue,
+};
+
+const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
+
+#[btf_map(name = "services_v1", pin_by_name)]
+pub static SERVICES: HashMap<SockAddr, ServiceValue, { MAX_SERVICES as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+#[btf_map(name = "forks_v1", pin_by_name)]
+pub static FORKS: HashMap<ForkKey, ForkEndpoints, { MAX_FORKS as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+#[btf_map(name = "workloads_v1", pin_by_name)]
+pub static WORKLOADS: HashMap<u64, WorkloadValue, { MAX_WORKLOADS as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+#[btf_map(name = "router_v1", pin_by_name)]
+pub static ROUTER: Array<RouterConfig, 1> = Array::new();
+
+/// The router's listening sockets (index `ROUTER_SOCK_V4`/`_V6`). A socket leaves a sockmap when
+/// it closes, so the router's death empties its slot at once: that is the liveness signal.
+#[btf_map(name = "router_socks_v1", pin_by_name)]
+pub static ROUTER_SOCKS: SockMap<2> = SockMap::new();
+
+/// Original destination per redirected socket, written at `connect()`.
+#[btf_map(name = "orig_sk_v1", pin_by_name)]
+pub static ORIG_SK: SkStorage<OrigDst> = SkStorage::new();
+
+/// Original destination by client source address, for the router (which deletes what it reads).
+#[btf_map(name = "conns_v1", pin_by_name)]
+pub static CONNS: HashMap<SockAddr, OrigDst, { MAX_CONNS as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+#[btf_map(name = "counters_v1", pin_by_name)]
+pub static COUNTERS: PerCpuArray<u64, { Reason::COUNT as usize }> = PerCpuArray::new();

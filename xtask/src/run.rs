@@ -1,0 +1,63 @@
+//! `cargo xtask test` and `cargo xtask demo`.
+
+use std::{fs, process::Command};
+
+use anyhow::{Context, Result};
+
+use crate::{
+    build_ebpf,
+    cmd::{self, cargo, workspace_root},
+};
+
+#[derive(clap::Args)]
+pub struct TestOptions {
+    /// Only run tests whose name contains this (passed to cargo test).
+    pub filter: Option<String>,
+    /// Skip formatting and lint checks.
+    #[arg(long)]
+    pub no_lint: bool,
+}
+
+/// Path of the agent binary the end-to-end tests and the demo start.
+pub fn agent_bin() -> std::path::PathBuf {
+    workspace_root().join("target/debug/redirect-agent")
+}
+
+fn build_bins() -> Result<()> {
+    cmd::run(cargo().args(["build", "--workspace", "--bins"]))
+}
+
+pub fn test(o: &TestOptions) -> Result<()> {
+    build_ebpf::run(&build_ebpf::Options { no_verify: false })?;
+    if !o.no_lint {
+        cmd::run(cargo().args(["fmt", "--all", "--check"]))?;
+        let ebpf_src: Vec<_> = fs::read_dir(workspace_root().join("redirect-ebpf/src"))?
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        cmd::run(
+            Command::new("rustfmt")
+                .args(["--edition", "2024", "--check"])
+                .args(&ebpf_src),
+        )
+        .context("redirect-ebpf is not formatted")?;
+        cmd::run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    }
+    build_bins()?;
+    let mut c = cargo();
+    c.args(["test", "--workspace"]).env("REDIRECT_AGENT_BIN", agent_bin());
+    if let Some(f) = &o.filter {
+        c.args(["--", f]);
+    }
+    cmd::run(&mut c)
+}
+
+pub fn demo() -> Result<()> {
+    build_ebpf::run(&build_ebpf::Options { no_verify: true })?;
+    build_bins()?;
+    cmd::run(
+        cargo()
+            .args(["run", "--quiet", "-p", "redirect-tests", "--bin", "demo"])
+            .env("REDIRECT_AGENT_BIN", agent_bin()),
+    )
+}

@@ -1,1 +1,388 @@
-//! (in progress)
+//! The custom resources: `Sandbox` (a routing key plus forks) and `RouteGroup` (one routing key
+//! over several sandboxes, matched by label). The CRD YAML in `deploy/` is generated from these
+//! types by [`crd_yaml`]; the same checks run on manifests ([`SandboxSpec::validate`]) and, as
+//! schema patterns, in the API server.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, CustomResourceExt};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of the custom resources.
+pub const GROUP: &str = "redirect.dev";
+/// API version of the custom resources.
+pub const VERSION: &str = "v1alpha1";
+/// `apiVersion` as it appears in manifests.
+pub const API_VERSION: &str = "redirect.dev/v1alpha1";
+
+/// Longest routing key accepted.
+pub const MAX_ROUTING_KEY_LEN: usize = 128;
+/// The routing key syntax, for the CRD schema: W3C baggage-value safe characters only.
+pub const ROUTING_KEY_PATTERN: &str = r"^[A-Za-z0-9._~-]{1,128}$";
+/// The TTL syntax (Go `time.ParseDuration`, positive), for the CRD schema.
+pub const TTL_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$";
+
+/// A branch of the baseline: requests carrying `routingKey` go to this sandbox's forks.
+// Several `printcolumn(type_ = "string", ..)` look like duplicated attributes to clippy.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Clone, Debug, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[kube(
+    group = "redirect.dev",
+    version = "v1alpha1",
+    kind = "Sandbox",
+    namespaced,
+    status = "SandboxStatus",
+    derive = "PartialEq",
+    shortname = "sbx",
+    category = "redirect",
+    doc = "A routing key plus the forks that stand in for baseline services when a request carries it.",
+    printcolumn(name = "Key", type_ = "string", json_path = ".spec.routingKey"),
+    printcolumn(name = "TTL", type_ = "string", json_path = ".spec.ttl"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxSpec {
+    /// The key requests carry (`baggage: routing-key=<key>`): 1 to 128 characters of
+    /// `[A-Za-z0-9._~-]`, unique among sandboxes and route groups.
+    #[schemars(length(min = 1, max = 128), regex(pattern = ROUTING_KEY_PATTERN))]
+    pub routing_key: String,
+    /// The services this sandbox replaces.
+    #[serde(default)]
+    pub forks: Vec<Fork>,
+    /// What a request for a fork with no ready endpoint gets (default `Unavailable`: a 503,
+    /// so a broken fork is never hidden by a silent fallback).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<Fallback>,
+    /// How long the sandbox lives after creation (Go duration, e.g. `2h`, `90m`); the
+    /// controller deletes it when it expires. None: no expiry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = TTL_PATTERN))]
+    pub ttl: Option<String>,
+}
+
+/// Pods that stand in for a baseline Service inside a sandbox.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Fork {
+    /// Name of the baseline Service.
+    #[schemars(length(min = 1))]
+    pub service: String,
+    /// Namespace of the baseline Service and of the fork pods (default: the sandbox's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Labels (matchLabels) of the fork pods, in the Service's namespace. Must not be empty.
+    #[schemars(extend("minProperties" = 1))]
+    pub selector: BTreeMap<String, String>,
+}
+
+/// What a request gets when the fork it is routed to has no ready endpoint.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+pub enum Fallback {
+    /// The request goes to the baseline service.
+    Baseline,
+    /// The request fails with 503 (connection refused for opaque TCP).
+    #[default]
+    Unavailable,
+}
+
+/// Written by the controller.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxStatus {
+    /// `Ready`, `KeyConflict`, `Expired`... as standard conditions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// One routing key over several sandboxes: a request carrying it goes to the forks of every
+/// sandbox whose labels match `sandboxSelector` (in any namespace).
+#[derive(CustomResource, Clone, Debug, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[kube(
+    group = "redirect.dev",
+    version = "v1alpha1",
+    kind = "RouteGroup",
+    namespaced,
+    derive = "PartialEq",
+    shortname = "rg",
+    category = "redirect",
+    doc = "One routing key whose forks are the union of the forks of the sandboxes it selects.",
+    printcolumn(name = "Key", type_ = "string", json_path = ".spec.routingKey"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteGroupSpec {
+    /// The key requests carry; same syntax as a sandbox's, unique among both.
+    #[schemars(length(min = 1, max = 128), regex(pattern = ROUTING_KEY_PATTERN))]
+    pub routing_key: String,
+    /// Labels (matchLabels) of the member sandboxes, in any namespace; empty selects all.
+    #[serde(default)]
+    pub sandbox_selector: BTreeMap<String, String>,
+}
+
+/// Why a spec is invalid.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("invalid routing key {key:?}: {reason}")]
+    InvalidRoutingKey { key: String, reason: &'static str },
+    #[error("invalid ttl {ttl:?}: {reason}")]
+    InvalidTtl { ttl: String, reason: String },
+    #[error("fork {index}: service name is empty")]
+    EmptyForkService { index: usize },
+    #[error("fork {index} of service {service:?}: selector is empty (it would select every pod)")]
+    EmptyForkSelector { index: usize, service: String },
+    #[error("fork {index}: service {service:?} is forked twice")]
+    DuplicateFork { index: usize, service: String },
+}
+
+impl SpecError {
+    /// Bounded label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            SpecError::InvalidRoutingKey { .. } => "invalid_routing_key",
+            SpecError::InvalidTtl { .. } => "invalid_ttl",
+            SpecError::EmptyForkService { .. } => "empty_fork_service",
+            SpecError::EmptyForkSelector { .. } => "empty_fork_selector",
+            SpecError::DuplicateFork { .. } => "duplicate_fork",
+        }
+    }
+}
+
+/// Checks a routing key: 1..=128 characters of `[A-Za-z0-9._~-]`.
+pub fn validate_routing_key(key: &str) -> Result<(), SpecError> {
+    let reason = if key.is_empty() {
+        "it is empty"
+    } else if key.len() > MAX_ROUTING_KEY_LEN {
+        "it is longer than 128 characters"
+    } else if !key
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'~' | b'-'))
+    {
+        "only A-Z a-z 0-9 . _ ~ - are allowed"
+    } else {
+        return Ok(());
+    };
+    Err(SpecError::InvalidRoutingKey {
+        key: key.to_string(),
+        reason,
+    })
+}
+
+/// Parses a TTL (Go duration syntax, e.g. `2h`, `1h30m`); it must be positive.
+pub fn parse_ttl(ttl: &str) -> Result<Duration, SpecError> {
+    let invalid = |reason: String| SpecError::InvalidTtl {
+        ttl: ttl.to_string(),
+        reason,
+    };
+    if ttl.starts_with(['-', '+']) {
+        return Err(invalid("a sign is not allowed".into()));
+    }
+    let parsed: kube::core::Duration = ttl.parse().map_err(|e| invalid(format!("{e}")))?;
+    let d = Duration::from(parsed);
+    if d.is_zero() {
+        return Err(invalid("it must be positive".into()));
+    }
+    Ok(d)
+}
+
+impl SandboxSpec {
+    /// Every problem of the spec (empty when valid).
+    pub fn validate(&self) -> Vec<SpecError> {
+        let mut errors = Vec::new();
+        if let Err(e) = validate_routing_key(&self.routing_key) {
+            errors.push(e);
+        }
+        if let Some(ttl) = &self.ttl
+            && let Err(e) = parse_ttl(ttl)
+        {
+            errors.push(e);
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (index, fork) in self.forks.iter().enumerate() {
+            if fork.service.is_empty() {
+                errors.push(SpecError::EmptyForkService { index });
+                continue;
+            }
+            if fork.selector.is_empty() {
+                errors.push(SpecError::EmptyForkSelector {
+                    index,
+                    service: fork.service.clone(),
+                });
+            }
+            if !seen.insert((fork.namespace.as_deref(), fork.service.as_str())) {
+                errors.push(SpecError::DuplicateFork {
+                    index,
+                    service: fork.service.clone(),
+                });
+            }
+        }
+        errors
+    }
+
+    /// The fallback in effect (`Unavailable` unless set).
+    pub fn fallback(&self) -> Fallback {
+        self.fallback.unwrap_or_default()
+    }
+
+    /// The TTL, when set and valid.
+    pub fn ttl(&self) -> Option<Duration> {
+        self.ttl.as_deref().and_then(|t| parse_ttl(t).ok())
+    }
+}
+
+impl RouteGroupSpec {
+    /// Every problem of the spec (empty when valid).
+    pub fn validate(&self) -> Vec<SpecError> {
+        validate_routing_key(&self.routing_key)
+            .err()
+            .into_iter()
+            .collect()
+    }
+}
+
+impl Fork {
+    /// Namespace of the forked service and its fork pods.
+    pub fn namespace_or<'a>(&'a self, sandbox_namespace: &'a str) -> &'a str {
+        self.namespace.as_deref().unwrap_or(sandbox_namespace)
+    }
+}
+
+/// Both CRDs as one multi-document YAML file (the content of `deploy/crds.yaml`).
+pub fn crd_yaml() -> String {
+    let mut out = String::from(
+        "# Generated from redirect-agent/src/crd.rs (redirect_agent::crd::crd_yaml); do not edit.\n",
+    );
+    for (i, crd) in [Sandbox::crd(), RouteGroup::crd()].iter().enumerate() {
+        if i > 0 {
+            out.push_str("---\n");
+        }
+        out.push_str(&serde_yaml::to_string(crd).expect("a CRD always serialises"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(key: &str) -> SandboxSpec {
+        SandboxSpec {
+            routing_key: key.into(),
+            forks: vec![Fork {
+                service: "checkout".into(),
+                namespace: None,
+                selector: [("app".to_string(), "checkout-fx".to_string())].into(),
+            }],
+            fallback: None,
+            ttl: None,
+        }
+    }
+
+    #[test]
+    fn routing_keys_of_safe_characters_up_to_128_are_valid() {
+        for key in ["feature-x", "a", "PR_1234.v2~rc", &"k".repeat(128)] {
+            assert_eq!(validate_routing_key(key), Ok(()), "{key}");
+        }
+    }
+
+    #[test]
+    fn routing_keys_that_are_empty_too_long_or_unsafe_are_rejected() {
+        for key in [
+            "",
+            &"k".repeat(129),
+            "feature x",
+            "a,b",
+            "a=b",
+            "ключ",
+            "a;b",
+        ] {
+            assert!(
+                validate_routing_key(key).is_err(),
+                "{key:?} should be rejected"
+            );
+        }
+    }
+
+    #[test]
+    fn ttl_accepts_go_durations_and_rejects_the_rest() {
+        assert_eq!(parse_ttl("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_ttl("1h30m"), Ok(Duration::from_secs(5400)));
+        for bad in ["", "0s", "2", "2d", "-1h", "soon"] {
+            assert!(parse_ttl(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn a_valid_sandbox_has_no_problems_and_falls_back_to_unavailable_by_default() {
+        let s = spec("feature-x");
+        assert!(s.validate().is_empty());
+        assert_eq!(s.fallback(), Fallback::Unavailable);
+    }
+
+    #[test]
+    fn sandbox_problems_are_all_reported() {
+        let mut s = spec("bad key");
+        s.ttl = Some("forever".into());
+        s.forks.push(Fork {
+            service: "cart".into(),
+            ..Default::default()
+        });
+        s.forks.push(s.forks[0].clone());
+        let labels: Vec<_> = s.validate().iter().map(SpecError::metric_label).collect();
+        assert_eq!(
+            labels,
+            [
+                "invalid_routing_key",
+                "invalid_ttl",
+                "empty_fork_selector",
+                "duplicate_fork"
+            ]
+        );
+    }
+
+    #[test]
+    fn sandbox_yaml_uses_camel_case_and_optional_fields() {
+        let s: SandboxSpec = serde_yaml::from_str(
+            "routingKey: feature-x\nfallback: Baseline\nttl: 2h\nforks:\n- service: checkout\n  selector: {app: checkout-fx}\n",
+        )
+        .unwrap();
+        assert_eq!(s.routing_key, "feature-x");
+        assert_eq!(s.fallback(), Fallback::Baseline);
+        assert_eq!(s.ttl(), Some(Duration::from_secs(7200)));
+        assert_eq!(s.forks[0].namespace_or("team-a"), "team-a");
+    }
+
+    #[test]
+    fn crd_yaml_holds_both_namespaced_crds_with_key_validation() {
+        let yaml = crd_yaml();
+        let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&yaml)
+            .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+            .collect();
+        assert_eq!(docs.len(), 2);
+        let names: Vec<_> = docs
+            .iter()
+            .map(|d| d["metadata"]["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            ["sandboxes.redirect.dev", "routegroups.redirect.dev"]
+        );
+        for d in &docs {
+            assert_eq!(d["spec"]["scope"], "Namespaced");
+            let props = &d["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+                ["properties"];
+            assert_eq!(props["routingKey"]["pattern"], ROUTING_KEY_PATTERN);
+        }
+        assert!(yaml.contains(TTL_PATTERN));
+    }
+}

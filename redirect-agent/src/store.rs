@@ -1,1 +1,261 @@
-//! (in progress)
+//! A typed snapshot of the objects the node's routing depends on. Sources (kube watchers, a
+//! manifest directory) produce it; `sync::desired` reads it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use crate::crd::{RouteGroup, Sandbox};
+
+/// Namespace of objects that do not name one.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// Everything `desired()` needs, as typed objects.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Store {
+    pub services: Vec<Service>,
+    pub endpoint_slices: Vec<EndpointSlice>,
+    pub pods: Vec<Pod>,
+    pub sandboxes: Vec<Sandbox>,
+    pub route_groups: Vec<RouteGroup>,
+    /// Problems that do not invalidate the snapshot (e.g. a fork of a Service that does not
+    /// exist: that fork has no effect).
+    pub warnings: Vec<String>,
+}
+
+/// `(namespace, name)` of an object; the namespace defaults to `default`.
+pub fn ns_name(meta: &ObjectMeta) -> (&str, &str) {
+    (
+        meta.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE),
+        meta.name.as_deref().unwrap_or(""),
+    )
+}
+
+/// An object by kind and name, for messages: `Sandbox team-a/feature-x`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectName {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectName {
+    pub fn new(kind: &str, meta: &ObjectMeta) -> Self {
+        let (namespace, name) = ns_name(meta);
+        ObjectName {
+            kind: kind.to_string(),
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        }
+    }
+
+    /// `namespace/name`.
+    pub fn ns_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+impl fmt::Display for ObjectName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+    }
+}
+
+/// Two objects that claim the same routing key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyConflict {
+    pub key: String,
+    /// The owner that sorts first (sandboxes before route groups, then by namespace/name).
+    pub first: ObjectName,
+    pub second: ObjectName,
+}
+
+impl fmt::Display for KeyConflict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "routing key {:?} is used by both {} and {}",
+            self.key, self.first, self.second
+        )
+    }
+}
+
+fn sort_by_name<T>(items: &mut [T], meta: impl Fn(&T) -> &ObjectMeta) {
+    items.sort_by(|a, b| ns_name(meta(a)).cmp(&ns_name(meta(b))));
+}
+
+impl Store {
+    /// Sorts every list by namespace/name, so that everything derived is deterministic.
+    pub fn sort(&mut self) {
+        sort_by_name(&mut self.services, |o| &o.metadata);
+        sort_by_name(&mut self.endpoint_slices, |o| &o.metadata);
+        sort_by_name(&mut self.pods, |o| &o.metadata);
+        sort_by_name(&mut self.sandboxes, |o| &o.metadata);
+        sort_by_name(&mut self.route_groups, |o| &o.metadata);
+    }
+
+    /// The Service `namespace/name`.
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&Service> {
+        self.services
+            .iter()
+            .find(|s| ns_name(&s.metadata) == (namespace, name))
+    }
+
+    /// Owners of each routing key, sandboxes (sorted) before route groups (sorted).
+    pub fn key_owners(&self) -> BTreeMap<&str, Vec<ObjectName>> {
+        let mut sandboxes: Vec<_> = self
+            .sandboxes
+            .iter()
+            .map(|s| {
+                (
+                    s.spec.routing_key.as_str(),
+                    ObjectName::new("Sandbox", &s.metadata),
+                )
+            })
+            .collect();
+        sandboxes.sort_by(|a, b| a.1.cmp(&b.1));
+        let mut groups: Vec<_> = self
+            .route_groups
+            .iter()
+            .map(|g| {
+                (
+                    g.spec.routing_key.as_str(),
+                    ObjectName::new("RouteGroup", &g.metadata),
+                )
+            })
+            .collect();
+        groups.sort_by(|a, b| a.1.cmp(&b.1));
+        let mut owners: BTreeMap<&str, Vec<ObjectName>> = BTreeMap::new();
+        for (key, name) in sandboxes.into_iter().chain(groups) {
+            owners.entry(key).or_default().push(name);
+        }
+        owners
+    }
+
+    /// Routing keys claimed by more than one sandbox or route group (each extra owner is
+    /// reported against the first).
+    pub fn key_conflicts(&self) -> Vec<KeyConflict> {
+        let mut out = Vec::new();
+        for (key, owners) in self.key_owners() {
+            for second in &owners[1..] {
+                out.push(KeyConflict {
+                    key: key.to_string(),
+                    first: owners[0].clone(),
+                    second: second.clone(),
+                });
+            }
+        }
+        out
+    }
+
+    /// Forks that name a Service that does not exist (they have no effect), and route groups
+    /// that select no sandbox.
+    pub fn dangling_references(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for sb in &self.sandboxes {
+            let (ns, _) = ns_name(&sb.metadata);
+            for fork in &sb.spec.forks {
+                let fork_ns = fork.namespace_or(ns);
+                if self.service(fork_ns, &fork.service).is_none() {
+                    out.push(format!(
+                        "{}: fork of Service {fork_ns}/{} has no effect: no such Service",
+                        ObjectName::new("Sandbox", &sb.metadata),
+                        fork.service
+                    ));
+                }
+            }
+        }
+        for rg in &self.route_groups {
+            let any = self
+                .sandboxes
+                .iter()
+                .any(|sb| labels_match(&rg.spec.sandbox_selector, sb.metadata.labels.as_ref()));
+            if !any {
+                out.push(format!(
+                    "{}: sandboxSelector matches no Sandbox",
+                    ObjectName::new("RouteGroup", &rg.metadata)
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// Whether `labels` carry every `selector` entry (matchLabels; an empty selector matches all).
+pub fn labels_match(
+    selector: &BTreeMap<String, String>,
+    labels: Option<&BTreeMap<String, String>>,
+) -> bool {
+    selector
+        .iter()
+        .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{RouteGroupSpec, SandboxSpec};
+
+    fn sandbox(ns: &str, name: &str, key: &str) -> Sandbox {
+        let mut s = Sandbox::new(
+            name,
+            SandboxSpec {
+                routing_key: key.into(),
+                forks: vec![],
+                fallback: None,
+                ttl: None,
+            },
+        );
+        s.metadata.namespace = Some(ns.into());
+        s
+    }
+
+    #[test]
+    fn a_routing_key_used_twice_is_a_conflict_naming_both_owners() {
+        let store = Store {
+            sandboxes: vec![
+                sandbox("b", "two", "k"),
+                sandbox("a", "one", "k"),
+                sandbox("a", "x", "other"),
+            ],
+            ..Default::default()
+        };
+        let conflicts = store.key_conflicts();
+        assert_eq!(conflicts.len(), 1);
+        assert_eq!(
+            conflicts[0].to_string(),
+            "routing key \"k\" is used by both Sandbox a/one and Sandbox b/two"
+        );
+    }
+
+    #[test]
+    fn a_route_group_reusing_a_sandbox_key_conflicts_with_the_sandbox() {
+        let mut rg = RouteGroup::new(
+            "group",
+            RouteGroupSpec {
+                routing_key: "k".into(),
+                sandbox_selector: BTreeMap::new(),
+            },
+        );
+        rg.metadata.namespace = Some("a".into());
+        let store = Store {
+            sandboxes: vec![sandbox("z", "sb", "k")],
+            route_groups: vec![rg],
+            ..Default::default()
+        };
+        let c = &store.key_conflicts()[0];
+        assert_eq!(c.first.kind, "Sandbox");
+        assert_eq!(c.second.kind, "RouteGroup");
+    }
+
+    #[test]
+    fn empty_selector_matches_everything_and_missing_labels_match_nothing_else() {
+        let sel: BTreeMap<_, _> = [("team".to_string(), "a".to_string())].into();
+        assert!(labels_match(&BTreeMap::new(), None));
+        assert!(!labels_match(&sel, None));
+        assert!(labels_match(&sel, Some(&sel)));
+    }
+}

@@ -130,15 +130,55 @@ pub struct ForkKey {
 }
 const _: () = assert!(size_of::<ForkKey>() == 8);
 
-/// Value of `forks_v1`: the ready endpoints of a fork (target ip:port), `count` of them valid.
+/// Value of `forks_v1`: the ready endpoints of a fork (target ip:port). The first `count` are
+/// valid: IPv4 ones first (`count_v4` of them), then IPv6, so a connection picks an endpoint of
+/// its destination's family.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ForkEndpoints {
     pub count: u32,
-    pub _pad: u32,
+    pub count_v4: u32,
     pub endpoints: [SockAddr; MAX_FORK_ENDPOINTS],
 }
 const _: () = assert!(size_of::<ForkEndpoints>() == 8 + 20 * MAX_FORK_ENDPOINTS);
+
+impl ForkEndpoints {
+    /// Builds the value from endpoints in any order, keeping their order within each family.
+    /// Returns it with the number of endpoints that did not fit.
+    pub fn from_endpoints(eps: &[SockAddr]) -> (Self, usize) {
+        let mut out = ForkEndpoints::default();
+        let mut n = 0;
+        for want_v4 in [true, false] {
+            for ep in eps.iter().filter(|e| e.is_v4() == want_v4) {
+                if n < MAX_FORK_ENDPOINTS {
+                    out.endpoints[n] = *ep;
+                    n += 1;
+                    if want_v4 {
+                        out.count_v4 += 1;
+                    }
+                }
+            }
+        }
+        out.count = n as u32;
+        (out, eps.len() - n)
+    }
+
+    /// `(first index, how many)` of the endpoints of one family.
+    #[inline(always)]
+    pub fn family_range(&self, v4: bool) -> (usize, usize) {
+        let count = if (self.count as usize) < MAX_FORK_ENDPOINTS {
+            self.count as usize
+        } else {
+            MAX_FORK_ENDPOINTS
+        };
+        let v4n = if (self.count_v4 as usize) < count {
+            self.count_v4 as usize
+        } else {
+            count
+        };
+        if v4 { (0, v4n) } else { (v4n, count - v4n) }
+    }
+}
 
 /// The single entry of `router_v1`: where redirected connections go and how the router marks
 /// its own sockets.
@@ -192,5 +232,20 @@ mod tests {
         let b = SockAddr::v6([u32::from_ne_bytes([0xfd, 0, 2, 0]), 0, 0, 1], 80);
         assert!(!b.is_v4());
         assert_eq!(b.v4_be(), None);
+    }
+
+    #[test]
+    fn fork_endpoints_keep_ipv4_first_and_report_what_did_not_fit() {
+        let v4 = |i: u8| SockAddr::v4(u32::from_ne_bytes([10, 200, 1, i]), 80);
+        let v6 = |i: u32| SockAddr::v6([1, 0, 0, i], 80);
+        let (f, dropped) = ForkEndpoints::from_endpoints(&[v6(1), v4(1), v6(2), v4(2)]);
+        assert_eq!((f.count, f.count_v4, dropped), (4, 2, 0));
+        assert_eq!(&f.endpoints[..4], &[v4(1), v4(2), v6(1), v6(2)]);
+        assert_eq!(f.family_range(true), (0, 2));
+        assert_eq!(f.family_range(false), (2, 2));
+        let many: [SockAddr; 10] = core::array::from_fn(|i| v4(i as u8));
+        let (f, dropped) = ForkEndpoints::from_endpoints(&many);
+        assert_eq!((f.count, dropped), (MAX_FORK_ENDPOINTS as u32, 2));
+        assert_eq!(f.family_range(false), (MAX_FORK_ENDPOINTS, 0));
     }
 }

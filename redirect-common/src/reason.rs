@@ -12,7 +12,8 @@ pub enum Reason {
     OriginFork = 2,
     /// The caller is a fork pod and its sandbox does not fork this service: baseline, untouched.
     OriginBaseline = 3,
-    /// The caller's sandbox forks the service but no fork endpoint is ready: baseline, untouched.
+    /// The caller's sandbox forks the service but no fork endpoint of the destination's family
+    /// is ready: baseline, untouched.
     OriginNoEndpoint = 4,
     /// A baseline caller reached a forked service: rewritten to the node router.
     ToRouter = 5,
@@ -20,21 +21,19 @@ pub enum Reason {
     RouterDown = 6,
     /// The router has no address of the caller's family configured: fail open, untouched.
     RouterNoAddress = 7,
-    /// The socket's family cannot reach the chosen address (IPv4 socket, IPv6 endpoint).
-    FamilyMismatch = 8,
     /// Socket storage for the original destination could not be created: fail open, untouched.
-    StorageFull = 9,
+    StorageFull = 8,
     /// `sock_ops` recorded a redirected connection's original destination for the router.
-    ConnRecorded = 10,
+    ConnRecorded = 9,
     /// `sock_ops` could not record the original destination (map full): the router refuses it.
-    ConnsFull = 11,
+    ConnsFull = 10,
     /// A program failed unexpectedly (helper error): fail open, untouched.
-    Error = 12,
+    Error = 11,
 }
 
 impl Reason {
     /// Number of reasons: the size of the counters map.
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 12;
 
     /// Every reason, in counter order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -46,7 +45,6 @@ impl Reason {
         Reason::ToRouter,
         Reason::RouterDown,
         Reason::RouterNoAddress,
-        Reason::FamilyMismatch,
         Reason::StorageFull,
         Reason::ConnRecorded,
         Reason::ConnsFull,
@@ -64,7 +62,6 @@ impl Reason {
             Reason::ToRouter => "to_router",
             Reason::RouterDown => "router_down",
             Reason::RouterNoAddress => "router_no_address",
-            Reason::FamilyMismatch => "family_mismatch",
             Reason::StorageFull => "storage_full",
             Reason::ConnRecorded => "conn_recorded",
             Reason::ConnsFull => "conns_full",

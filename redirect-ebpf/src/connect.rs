@@ -43,7 +43,12 @@ fn try_connect(ctx: &SockAddrContext, ipv6: bool) -> Result<Reason, Reason> {
     let port = u16::from_be(sa.user_port as u16);
     let dst = if ipv6 {
         SockAddr::v6(
-            [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]],
+            [
+                sa.user_ip6[0],
+                sa.user_ip6[1],
+                sa.user_ip6[2],
+                sa.user_ip6[3],
+            ],
             port,
         )
     } else {
@@ -66,21 +71,17 @@ fn try_connect(ctx: &SockAddrContext, ipv6: bool) -> Result<Reason, Reason> {
         let Some(fork) = (unsafe { FORKS.get(&ForkKey { key_id, service_id }) }) else {
             return Ok(Reason::OriginBaseline);
         };
-        let count = fork.count as usize;
-        if count == 0 {
+        let (start, n) = fork.family_range(dst.is_v4());
+        if n == 0 {
             return Ok(Reason::OriginNoEndpoint);
         }
-        let n = if count > MAX_FORK_ENDPOINTS { MAX_FORK_ENDPOINTS } else { count };
-        let i = (unsafe { bpf_get_prandom_u32() } as usize) % n;
+        let i = start + (unsafe { bpf_get_prandom_u32() } as usize) % n;
         // The verifier does not track `%`, and LLVM would drop a plain mask as redundant: the
         // volatile read hides the bound from LLVM so the mask (a power of two) stays.
         let i = unsafe { core::ptr::read_volatile(&i) } & (MAX_FORK_ENDPOINTS - 1);
         let Some(ep) = fork.endpoints.get(i) else {
             return Err(Reason::Error);
         };
-        if !ipv6 && !ep.is_v4() {
-            return Ok(Reason::FamilyMismatch);
-        }
         rewrite(ctx, ipv6, ep);
         return Ok(Reason::OriginFork);
     }

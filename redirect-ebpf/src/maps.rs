@@ -39,8 +39,7 @@ pub static ORIG_SK: SkStorage<OrigDst> = SkStorage::new();
 
 /// Original destination by client source address, for the router (which deletes what it reads).
 #[btf_map(name = "conns_v1", pin_by_name)]
-pub static CONNS: HashMap<SockAddr, OrigDst, { MAX_CONNS as usize }, NO_PREALLOC> =
-    HashMap::new();
+pub static CONNS: HashMap<SockAddr, OrigDst, { MAX_CONNS as usize }, NO_PREALLOC> = HashMap::new();
 
 #[btf_map(name = "counters_v1", pin_by_name)]
 pub static COUNTERS: PerCpuArray<u64, { Reason::COUNT as usize }> = PerCpuArray::new();

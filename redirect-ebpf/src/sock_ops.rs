@@ -38,8 +38,8 @@ fn record(ctx: &SockOpsContext) -> Option<Reason> {
         return None;
     }
     let map = addr_of!(ORIG_SK) as *mut c_void;
-    let orig =
-        unsafe { bpf_sk_storage_get(map, sk as *mut c_void, core::ptr::null_mut(), 0) } as *const OrigDst;
+    let orig = unsafe { bpf_sk_storage_get(map, sk as *mut c_void, core::ptr::null_mut(), 0) }
+        as *const OrigDst;
     if orig.is_null() {
         // Not a redirected socket.
         return None;

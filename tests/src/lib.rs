@@ -46,12 +46,14 @@
 //! TCP services only; no hairpin (a pod reaching itself through a ClusterIP needs SNAT, which
 //! the harness never does); one node.
 
+pub mod agent;
 mod cgroup;
 mod exec;
 mod manifests;
 mod names;
 mod netns;
 mod nft;
+pub mod scene;
 
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};

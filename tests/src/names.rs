@@ -108,6 +108,8 @@ pub struct Swept {
     pub cgroups: Vec<String>,
     /// Work directories removed from the temp dir.
     pub workdirs: Vec<String>,
+    /// Agent pin directories removed from bpffs (links detached, map pins removed).
+    pub pins: Vec<String>,
 }
 
 /// Removes the namespaces, cgroups and work dirs of mini-clusters whose creating process is
@@ -128,6 +130,14 @@ pub fn sweep_leftovers() -> Swept {
             if owner_is_dead(&name) == Some(true) && cgroup::remove_tree(&mount.join(&name)) {
                 swept.cgroups.push(name);
             }
+        }
+    }
+    let bpffs = Path::new(crate::agent::BPFFS);
+    for name in list_dir(bpffs) {
+        if owner_is_dead(&name) == Some(true)
+            && redirect_agent::loader::cleanup(&bpffs.join(&name)).is_ok()
+        {
+            swept.pins.push(name);
         }
     }
     let tmp = std::env::temp_dir();

@@ -53,14 +53,26 @@ pub fn build() -> Result<()> {
     let root = workspace_root();
     let nightly = pinned_nightly()?;
     let mut c = Command::new("rustup");
-    c.args(["run", &nightly, "cargo", "build", "--release", "--target-dir"])
-        .arg(root.join("target/ebpf"))
-        .current_dir(root.join("redirect-ebpf"));
+    c.args([
+        "run",
+        &nightly,
+        "cargo",
+        "build",
+        "--release",
+        "--target-dir",
+    ])
+    .arg(root.join("target/ebpf"))
+    .current_dir(root.join("redirect-ebpf"));
     // The outer cargo exports its toolchain and flags; inherited, they make the nested build
     // silently use stable instead of the pinned nightly.
     for (k, _) in std::env::vars_os() {
         let k = k.to_string_lossy();
-        if k == "RUSTUP_TOOLCHAIN" || k.starts_with("RUSTC") || k.starts_with("CARGO") || k == "RUSTFLAGS" || k == "RUSTDOCFLAGS" {
+        if k == "RUSTUP_TOOLCHAIN"
+            || k.starts_with("RUSTC")
+            || k.starts_with("CARGO")
+            || k == "RUSTFLAGS"
+            || k == "RUSTDOCFLAGS"
+        {
             c.env_remove(&*k);
         }
     }
@@ -75,7 +87,10 @@ fn verify(obj: &PathBuf) -> Result<()> {
     let bpffs = PathBuf::from("/sys/fs/bpf");
     let scratch = bpffs.join(format!("redirect-verify-{}", std::process::id()));
     fs::create_dir_all(&scratch).with_context(|| {
-        format!("creating {} (is bpffs mounted at /sys/fs/bpf?)", scratch.display())
+        format!(
+            "creating {} (is bpffs mounted at /sys/fs/bpf?)",
+            scratch.display()
+        )
     })?;
     let result = (|| -> Result<()> {
         let bytes = fs::read(obj).with_context(|| format!("reading {}", obj.display()))?;
@@ -104,7 +119,10 @@ fn verify(obj: &PathBuf) -> Result<()> {
                 _ => unreachable!(),
             };
             let insns = info.size_translated().unwrap_or(0) / 8;
-            println!("{name:<22} {:<20} {insns:>12}", kind.split('/').next().unwrap_or(&kind));
+            println!(
+                "{name:<22} {:<20} {insns:>12}",
+                kind.split('/').next().unwrap_or(&kind)
+            );
         }
         Ok(())
     })();
@@ -117,7 +135,10 @@ fn verify(obj: &PathBuf) -> Result<()> {
 
 fn load(r: Result<(), aya::programs::ProgramError>, name: &str) -> Result<()> {
     r.map_err(|e| match e {
-        aya::programs::ProgramError::LoadError { io_error, verifier_log } => {
+        aya::programs::ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
             anyhow::anyhow!("the verifier rejected {name}: {io_error}\n{verifier_log}")
         }
         e => anyhow::anyhow!("loading {name}: {e}"),

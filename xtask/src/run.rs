@@ -41,11 +41,19 @@ pub fn test(o: &TestOptions) -> Result<()> {
                 .args(&ebpf_src),
         )
         .context("redirect-ebpf is not formatted")?;
-        cmd::run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+        cmd::run(cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
     }
     build_bins()?;
     let mut c = cargo();
-    c.args(["test", "--workspace"]).env("REDIRECT_AGENT_BIN", agent_bin());
+    c.args(["test", "--workspace"])
+        .env("REDIRECT_AGENT_BIN", agent_bin());
     if let Some(f) = &o.filter {
         c.args(["--", f]);
     }

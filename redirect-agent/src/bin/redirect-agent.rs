@@ -1,1 +1,235 @@
-fn main() {}
+//! redirect-agent: the node agent. `redirect-agent --help` lists the commands.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use redirect_agent::{
+    agent::Syncer,
+    cgroup::{PodCgroups, cgroup2_mount},
+    loader::{self, KernelMaps, LoaderConfig, RouterSocks},
+    router::{Router, RouterSettings, to_sockaddr},
+    source::manifest::{DEFAULT_POLL_INTERVAL, watch_dir},
+    store::Store,
+};
+use redirect_common::{PIN_SUBDIR, RouterConfig};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "redirect node agent: eBPF connect-time redirection and node router"
+)]
+struct Cli {
+    /// Log filter (tracing EnvFilter syntax, e.g. `info,redirect_agent=debug`).
+    #[arg(long, env = "REDIRECT_LOG", default_value = "info", global = true)]
+    log: String,
+    /// Log as JSON lines.
+    #[arg(long, env = "REDIRECT_LOG_JSON", global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach the programs, start the node router and keep the maps in sync with the sources.
+    Run(RunArgs),
+    /// Remove every link, program and pin the agent made (the data path stops at once).
+    Cleanup(PinArgs),
+    /// Print the CustomResourceDefinitions (Sandbox, RouteGroup) as YAML.
+    Crd,
+}
+
+#[derive(Args)]
+struct PinArgs {
+    /// bpffs mount point.
+    #[arg(long, env = "REDIRECT_BPFFS", default_value = "/sys/fs/bpf")]
+    bpffs: PathBuf,
+    /// Directory of the pins [default: <bpffs>/redirect].
+    #[arg(long, env = "REDIRECT_PIN_DIR")]
+    pin_dir: Option<PathBuf>,
+}
+
+impl PinArgs {
+    fn pin_dir(&self) -> PathBuf {
+        self.pin_dir
+            .clone()
+            .unwrap_or_else(|| self.bpffs.join(PIN_SUBDIR))
+    }
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    pins: PinArgs,
+    /// Directory of Kubernetes YAML manifests (Service, EndpointSlice, Pod, Sandbox,
+    /// RouteGroup), watched for changes.
+    #[arg(long, env = "REDIRECT_MANIFESTS")]
+    manifests: PathBuf,
+    /// cgroup v2 directory to attach at; every pod cgroup must be below it [default: the
+    /// cgroup2 mount found in /proc/self/mountinfo].
+    #[arg(long, env = "REDIRECT_CGROUP_ROOT")]
+    cgroup_root: Option<PathBuf>,
+    /// Router address for IPv4 clients: pods' redirected connections go here, and the router
+    /// listens on it. Must be reachable from every pod netns (a node address).
+    #[arg(long, env = "REDIRECT_ROUTER_V4")]
+    router_v4: Option<SocketAddr>,
+    /// Router address for IPv6 clients.
+    #[arg(long, env = "REDIRECT_ROUTER_V6")]
+    router_v6: Option<SocketAddr>,
+    /// SO_MARK the router sets on its upstream sockets (decimal or 0x hex); the programs never
+    /// redirect sockets carrying it.
+    #[arg(long, env = "REDIRECT_ROUTER_MARK", default_value = "0x52440000", value_parser = parse_u32)]
+    router_mark: u32,
+    /// Only pods with this spec.nodeName count as local workloads [default: all pods].
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// How often the manifest directory is checked for changes, in milliseconds.
+    #[arg(long, env = "REDIRECT_POLL_MS", default_value_t = DEFAULT_POLL_INTERVAL.as_millis() as u64)]
+    poll_ms: u64,
+    /// How often the last good state is re-applied (pods whose cgroup appeared late), in
+    /// milliseconds.
+    #[arg(long, env = "REDIRECT_RESYNC_MS", default_value_t = 2000)]
+    resync_ms: u64,
+}
+
+fn parse_u32(s: &str) -> Result<u32, String> {
+    let r = match s.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    r.map_err(|e| format!("{s:?} is not a 32-bit number: {e}"))
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_new(&cli.log).with_context(|| format!("--log {:?}", cli.log))?;
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cli.log_json {
+        fmt.json().init();
+    } else {
+        fmt.init();
+    }
+    match cli.command {
+        Command::Run(a) => run(a),
+        Command::Cleanup(p) => {
+            let removed = loader::cleanup(&p.pin_dir())?;
+            for r in &removed {
+                println!("removed {}", r.display());
+            }
+            if removed.is_empty() {
+                println!("nothing to remove at {}", p.pin_dir().display());
+            }
+            Ok(())
+        }
+        Command::Crd => {
+            print!("{}", redirect_agent::crd::crd_yaml());
+            Ok(())
+        }
+    }
+}
+
+#[tokio::main]
+async fn run(a: RunArgs) -> Result<()> {
+    let cgroup_root = match a.cgroup_root {
+        Some(p) => p,
+        None => cgroup2_mount()
+            .context("reading /proc/self/mountinfo")?
+            .context("no cgroup2 mount found: pass --cgroup-root")?,
+    };
+    let pin_dir = a.pins.pin_dir();
+    let attached = loader::attach(&LoaderConfig {
+        bpffs: a.pins.bpffs.clone(),
+        pin_dir: pin_dir.clone(),
+        cgroup_root: cgroup_root.clone(),
+    })?;
+    for (prog, action) in &attached.report.links {
+        tracing::info!(program = prog, ?action, cgroup_root = %cgroup_root.display(), "attached");
+    }
+    drop(attached);
+
+    let router_cfg = RouterConfig {
+        v4: a.router_v4.map(to_sockaddr).unwrap_or_default(),
+        v6: a.router_v6.map(to_sockaddr).unwrap_or_default(),
+        mark: a.router_mark,
+        _pad: 0,
+    };
+    let maps = KernelMaps::open(&pin_dir)?;
+    let mut syncer = Syncer::new(maps, PodCgroups::new(&cgroup_root), a.node_name, router_cfg)?;
+
+    let router = Router::bind(
+        &RouterSettings {
+            v4: a.router_v4,
+            v6: a.router_v6,
+            mark: a.router_mark,
+        },
+        RouterSocks::open(&pin_dir)?,
+    )?;
+    tokio::spawn(router.serve());
+
+    let mut updates = watch_dir(&a.manifests, Duration::from_millis(a.poll_ms));
+    let mut resync = tokio::time::interval(Duration::from_millis(a.resync_ms.max(100)));
+    let mut last_good: Option<Store> = None;
+    let mut generation = 0u64;
+    loop {
+        tokio::select! {
+            update = updates.recv() => match update {
+                None => anyhow::bail!("the manifest watcher stopped"),
+                Some(Ok(store)) => {
+                    generation += 1;
+                    sync(&mut syncer, &store, generation, true);
+                    last_good = Some(store);
+                }
+                Some(Err(errors)) => {
+                    for error in &errors {
+                        tracing::error!(%error, "manifest rejected");
+                    }
+                    tracing::error!(
+                        errors = errors.len(),
+                        dir = %a.manifests.display(),
+                        "manifests rejected: the last good state stays in force"
+                    );
+                }
+            },
+            _ = resync.tick() => {
+                if let Some(store) = &last_good {
+                    sync(&mut syncer, store, generation, false);
+                }
+            }
+            _ = tokio::signal::ctrl_c() => {
+                tracing::info!("stopping; pinned programs and routes stay in place");
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Applies `store`; logs `synced` for every new generation, and for resyncs that changed
+/// something.
+fn sync<M, C>(syncer: &mut Syncer<M, C>, store: &Store, generation: u64, new_generation: bool)
+where
+    M: redirect_agent::sync::RedirectMaps,
+    C: redirect_agent::cgroup::CgroupResolver,
+{
+    let out = syncer.sync(store);
+    for w in &out.warnings {
+        tracing::warn!(warning = %w, "sync");
+    }
+    for f in &out.failed {
+        tracing::error!(failure = %f, "map update failed");
+    }
+    if new_generation || out.applied > 0 || !out.failed.is_empty() {
+        tracing::info!(
+            generation,
+            applied = out.applied,
+            failed = out.failed.len(),
+            services = syncer.last.services.len(),
+            forks = syncer.last.forks.len(),
+            workloads = syncer.last.workloads.len(),
+            "synced"
+        );
+    }
+}

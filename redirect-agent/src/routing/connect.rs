@@ -11,7 +11,7 @@ use super::Tables;
 pub struct ConnectInput {
     /// Destination the caller asked for.
     pub dst: SockAddr,
-    /// Whether the socket is IPv6 (connect6); IPv4 sockets cannot reach IPv6 addresses.
+    /// Whether the socket is IPv6 (connect6).
     pub ipv6_socket: bool,
     /// The caller's cgroup ancestry, root (level 0) first, as the kernel walks it.
     pub ancestors: Vec<u64>,
@@ -63,14 +63,12 @@ pub fn at_connect(t: &Tables, input: &ConnectInput) -> ConnectDecision {
         });
         d.reason = match fork {
             None => Reason::OriginBaseline,
-            Some(f) if f.count == 0 => Reason::OriginNoEndpoint,
             Some(f) => {
-                let n = (f.count as usize).min(f.endpoints.len());
-                let ep = f.endpoints[input.pick as usize % n];
-                if !input.ipv6_socket && !ep.is_v4() {
-                    Reason::FamilyMismatch
+                let (start, n) = f.family_range(input.dst.is_v4());
+                if n == 0 {
+                    Reason::OriginNoEndpoint
                 } else {
-                    d.rewrite = Some(ep);
+                    d.rewrite = Some(f.endpoints[start + input.pick as usize % n]);
                     Reason::OriginFork
                 }
             }
@@ -116,11 +114,8 @@ mod tests {
                 flags: 0,
             },
         );
-        let mut eps = ForkEndpoints {
-            count: 1,
-            ..Default::default()
-        };
-        eps.endpoints[0] = v4(FORK_EP, 8080);
+        let fork6 = SockAddr::v6([u32::from_ne_bytes([0xfd, 0, 2, 0]), 0, 0, 5], 8080);
+        let (eps, _) = ForkEndpoints::from_endpoints(&[fork6, v4(FORK_EP, 8080)]);
         t.forks.insert(
             ForkKey {
                 key_id: 3,
@@ -128,7 +123,8 @@ mod tests {
             },
             eps,
         );
-        t.workloads.insert(FORK_POD_CG, WorkloadValue { key_id: 3, _pad: 0 });
+        t.workloads
+            .insert(FORK_POD_CG, WorkloadValue { key_id: 3, _pad: 0 });
         t.router = RouterConfig {
             v4: v4([10, 200, 0, 1], 15001),
             mark: 0x5244,
@@ -150,7 +146,10 @@ mod tests {
 
     #[test]
     fn destination_that_is_not_forked_is_untouched() {
-        let d = at_connect(&scene(), &input(v4([10, 200, 128, 2], 80), &[1, FORK_POD_CG]));
+        let d = at_connect(
+            &scene(),
+            &input(v4([10, 200, 128, 2], 80), &[1, FORK_POD_CG]),
+        );
         assert_eq!(d.reason, Reason::NotForked);
         assert_eq!(d.rewrite, None);
     }
@@ -166,7 +165,8 @@ mod tests {
     #[test]
     fn fork_pod_of_other_sandbox_stays_on_baseline() {
         let mut t = scene();
-        t.workloads.insert(555, WorkloadValue { key_id: 4, _pad: 0 });
+        t.workloads
+            .insert(555, WorkloadValue { key_id: 4, _pad: 0 });
         let d = at_connect(&t, &input(v4(VIP, 80), &[1, 555]));
         assert_eq!(d.reason, Reason::OriginBaseline);
         assert_eq!(d.rewrite, None);
@@ -197,19 +197,38 @@ mod tests {
     fn ipv6_destination_without_ipv6_router_fails_open() {
         let mut t = scene();
         let vip6 = SockAddr::v6([u32::from_ne_bytes([0xfd, 0, 2, 0]), 0, 0, 9], 80);
-        t.services.insert(vip6, ServiceValue { service_id: 7, flags: 0 });
+        t.services.insert(
+            vip6,
+            ServiceValue {
+                service_id: 7,
+                flags: 0,
+            },
+        );
         let mut i = input(vip6, &[1]);
         i.ipv6_socket = true;
         assert_eq!(at_connect(&t, &i).reason, Reason::RouterNoAddress);
     }
 
     #[test]
-    fn ipv4_socket_cannot_take_an_ipv6_fork_endpoint() {
+    fn fork_endpoint_is_of_the_destination_family() {
         let mut t = scene();
-        let f = t.forks.values_mut().next().unwrap();
-        f.endpoints[0] = SockAddr::v6([u32::from_ne_bytes([0xfd, 0, 2, 0]), 0, 0, 5], 8080);
-        let d = at_connect(&t, &input(v4(VIP, 80), &[FORK_POD_CG]));
-        assert_eq!(d.reason, Reason::FamilyMismatch);
+        let vip6 = SockAddr::v6([u32::from_ne_bytes([0xfd, 0, 2, 0]), 0, 0, 9], 80);
+        t.services.insert(
+            vip6,
+            ServiceValue {
+                service_id: 7,
+                flags: 0,
+            },
+        );
+        for pick in 0..4 {
+            let mut i = input(v4(VIP, 80), &[FORK_POD_CG]);
+            i.pick = pick;
+            assert_eq!(at_connect(&t, &i).rewrite, Some(v4(FORK_EP, 8080)));
+            let mut i = input(vip6, &[FORK_POD_CG]);
+            (i.pick, i.ipv6_socket) = (pick, true);
+            let ep = at_connect(&t, &i).rewrite.unwrap();
+            assert!(!ep.is_v4(), "{ep:?}");
+        }
     }
 
     #[test]

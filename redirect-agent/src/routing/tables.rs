@@ -2,7 +2,9 @@
 
 use std::collections::BTreeMap;
 
-use redirect_common::{ForkEndpoints, ForkKey, RouterConfig, ServiceValue, SockAddr, WorkloadValue};
+use redirect_common::{
+    ForkEndpoints, ForkKey, RouterConfig, ServiceValue, SockAddr, WorkloadValue,
+};
 
 /// A service port by name, for humans and for the router's lookups.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
@@ -49,7 +51,10 @@ pub struct Tables {
 impl Tables {
     /// The id of a routing key as it appears in requests.
     pub fn key_id(&self, key: &str) -> Option<u32> {
-        self.keys.iter().find(|(_, k)| k.key == key).map(|(id, _)| *id)
+        self.keys
+            .iter()
+            .find(|(_, k)| k.key == key)
+            .map(|(id, _)| *id)
     }
 
     /// Ready fork endpoints of `service_id` under routing key `key_id`.

@@ -1,6 +1,14 @@
 //! From desired state to the kernel: `desired(&Store) -> Tables`, `diff(current, desired) -> Ops`,
 //! `apply(ops, &mut impl RedirectMaps)`.
 
+pub mod desired;
+pub mod diff;
+pub mod ids;
 pub mod maps;
 
-pub use maps::{MapError, RedirectMaps};
+pub use desired::{Desired, NodeContext, desired, sockaddr};
+pub use diff::{ApplyReport, Op, apply, diff, reconcile};
+pub use ids::IdAllocator;
+pub use maps::{MapError, MapLimits, MemoryMaps, RedirectMaps};
+
+pub use crate::cgroup::CgroupResolver;

@@ -1,0 +1,85 @@
+//! One sync: `desired(&Store) -> diff(current, desired) -> apply(RedirectMaps)`.
+
+use redirect_common::RouterConfig;
+
+use crate::{
+    cgroup::CgroupResolver,
+    routing::Tables,
+    store::Store,
+    sync::{
+        MapError, RedirectMaps,
+        desired::{IdAllocator, NodeContext, desired},
+        diff::{apply, diff},
+    },
+};
+
+/// What one sync did.
+#[derive(Debug, Default)]
+pub struct SyncOutcome {
+    pub applied: usize,
+    pub failed: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+/// Keeps the maps in line with the last good store. Owns the id allocator so ids stay stable.
+pub struct Syncer<M: RedirectMaps, C: CgroupResolver> {
+    pub maps: M,
+    cgroups: C,
+    ids: IdAllocator,
+    node_name: Option<String>,
+    router: RouterConfig,
+    /// What the maps hold, as far as this syncer knows (read from the kernel at start).
+    current: Tables,
+    /// The desired tables of the last sync, names included (the router reads these).
+    pub last: Tables,
+}
+
+impl<M: RedirectMaps, C: CgroupResolver> Syncer<M, C> {
+    /// Starts from what the maps hold now (pins of an earlier agent included), so the first sync
+    /// reconciles them instead of starting over.
+    pub fn new(
+        maps: M,
+        cgroups: C,
+        node_name: Option<String>,
+        router: RouterConfig,
+    ) -> Result<Self, MapError> {
+        let current = maps.read()?;
+        Ok(Syncer {
+            maps,
+            cgroups,
+            ids: IdAllocator::default(),
+            node_name,
+            router,
+            last: current.clone(),
+            current,
+        })
+    }
+
+    pub fn sync(&mut self, store: &Store) -> SyncOutcome {
+        let mut node = NodeContext {
+            node_name: self.node_name.clone(),
+            cgroups: &mut self.cgroups,
+            router: self.router,
+        };
+        let want = desired(store, &mut node, &mut self.ids);
+        let ops = diff(&self.current, &want.tables);
+        let report = apply(ops, &mut self.maps);
+        let failed: Vec<String> = report
+            .failed
+            .iter()
+            .map(|(op, e)| format!("{op:?}: {e}"))
+            .collect();
+        // Re-read on failure so the next diff starts from the truth.
+        self.current = if failed.is_empty() {
+            want.tables.clone()
+        } else {
+            self.maps.read().unwrap_or_else(|_| want.tables.clone())
+        };
+        self.last = want.tables;
+        SyncOutcome {
+            applied: report.applied,
+            failed,
+            warnings: want.warnings,
+        }
+    }
+}

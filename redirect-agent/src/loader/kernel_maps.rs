@@ -1,0 +1,198 @@
+//! The pinned maps, opened by path: the agent's `RedirectMaps`, the router's liveness socket and
+//! connection table, and the counters. Works whether or not an agent is running.
+
+use std::{
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{Array, HashMap, Map, MapData, MapError as AyaMapError, PerCpuArray, SockMap};
+use redirect_common::{
+    ForkEndpoints, ForkKey, MAP_CONNS, MAP_COUNTERS, MAP_FORKS, MAP_ROUTER, MAP_ROUTER_SOCKS,
+    MAP_SERVICES, MAP_WORKLOADS, MAX_FORKS, MAX_SERVICES, MAX_WORKLOADS, OrigDst, Reason,
+    RouterConfig, ServiceValue, SockAddr, WorkloadValue,
+};
+
+use crate::{
+    routing::Tables,
+    sync::{MapError, RedirectMaps},
+};
+
+fn open(pin_dir: &Path, name: &'static str) -> Result<Map, MapError> {
+    let path = pin_dir.join(name);
+    let data = MapData::from_pin(&path).map_err(|e| MapError::Other {
+        map: name,
+        reason: format!("opening {}: {e}", path.display()),
+    })?;
+    Map::from_map_data(data).map_err(|e| other(name, e))
+}
+
+fn other(map: &'static str, e: AyaMapError) -> MapError {
+    MapError::Other {
+        map,
+        reason: e.to_string(),
+    }
+}
+
+/// E2BIG from an insert means the map is full.
+fn insert_err(map: &'static str, max: u32, e: AyaMapError) -> MapError {
+    if let AyaMapError::SyscallError(s) = &e
+        && s.io_error.raw_os_error() == Some(libc::E2BIG)
+    {
+        return MapError::Full { map, max };
+    }
+    other(map, e)
+}
+
+/// Deleting what is not there is fine: the desired state is reached either way.
+fn remove_ok(map: &'static str, r: Result<(), AyaMapError>) -> Result<(), MapError> {
+    match r {
+        Ok(()) | Err(AyaMapError::KeyNotFound) => Ok(()),
+        Err(AyaMapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(())
+        }
+        Err(e) => Err(other(map, e)),
+    }
+}
+
+/// The routing maps behind `RedirectMaps`.
+pub struct KernelMaps {
+    services: HashMap<MapData, SockAddr, ServiceValue>,
+    forks: HashMap<MapData, ForkKey, ForkEndpoints>,
+    workloads: HashMap<MapData, u64, WorkloadValue>,
+    router: Array<MapData, RouterConfig>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+impl KernelMaps {
+    /// Opens the maps pinned in `pin_dir`.
+    pub fn open(pin_dir: &Path) -> Result<Self, MapError> {
+        Ok(KernelMaps {
+            services: open(pin_dir, MAP_SERVICES)?
+                .try_into()
+                .map_err(|e| other(MAP_SERVICES, e))?,
+            forks: open(pin_dir, MAP_FORKS)?
+                .try_into()
+                .map_err(|e| other(MAP_FORKS, e))?,
+            workloads: open(pin_dir, MAP_WORKLOADS)?
+                .try_into()
+                .map_err(|e| other(MAP_WORKLOADS, e))?,
+            router: open(pin_dir, MAP_ROUTER)?
+                .try_into()
+                .map_err(|e| other(MAP_ROUTER, e))?,
+            counters: open(pin_dir, MAP_COUNTERS)?
+                .try_into()
+                .map_err(|e| other(MAP_COUNTERS, e))?,
+        })
+    }
+
+    /// Decision counters, summed over CPUs, in `Reason` order.
+    pub fn counters(&self) -> Result<[u64; Reason::COUNT as usize], MapError> {
+        let mut out = [0u64; Reason::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let per_cpu = self
+                .counters
+                .get(&(i as u32), 0)
+                .map_err(|e| other(MAP_COUNTERS, e))?;
+            *slot = per_cpu.iter().sum();
+        }
+        Ok(out)
+    }
+}
+
+impl RedirectMaps for KernelMaps {
+    fn read(&self) -> Result<Tables, MapError> {
+        let mut t = Tables::default();
+        for r in self.services.iter() {
+            let (k, v) = r.map_err(|e| other(MAP_SERVICES, e))?;
+            t.services.insert(k, v);
+        }
+        for r in self.forks.iter() {
+            let (k, v) = r.map_err(|e| other(MAP_FORKS, e))?;
+            t.forks.insert(k, v);
+        }
+        for r in self.workloads.iter() {
+            let (k, v) = r.map_err(|e| other(MAP_WORKLOADS, e))?;
+            t.workloads.insert(k, v);
+        }
+        t.router = self.router.get(&0, 0).map_err(|e| other(MAP_ROUTER, e))?;
+        Ok(t)
+    }
+
+    fn put_service(&mut self, key: SockAddr, value: ServiceValue) -> Result<(), MapError> {
+        self.services
+            .insert(&key, &value, 0)
+            .map_err(|e| insert_err(MAP_SERVICES, MAX_SERVICES, e))
+    }
+
+    fn del_service(&mut self, key: &SockAddr) -> Result<(), MapError> {
+        remove_ok(MAP_SERVICES, self.services.remove(key))
+    }
+
+    fn put_fork(&mut self, key: ForkKey, value: ForkEndpoints) -> Result<(), MapError> {
+        self.forks
+            .insert(&key, &value, 0)
+            .map_err(|e| insert_err(MAP_FORKS, MAX_FORKS, e))
+    }
+
+    fn del_fork(&mut self, key: &ForkKey) -> Result<(), MapError> {
+        remove_ok(MAP_FORKS, self.forks.remove(key))
+    }
+
+    fn put_workload(&mut self, cgroup_id: u64, value: WorkloadValue) -> Result<(), MapError> {
+        self.workloads
+            .insert(&cgroup_id, &value, 0)
+            .map_err(|e| insert_err(MAP_WORKLOADS, MAX_WORKLOADS, e))
+    }
+
+    fn del_workload(&mut self, cgroup_id: u64) -> Result<(), MapError> {
+        remove_ok(MAP_WORKLOADS, self.workloads.remove(&cgroup_id))
+    }
+
+    fn set_router(&mut self, value: RouterConfig) -> Result<(), MapError> {
+        self.router
+            .set(0, &value, 0)
+            .map_err(|e| other(MAP_ROUTER, e))
+    }
+}
+
+/// The router's side of the maps: liveness registration and original-destination lookups.
+pub struct RouterSocks {
+    socks: SockMap<MapData>,
+    conns: HashMap<MapData, SockAddr, OrigDst>,
+    pub pin_dir: PathBuf,
+}
+
+impl RouterSocks {
+    pub fn open(pin_dir: &Path) -> Result<Self, MapError> {
+        Ok(RouterSocks {
+            socks: open(pin_dir, MAP_ROUTER_SOCKS)?
+                .try_into()
+                .map_err(|e| other(MAP_ROUTER_SOCKS, e))?,
+            conns: open(pin_dir, MAP_CONNS)?
+                .try_into()
+                .map_err(|e| other(MAP_CONNS, e))?,
+            pin_dir: pin_dir.to_path_buf(),
+        })
+    }
+
+    /// Puts a listening socket in the liveness sockmap at `slot`. The kernel removes it when the
+    /// socket closes, so redirects stop the instant the router dies.
+    pub fn register<S: AsRawFd>(&mut self, slot: u32, listener: &S) -> Result<(), MapError> {
+        self.socks
+            .set(slot, listener, 0)
+            .map_err(|e| other(MAP_ROUTER_SOCKS, e))
+    }
+
+    /// Takes the original destination recorded for a client's source address.
+    pub fn take_orig_dst(&mut self, src: &SockAddr) -> Option<OrigDst> {
+        let v = self.conns.get(src, 0).ok()?;
+        let _ = self.conns.remove(src);
+        Some(v)
+    }
+
+    /// Number of recorded connections not yet picked up by the router.
+    pub fn pending(&self) -> usize {
+        self.conns.keys().count()
+    }
+}

@@ -1,0 +1,259 @@
+//! `diff(current, desired) -> Ops` and `apply(ops, maps)`: the smallest set of map writes that
+//! turns the kernel-facing part of one `Tables` into another, in an order that never misroutes.
+
+use redirect_common::{
+    ForkEndpoints, ForkKey, RouterConfig, ServiceValue, SockAddr, WorkloadValue,
+};
+
+use super::maps::{MapError, RedirectMaps};
+use crate::routing::Tables;
+
+/// One map write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    PutService(SockAddr, ServiceValue),
+    DelService(SockAddr),
+    PutFork(ForkKey, ForkEndpoints),
+    DelFork(ForkKey),
+    PutWorkload(u64, WorkloadValue),
+    DelWorkload(u64),
+    SetRouter(RouterConfig),
+}
+
+/// The writes that turn `current` into `desired`, comparing only what the kernel sees
+/// (services, forks, workloads, router); names are not compared. Nothing for equal entries.
+///
+/// Order, so that no connection is sent somewhere that does not exist (yet/any more):
+/// 1. the router config;
+/// 2. puts of forks and workloads (a fork exists before a service can lead to it);
+/// 3. puts of services;
+/// 4. deletes of services (nothing leads to a fork any more...);
+/// 5. deletes of forks and workloads (...before it goes).
+pub fn diff(current: &Tables, desired: &Tables) -> Vec<Op> {
+    let mut ops = Vec::new();
+    if current.router != desired.router {
+        ops.push(Op::SetRouter(desired.router));
+    }
+    for (k, v) in &desired.forks {
+        if current.forks.get(k) != Some(v) {
+            ops.push(Op::PutFork(*k, *v));
+        }
+    }
+    for (k, v) in &desired.workloads {
+        if current.workloads.get(k) != Some(v) {
+            ops.push(Op::PutWorkload(*k, *v));
+        }
+    }
+    for (k, v) in &desired.services {
+        if current.services.get(k) != Some(v) {
+            ops.push(Op::PutService(*k, *v));
+        }
+    }
+    for k in current.services.keys() {
+        if !desired.services.contains_key(k) {
+            ops.push(Op::DelService(*k));
+        }
+    }
+    for k in current.forks.keys() {
+        if !desired.forks.contains_key(k) {
+            ops.push(Op::DelFork(*k));
+        }
+    }
+    for k in current.workloads.keys() {
+        if !desired.workloads.contains_key(k) {
+            ops.push(Op::DelWorkload(*k));
+        }
+    }
+    ops
+}
+
+/// What `apply` did.
+#[derive(Debug, Default)]
+pub struct ApplyReport {
+    /// Ops that succeeded.
+    pub applied: usize,
+    /// Ops that failed, with why (a full map is one of them, never silent).
+    pub failed: Vec<(Op, MapError)>,
+}
+
+impl ApplyReport {
+    /// Whether every op succeeded.
+    pub fn is_complete(&self) -> bool {
+        self.failed.is_empty()
+    }
+}
+
+/// Applies `ops` in order, going on past failures (each failure fails open: a missing entry
+/// means baseline), and reports what failed.
+pub fn apply(ops: impl IntoIterator<Item = Op>, maps: &mut dyn RedirectMaps) -> ApplyReport {
+    let mut report = ApplyReport::default();
+    for op in ops {
+        let result = match &op {
+            Op::PutService(k, v) => maps.put_service(*k, *v),
+            Op::DelService(k) => maps.del_service(k),
+            Op::PutFork(k, v) => maps.put_fork(*k, *v),
+            Op::DelFork(k) => maps.del_fork(k),
+            Op::PutWorkload(k, v) => maps.put_workload(*k, *v),
+            Op::DelWorkload(k) => maps.del_workload(*k),
+            Op::SetRouter(v) => maps.set_router(*v),
+        };
+        match result {
+            Ok(()) => report.applied += 1,
+            Err(e) => report.failed.push((op, e)),
+        }
+    }
+    report
+}
+
+/// Reads the maps, and writes what differs from `desired`.
+pub fn reconcile(maps: &mut dyn RedirectMaps, desired: &Tables) -> Result<ApplyReport, MapError> {
+    let current = maps.read()?;
+    Ok(apply(diff(&current, desired), maps))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::routing::{KeyInfo, ServiceName};
+    use crate::sync::maps::{MapLimits, MemoryMaps};
+
+    fn addr(last: u8, port: u16) -> SockAddr {
+        SockAddr::v4(u32::from_ne_bytes([10, 200, 128, last]), port)
+    }
+
+    fn svc(id: u32) -> ServiceValue {
+        ServiceValue {
+            service_id: id,
+            flags: 0,
+        }
+    }
+
+    fn fork(key_id: u32, service_id: u32) -> ForkKey {
+        ForkKey { key_id, service_id }
+    }
+
+    fn eps(last: u8) -> ForkEndpoints {
+        let mut e = ForkEndpoints {
+            count: 1,
+            ..Default::default()
+        };
+        e.endpoints[0] = SockAddr::v4(u32::from_ne_bytes([10, 244, 1, last]), 8080);
+        e
+    }
+
+    fn wl(key_id: u32) -> WorkloadValue {
+        WorkloadValue { key_id, _pad: 0 }
+    }
+
+    /// Two services forked by key 1, one pod.
+    fn tables() -> Tables {
+        let mut t = Tables::default();
+        t.services.insert(addr(10, 80), svc(7));
+        t.services.insert(addr(11, 80), svc(8));
+        t.forks.insert(fork(1, 7), eps(9));
+        t.forks.insert(fork(1, 8), eps(8));
+        t.workloads.insert(4242, wl(1));
+        t.router.v4 = addr(1, 15001);
+        t.router.mark = 0x5244;
+        t
+    }
+
+    #[test]
+    fn the_diff_of_equal_tables_is_empty() {
+        assert_eq!(diff(&tables(), &tables()), []);
+    }
+
+    #[test]
+    fn names_are_not_compared() {
+        let mut named = tables();
+        named.service_names.insert(7, ServiceName::default());
+        named.keys.insert(1, KeyInfo::default());
+        assert_eq!(diff(&tables(), &named), []);
+    }
+
+    #[test]
+    fn only_changed_entries_are_written() {
+        let mut d = tables();
+        d.forks.insert(fork(1, 7), eps(99));
+        assert_eq!(diff(&tables(), &d), [Op::PutFork(fork(1, 7), eps(99))]);
+    }
+
+    #[test]
+    fn from_empty_forks_and_workloads_come_before_services() {
+        let ops = diff(&Tables::default(), &tables());
+        let kinds: Vec<_> = ops
+            .iter()
+            .map(|op| match op {
+                Op::SetRouter(_) => "router",
+                Op::PutFork(..) | Op::PutWorkload(..) => "target",
+                Op::PutService(..) => "service",
+                _ => "delete",
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            ["router", "target", "target", "target", "service", "service"]
+        );
+    }
+
+    #[test]
+    fn to_empty_services_go_before_forks_and_workloads() {
+        let d = Tables {
+            router: tables().router,
+            ..Default::default()
+        };
+        let ops = diff(&tables(), &d);
+        assert_eq!(
+            ops,
+            [
+                Op::DelService(addr(10, 80)),
+                Op::DelService(addr(11, 80)),
+                Op::DelFork(fork(1, 7)),
+                Op::DelFork(fork(1, 8)),
+                Op::DelWorkload(4242),
+            ]
+        );
+    }
+
+    #[test]
+    fn diff_then_apply_makes_the_maps_equal_to_desired() {
+        let mut maps = MemoryMaps::new();
+        let mut start = tables();
+        start.forks.insert(fork(2, 7), eps(1));
+        start.workloads.insert(99, wl(2));
+        start.services.insert(addr(12, 80), svc(9));
+        apply(diff(&Tables::default(), &start), &mut maps);
+        let mut want = tables();
+        want.services.insert(addr(10, 80), svc(70));
+        want.forks.insert(fork(3, 70), eps(3));
+        want.workloads.insert(4242, wl(3));
+        want.router.mark = 1;
+
+        let report = reconcile(&mut maps, &want).unwrap();
+
+        assert!(report.is_complete());
+        assert_eq!(maps.read().unwrap(), want);
+        assert_eq!(diff(&maps.read().unwrap(), &want), []);
+    }
+
+    #[test]
+    fn a_full_map_is_reported_and_the_rest_still_applied() {
+        let mut maps = MemoryMaps::with_limits(MapLimits {
+            services: Some(1),
+            ..Default::default()
+        });
+        let report = apply(diff(&Tables::default(), &tables()), &mut maps);
+        assert_eq!(report.applied, 5);
+        assert_eq!(report.failed.len(), 1);
+        let (op, err) = &report.failed[0];
+        assert_eq!(*op, Op::PutService(addr(11, 80), svc(8)));
+        assert_eq!(err.metric_label(), "map_full");
+        assert_eq!(err.to_string(), "map services_v1 is full (1 entries)");
+        assert_eq!(
+            maps.read().unwrap().services,
+            BTreeMap::from([(addr(10, 80), svc(7))])
+        );
+    }
+}

@@ -1,0 +1,190 @@
+//! Running the real `redirect-agent` binary on a mini-cluster's node.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::Signal;
+use redirect_agent::loader::{self, KernelMaps};
+use redirect_common::Reason;
+
+use crate::{MiniCluster, Proc, ROUTER_IP4, ROUTER_IP6};
+
+/// Port the node router listens on in the mini-cluster.
+pub const ROUTER_PORT: u16 = 15001;
+/// bpffs mount point.
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+/// The agent binary: `$REDIRECT_AGENT_BIN`, else the workspace's debug build.
+pub fn agent_bin() -> PathBuf {
+    std::env::var_os("REDIRECT_AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/redirect-agent")
+        })
+}
+
+/// A running agent (in the node netns, attached at the cluster's cgroup root, pinned in its own
+/// directory). Dropping it kills the agent and removes every link and pin it made.
+pub struct Agent {
+    proc: Option<Proc>,
+    pub pin_dir: PathBuf,
+    manifests: PathBuf,
+    /// Logs of agents that ran before a restart.
+    earlier_logs: String,
+}
+
+impl Agent {
+    /// Starts the agent on `manifests` and waits for its first sync.
+    pub fn start(mc: &MiniCluster, manifests: &Path) -> Result<Agent> {
+        let bin = agent_bin();
+        if !bin.exists() {
+            bail!(
+                "agent binary {} missing: run `cargo build -p redirect-agent` (or cargo xtask test)",
+                bin.display()
+            );
+        }
+        let mut agent = Agent {
+            proc: None,
+            pin_dir: Path::new(BPFFS).join(mc.id()),
+            manifests: manifests.to_path_buf(),
+            earlier_logs: String::new(),
+        };
+        agent.spawn(mc)?;
+        agent.wait_synced(1, Duration::from_secs(30))?;
+        Ok(agent)
+    }
+
+    fn spawn(&mut self, mc: &MiniCluster) -> Result<()> {
+        let bin = agent_bin();
+        let router4 = format!("{ROUTER_IP4}:{ROUTER_PORT}");
+        let router6 = format!("[{ROUTER_IP6}]:{ROUTER_PORT}");
+        let argv = [
+            bin.to_str().context("agent path")?,
+            "run",
+            "--manifests",
+            self.manifests.to_str().context("manifest path")?,
+            "--cgroup-root",
+            mc.cgroup_root().to_str().context("cgroup path")?,
+            "--pin-dir",
+            self.pin_dir.to_str().context("pin path")?,
+            "--router-v4",
+            &router4,
+            "--router-v6",
+            &router6,
+            "--poll-ms",
+            "50",
+            "--resync-ms",
+            "500",
+            "--log",
+            "info",
+        ];
+        self.proc = Some(mc.node().spawn(&argv)?);
+        Ok(())
+    }
+
+    /// Everything the agent (and earlier runs of it) logged.
+    pub fn log(&self) -> String {
+        let now = self.proc.as_ref().map(Proc::log).unwrap_or_default();
+        format!("{}{now}", self.earlier_logs)
+    }
+
+    /// How many syncs the current agent process has logged.
+    pub fn syncs(&self) -> usize {
+        let log = self.proc.as_ref().map(Proc::log).unwrap_or_default();
+        log.lines().filter(|l| l.contains(" synced")).count()
+    }
+
+    /// Waits until the current agent process logged at least `n` syncs.
+    pub fn wait_synced(&mut self, n: usize, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.syncs() >= n {
+                return Ok(());
+            }
+            if let Some(p) = self.proc.as_mut()
+                && let Some(status) = p.try_status()?
+            {
+                bail!("agent exited ({status}) before sync {n}:\n{}", p.log());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "agent did not log sync {n} within {timeout:?}:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until the agent logged a line containing `needle`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log().contains(needle) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!(
+            "agent never logged {needle:?} within {timeout:?}:\n{}",
+            self.log()
+        )
+    }
+
+    /// SIGKILLs the agent (and so its router): no cleanup runs.
+    pub fn kill9(&mut self) -> Result<()> {
+        if let Some(mut p) = self.proc.take() {
+            p.signal(Signal::SIGKILL)?;
+            p.wait_timeout(Duration::from_secs(10))?;
+            self.earlier_logs.push_str(&p.log());
+        }
+        Ok(())
+    }
+
+    /// Starts the agent again (after `kill9`) and waits for its first sync.
+    pub fn restart(&mut self, mc: &MiniCluster) -> Result<()> {
+        self.kill9()?;
+        self.spawn(mc)?;
+        self.wait_synced(1, Duration::from_secs(30))
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+
+    /// Kernel decision counters by reason label, read from the pinned map.
+    pub fn counters(&self) -> Result<BTreeMap<&'static str, u64>> {
+        read_counters(&self.pin_dir)
+    }
+
+    /// Stops the agent and removes links and pins, reporting what it removed.
+    pub fn cleanup(&mut self) -> Result<Vec<PathBuf>> {
+        self.kill9()?;
+        Ok(loader::cleanup(&self.pin_dir)?)
+    }
+}
+
+/// Kernel decision counters by reason label, read from the maps pinned in `pin_dir`.
+pub fn read_counters(pin_dir: &Path) -> Result<BTreeMap<&'static str, u64>> {
+    let maps = KernelMaps::open(pin_dir)?;
+    let values = maps.counters()?;
+    Ok(Reason::ALL
+        .iter()
+        .map(|r| (r.label(), values[*r as usize]))
+        .collect())
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Err(error) = self.cleanup() {
+            eprintln!(
+                "agent cleanup of {} failed: {error:#}",
+                self.pin_dir.display()
+            );
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! The standard branching scene: a small shop with a baseline and one sandbox, on a
+//! mini-cluster, with the agent running. Used by the end-to-end tests and the demo.
+//!
+//! ```text
+//! pods:      client (baseline caller)   checkout-base   checkout-fork*   catalog-base
+//!            frontend-fork* (a fork pod that calls other services)       (* sandbox feature-x)
+//! services:  checkout 10.200.2.10 / fd00:200::2:10  :80 → 8080  baseline checkout-base
+//!            catalog  10.200.2.11 / fd00:200::2:11  :80 → 8080  baseline catalog-base
+//!            frontend 10.200.2.12 / fd00:200::2:12  :80 → 8080  no baseline pod
+//! sandbox:   feature-x (key feature-x) forks frontend → frontend-fork, checkout → checkout-fork
+//! ```
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+
+use crate::{MiniCluster, Pod, Proc, Service, agent::Agent};
+
+pub const CHECKOUT_VIP4: &str = "10.200.2.10";
+pub const CHECKOUT_VIP6: &str = "fd00:200::2:10";
+pub const CATALOG_VIP4: &str = "10.200.2.11";
+pub const CATALOG_VIP6: &str = "fd00:200::2:11";
+pub const FRONTEND_VIP4: &str = "10.200.2.12";
+pub const FRONTEND_VIP6: &str = "fd00:200::2:12";
+pub const SANDBOX_KEY: &str = "feature-x";
+pub const SANDBOX_FILE: &str = "sandbox-feature-x.yaml";
+pub const SERVER_PORT: u16 = 8080;
+/// How long one client command may take.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The podserver binary: `$REDIRECT_PODSERVER_BIN`, else the workspace's debug build.
+pub fn podserver_bin() -> PathBuf {
+    std::env::var_os("REDIRECT_PODSERVER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/podserver"))
+}
+
+/// The sandbox manifest of the scene.
+pub fn sandbox_yaml() -> String {
+    format!(
+        "apiVersion: redirect.dev/v1alpha1
+kind: Sandbox
+metadata:
+  name: {SANDBOX_KEY}
+  namespace: default
+  resourceVersion: \"1\"
+spec:
+  routingKey: {SANDBOX_KEY}
+  forks:
+  - service: frontend
+    selector:
+      app: frontend
+      redirect.dev/sandbox: {SANDBOX_KEY}
+  - service: checkout
+    selector:
+      app: checkout
+      redirect.dev/sandbox: {SANDBOX_KEY}
+"
+    )
+}
+
+/// The shop on a mini-cluster. Fields drop in reverse order: agent, servers, pods.
+pub struct Shop<'c> {
+    pub agent: Option<Agent>,
+    pub servers: Vec<Proc>,
+    pub manifests: PathBuf,
+    pub checkout: Service,
+    pub catalog: Service,
+    pub frontend: Service,
+    pub client: Pod<'c>,
+    pub frontend_fork: Pod<'c>,
+    pub checkout_base: Pod<'c>,
+    pub checkout_fork: Pod<'c>,
+    pub catalog_base: Pod<'c>,
+}
+
+impl<'c> Shop<'c> {
+    /// Builds the pods, servers, services and manifests (with the sandbox when `with_sandbox`),
+    /// without an agent.
+    pub fn build(mc: &'c MiniCluster, with_sandbox: bool) -> Result<Shop<'c>> {
+        let fork_labels = |app: &'static str| [("app", app), ("redirect.dev/sandbox", SANDBOX_KEY)];
+        let client = mc.pod_with_labels("client", &[("app", "client")])?;
+        let frontend_fork = mc.pod_with_labels("frontend-fork", &fork_labels("frontend"))?;
+        let checkout_base = mc.pod_with_labels("checkout-base", &[("app", "checkout")])?;
+        let checkout_fork = mc.pod_with_labels("checkout-fork", &fork_labels("checkout"))?;
+        let catalog_base = mc.pod_with_labels("catalog-base", &[("app", "catalog")])?;
+        let bin = podserver_bin();
+        let mut servers = Vec::new();
+        for pod in [
+            &frontend_fork,
+            &checkout_base,
+            &checkout_fork,
+            &catalog_base,
+        ] {
+            servers.push(pod.spawn_server(&bin, pod.name(), SERVER_PORT)?);
+        }
+        let ports = [(80, SERVER_PORT)];
+        let checkout = mc.service(
+            "checkout",
+            CHECKOUT_VIP4,
+            CHECKOUT_VIP6,
+            &ports,
+            &[&checkout_base],
+        )?;
+        let catalog = mc.service(
+            "catalog",
+            CATALOG_VIP4,
+            CATALOG_VIP6,
+            &ports,
+            &[&catalog_base],
+        )?;
+        let frontend = mc.service("frontend", FRONTEND_VIP4, FRONTEND_VIP6, &ports, &[])?;
+        let manifests = mc.workdir().join("manifests");
+        fs::create_dir_all(&manifests)?;
+        mc.write_manifests(&manifests)?;
+        let shop = Shop {
+            agent: None,
+            servers,
+            manifests,
+            checkout,
+            catalog,
+            frontend,
+            client,
+            frontend_fork,
+            checkout_base,
+            checkout_fork,
+            catalog_base,
+        };
+        if with_sandbox {
+            shop.add_sandbox()?;
+        }
+        Ok(shop)
+    }
+
+    /// Builds the scene and starts the agent on it.
+    pub fn with_agent(mc: &'c MiniCluster, with_sandbox: bool) -> Result<Shop<'c>> {
+        let mut shop = Shop::build(mc, with_sandbox)?;
+        shop.agent = Some(Agent::start(mc, &shop.manifests)?);
+        Ok(shop)
+    }
+
+    pub fn agent(&mut self) -> &mut Agent {
+        self.agent.as_mut().expect("scene started with an agent")
+    }
+
+    pub fn add_sandbox(&self) -> Result<()> {
+        write_atomically(&self.manifests.join(SANDBOX_FILE), &sandbox_yaml())
+    }
+
+    pub fn remove_sandbox(&self) -> Result<()> {
+        fs::remove_file(self.manifests.join(SANDBOX_FILE)).context("removing the sandbox")
+    }
+
+    /// Writes a manifest file into the watched directory.
+    pub fn write_manifest(&self, name: &str, text: &str) -> Result<()> {
+        write_atomically(&self.manifests.join(name), text)
+    }
+}
+
+/// Writes through a temporary file and a rename, so the watcher never reads half a file.
+fn write_atomically(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp~");
+    fs::write(&tmp, text)?;
+    fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// `curl` from `pod` to `http://<ip>/<path>`, returning the body. `ip` may be IPv6.
+pub fn get(pod: &Pod<'_>, ip: &str, path: &str) -> Result<String> {
+    let host = if ip.contains(':') {
+        format!("[{ip}]")
+    } else {
+        ip.to_string()
+    };
+    let url = format!("http://{host}/{path}");
+    pod.run(
+        &["curl", "-sS", "--max-time", "5", "-g", &url],
+        CLIENT_TIMEOUT,
+    )?
+    .check()
+    .with_context(|| format!("GET {url}"))
+}

@@ -49,6 +49,7 @@
 pub mod agent;
 mod cgroup;
 mod exec;
+pub mod kernel;
 mod manifests;
 mod names;
 mod netns;

@@ -1,0 +1,455 @@
+//! End to end: the real agent, real eBPF programs, real sockets between network namespaces.
+//! Every test skips with a message when not root.
+
+use std::{
+    net::SocketAddr,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use redirect_common::Reason;
+use redirect_tests::{
+    MiniCluster, ROUTER_IP4, ROUTER_IP6,
+    agent::{ROUTER_PORT, read_counters},
+    kernel::{delta, expect_kernel_agrees, predict},
+    scene::*,
+};
+
+const TOOLS: &[&str] = &["curl", "bpftool", "python3"];
+
+fn sa(ip: &str, port: u16) -> SocketAddr {
+    let ip: std::net::IpAddr = ip.parse().unwrap();
+    SocketAddr::new(ip, port)
+}
+
+/// GET from `pod` to `ip`, checking the kernel's decision against the routing module's.
+fn get_checked(
+    shop: &Shop<'_>,
+    pod: &redirect_tests::Pod<'_>,
+    ip: &str,
+    path: &str,
+) -> (String, Reason) {
+    let pin_dir = shop.agent.as_ref().unwrap().pin_dir.clone();
+    let mut body = String::new();
+    let d = expect_kernel_agrees(&pin_dir, pod, sa(ip, 80), || {
+        body = get(pod, ip, path)?;
+        Ok(())
+    })
+    .unwrap();
+    (body, d.reason)
+}
+
+#[test]
+fn without_a_sandbox_traffic_reaches_baseline_untouched() {
+    let Some(mc) = MiniCluster::new_or_skip("without_a_sandbox", TOOLS) else {
+        return;
+    };
+    let shop = Shop::with_agent(&mc, false).unwrap();
+    for ip in [CHECKOUT_VIP4, CHECKOUT_VIP6] {
+        let (body, reason) = get_checked(&shop, &shop.client, ip, "");
+        assert_eq!(body, "checkout-base\n");
+        assert_eq!(reason, Reason::NotForked);
+        let peer = get(&shop.client, ip, "peer").unwrap();
+        assert!(
+            peer.contains(&shop.client.ip4().to_string())
+                || peer.contains(&shop.client.ip6().to_string()),
+            "{peer}"
+        );
+    }
+    let c = shop.agent.as_ref().unwrap().counters().unwrap();
+    assert!(c["not_forked"] >= 4, "{c:?}");
+    assert_eq!(c["to_router"] + c["origin_fork"], 0, "{c:?}");
+}
+
+#[test]
+fn fork_pod_reaches_the_fork_in_the_kernel_and_baseline_for_unforked_services() {
+    let Some(mc) = MiniCluster::new_or_skip("fork_pod_origin_routing", TOOLS) else {
+        return;
+    };
+    let shop = Shop::with_agent(&mc, true).unwrap();
+    for (checkout, catalog) in [(CHECKOUT_VIP4, CATALOG_VIP4), (CHECKOUT_VIP6, CATALOG_VIP6)] {
+        let (body, reason) = get_checked(&shop, &shop.frontend_fork, checkout, "");
+        assert_eq!(
+            (body.as_str(), reason),
+            ("checkout-fork\n", Reason::OriginFork)
+        );
+        // The fork sees the fork pod itself as its peer: no router on this path.
+        let peer = get(&shop.frontend_fork, checkout, "peer").unwrap();
+        let fork_ip = if checkout.contains(':') {
+            format!("[{}]", shop.frontend_fork.ip6())
+        } else {
+            shop.frontend_fork.ip4().to_string()
+        };
+        assert!(peer.starts_with(&fork_ip), "peer {peer}, want {fork_ip}");
+        let (body, reason) = get_checked(&shop, &shop.frontend_fork, catalog, "");
+        assert_eq!(
+            (body.as_str(), reason),
+            ("catalog-base\n", Reason::NotForked)
+        );
+    }
+}
+
+#[test]
+fn baseline_pod_reaches_a_forked_service_through_the_router_which_recovers_the_destination() {
+    let Some(mc) = MiniCluster::new_or_skip("baseline_pod_via_router", TOOLS) else {
+        return;
+    };
+    let shop = Shop::with_agent(&mc, true).unwrap();
+    for (ip, router) in [
+        (CHECKOUT_VIP4, ROUTER_IP4.to_string()),
+        (CHECKOUT_VIP6, format!("[{ROUTER_IP6}]")),
+    ] {
+        let (body, reason) = get_checked(&shop, &shop.client, ip, "");
+        // The passthrough router forwards to the original destination: baseline.
+        assert_eq!(
+            (body.as_str(), reason),
+            ("checkout-base\n", Reason::ToRouter)
+        );
+        let peer = get(&shop.client, ip, "peer").unwrap();
+        assert!(
+            peer.starts_with(&router),
+            "baseline saw {peer}: not through the router {router}"
+        );
+    }
+    // An unforked service stays off the router.
+    let (body, reason) = get_checked(&shop, &shop.client, CATALOG_VIP4, "");
+    assert_eq!(
+        (body.as_str(), reason),
+        ("catalog-base\n", Reason::NotForked)
+    );
+}
+
+#[test]
+fn the_router_refuses_connections_the_kernel_did_not_redirect() {
+    let Some(mc) = MiniCluster::new_or_skip("router_no_open_proxy", TOOLS) else {
+        return;
+    };
+    let shop = Shop::with_agent(&mc, true).unwrap();
+    for host in [ROUTER_IP4.to_string(), format!("[{ROUTER_IP6}]")] {
+        let url = format!("http://{host}:{ROUTER_PORT}/");
+        let out = shop
+            .client
+            .run(
+                &["curl", "-sS", "-g", "--max-time", "5", &url],
+                CLIENT_TIMEOUT,
+            )
+            .unwrap();
+        assert!(
+            !out.success(),
+            "router answered a direct connection: {}",
+            out.stdout
+        );
+        assert!(
+            out.stderr.contains("Empty reply") || out.stderr.contains("reset"),
+            "{}",
+            out.stderr
+        );
+    }
+}
+
+/// A client loop in the `client` pod: one new connection + request every `interval`, for
+/// `seconds`. Separates connect failures from failures inside an established connection.
+const LOOP_CLIENT: &str = r#"
+import socket, sys, time, json
+host, port, seconds, interval = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+res = {"ok": 0, "connect_failed": 0, "broken": 0, "served_by": {}, "fail_times": []}
+start = time.monotonic()
+while time.monotonic() - start < seconds:
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.settimeout(2)
+    t = time.monotonic() - start
+    try:
+        s.connect((host, port))
+    except OSError:
+        res["connect_failed"] += 1; res["fail_times"].append(t); s.close(); time.sleep(interval); continue
+    try:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk: break
+            data += chunk
+        body = data.split(b"\r\n\r\n", 1)[1].decode().strip()
+        if not body: raise OSError("empty")
+        res["ok"] += 1; res["served_by"][body] = res["served_by"].get(body, 0) + 1
+    except (OSError, IndexError):
+        res["broken"] += 1; res["fail_times"].append(t)
+    s.close()
+    time.sleep(interval)
+print(json.dumps(res))
+"#;
+
+#[test]
+fn agent_sigkill_fails_open_and_a_restart_restores_routes_from_pins_then_reconciles() {
+    let Some(mc) = MiniCluster::new_or_skip("agent_sigkill_fails_open", TOOLS) else {
+        return;
+    };
+    let mut shop = Shop::with_agent(&mc, true).unwrap();
+    let script = mc.workdir().join("loop_client.py");
+    std::fs::write(&script, LOOP_CLIENT).unwrap();
+    let pin_dir = shop.agent().pin_dir.clone();
+    assert_eq!(
+        get(&shop.client, CHECKOUT_VIP4, "peer")
+            .unwrap()
+            .split(':')
+            .next(),
+        Some(ROUTER_IP4.to_string().as_str())
+    );
+
+    // New connections every 1 ms while the agent (and its router) is SIGKILLed.
+    let mut client = shop
+        .client
+        .spawn(&[
+            "python3",
+            script.to_str().unwrap(),
+            CHECKOUT_VIP4,
+            "80",
+            "3",
+            "0.001",
+        ])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    let killed_at = Instant::now();
+    shop.agent().kill9().unwrap();
+    client
+        .wait_timeout(Duration::from_secs(20))
+        .unwrap()
+        .expect("client loop finished");
+    let log = client.log();
+    let res: serde_json::Value =
+        serde_json::from_str(log.trim()).unwrap_or_else(|e| panic!("{e}: {log}"));
+    println!(
+        "fail-open under SIGKILL: {res} (agent killed {:?} before the loop ended)",
+        killed_at.elapsed()
+    );
+    assert_eq!(
+        res["connect_failed"], 0,
+        "new connections failed after the kill: {res}"
+    );
+    assert!(res["ok"].as_u64().unwrap() > 100, "{res}");
+    assert!(
+        res["broken"].as_u64().unwrap() <= 3,
+        "more connections broke than were inside the router: {res}"
+    );
+
+    // With the agent dead: baseline callers go direct (fail open), fork pods still reach the fork
+    // through the pinned programs and maps.
+    let before = read_counters(&pin_dir).unwrap();
+    let peer = get(&shop.client, CHECKOUT_VIP4, "peer").unwrap();
+    assert!(
+        peer.starts_with(&shop.client.ip4().to_string()),
+        "not direct after the kill: {peer}"
+    );
+    assert_eq!(
+        delta(&before, &read_counters(&pin_dir).unwrap()),
+        [("router_down", 1)].into()
+    );
+    assert_eq!(
+        predict(&pin_dir, &shop.client, sa(CHECKOUT_VIP4, 80), false)
+            .unwrap()
+            .reason,
+        Reason::RouterDown
+    );
+    assert_eq!(
+        get(&shop.frontend_fork, CHECKOUT_VIP4, "").unwrap(),
+        "checkout-fork\n"
+    );
+
+    // The sandbox goes away while no agent runs; the restarted agent reuses the pins (routes
+    // kept), then reconciles them with the manifests.
+    shop.remove_sandbox().unwrap();
+    assert_eq!(
+        get(&shop.frontend_fork, CHECKOUT_VIP4, "").unwrap(),
+        "checkout-fork\n"
+    );
+    shop.agent().restart(&mc).unwrap();
+    let log = shop.agent().log();
+    assert_eq!(
+        log.matches("action=Updated").count(),
+        3,
+        "links not reused:\n{log}"
+    );
+    assert_eq!(
+        get(&shop.frontend_fork, CHECKOUT_VIP4, "").unwrap(),
+        "checkout-base\n"
+    );
+    let c = shop.agent().counters().unwrap();
+    assert!(
+        c["origin_fork"] >= 2,
+        "counters were reset, not reused: {c:?}"
+    );
+
+    // Sandbox back: the restarted router registers again and takes baseline callers.
+    shop.add_sandbox().unwrap();
+    shop.agent()
+        .wait_synced(2, Duration::from_secs(20))
+        .unwrap();
+    let peer = get(&shop.client, CHECKOUT_VIP4, "peer").unwrap();
+    assert!(
+        peer.starts_with(&ROUTER_IP4.to_string()),
+        "not through the router after restart: {peer}"
+    );
+}
+
+#[test]
+fn removing_the_sandbox_removes_its_routes() {
+    let Some(mc) = MiniCluster::new_or_skip("sandbox_removed", TOOLS) else {
+        return;
+    };
+    let mut shop = Shop::with_agent(&mc, true).unwrap();
+    assert_eq!(
+        get(&shop.frontend_fork, CHECKOUT_VIP6, "").unwrap(),
+        "checkout-fork\n"
+    );
+    shop.remove_sandbox().unwrap();
+    shop.agent()
+        .wait_synced(2, Duration::from_secs(20))
+        .unwrap();
+    let (body, reason) = get_checked(&shop, &shop.frontend_fork, CHECKOUT_VIP6, "");
+    assert_eq!(
+        (body.as_str(), reason),
+        ("checkout-base\n", Reason::NotForked)
+    );
+    let (body, reason) = get_checked(&shop, &shop.client, CHECKOUT_VIP4, "");
+    assert_eq!(
+        (body.as_str(), reason),
+        ("checkout-base\n", Reason::NotForked)
+    );
+}
+
+#[test]
+fn an_invalid_manifest_is_reported_with_file_and_reason_and_the_last_good_state_stays() {
+    let Some(mc) = MiniCluster::new_or_skip("invalid_manifest", TOOLS) else {
+        return;
+    };
+    let mut shop = Shop::with_agent(&mc, true).unwrap();
+    // A second sandbox with an invalid routing key, and the first sandbox removed in the same
+    // change: the whole change is rejected, so the first sandbox's routes stay.
+    shop.write_manifest(
+        "zz-broken.yaml",
+        "apiVersion: redirect.dev/v1alpha1\nkind: Sandbox\nmetadata: {name: broken, namespace: default}\nspec:\n  routingKey: \"bad key!\"\n  forks: []\n",
+    )
+    .unwrap();
+    shop.remove_sandbox().unwrap();
+    shop.agent()
+        .wait_log("manifests rejected", Duration::from_secs(20))
+        .unwrap();
+    let log = shop.agent().log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("zz-broken.yaml"))
+        .unwrap_or_else(|| panic!("no error naming the file:\n{log}"));
+    assert!(
+        line.contains("Sandbox default/broken") && line.contains("routing key"),
+        "{line}"
+    );
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(
+        get(&shop.frontend_fork, CHECKOUT_VIP4, "").unwrap(),
+        "checkout-fork\n"
+    );
+    // Fixed: the change applies.
+    std::fs::remove_file(shop.manifests.join("zz-broken.yaml")).unwrap();
+    shop.agent()
+        .wait_synced(2, Duration::from_secs(20))
+        .unwrap();
+    assert_eq!(
+        get(&shop.frontend_fork, CHECKOUT_VIP4, "").unwrap(),
+        "checkout-base\n"
+    );
+}
+
+fn bpftool_json(args: &[&str]) -> Result<serde_json::Value> {
+    let out = Command::new("bpftool").arg("-j").args(args).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "bpftool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+#[test]
+fn cleanup_removes_every_link_program_and_pin_it_made() {
+    let Some(mc) = MiniCluster::new_or_skip("cleanup_complete", TOOLS) else {
+        return;
+    };
+    let mut shop = Shop::with_agent(&mc, true).unwrap();
+    let pin_dir = shop.agent().pin_dir.clone();
+    let mut link_ids = Vec::new();
+    let mut prog_ids = Vec::new();
+    for (_, link) in redirect_common::ALL_PROGRAMS {
+        let info = bpftool_json(&[
+            "link",
+            "show",
+            "pinned",
+            pin_dir.join(link).to_str().unwrap(),
+        ])
+        .unwrap();
+        link_ids.push(info["id"].as_u64().unwrap());
+        prog_ids.push(info["prog_id"].as_u64().unwrap());
+    }
+    let mut map_ids = Vec::new();
+    for map in redirect_common::ALL_MAPS {
+        let info =
+            bpftool_json(&["map", "show", "pinned", pin_dir.join(map).to_str().unwrap()]).unwrap();
+        map_ids.push(info["id"].as_u64().unwrap());
+    }
+    let removed = shop.agent().cleanup().unwrap();
+    assert_eq!(
+        removed.len(),
+        link_ids.len() + map_ids.len() + 1,
+        "{removed:?}"
+    );
+    assert!(!pin_dir.exists());
+    // The kernel frees objects asynchronously: poll, bounded.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let links = bpftool_json(&["link", "show"]).unwrap();
+        let progs = bpftool_json(&["prog", "show"]).unwrap();
+        let maps = bpftool_json(&["map", "show"]).unwrap();
+        let ids = |v: &serde_json::Value| -> Vec<u64> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|o| o["id"].as_u64())
+                .collect()
+        };
+        let left: Vec<String> = link_ids
+            .iter()
+            .filter(|i| ids(&links).contains(i))
+            .map(|i| format!("link {i}"))
+            .chain(
+                prog_ids
+                    .iter()
+                    .filter(|i| ids(&progs).contains(i))
+                    .map(|i| format!("prog {i}")),
+            )
+            .chain(
+                map_ids
+                    .iter()
+                    .filter(|i| ids(&maps).contains(i))
+                    .map(|i| format!("map {i}")),
+            )
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still in the kernel after cleanup: {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Traffic is untouched afterwards.
+    assert_eq!(
+        get(&shop.frontend_fork, CHECKOUT_VIP4, "").unwrap(),
+        "checkout-base\n"
+    );
+    assert!(
+        shop.agent().cleanup().unwrap().is_empty(),
+        "cleanup is idempotent"
+    );
+}

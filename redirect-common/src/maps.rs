@@ -204,8 +204,11 @@ pub struct OrigDst {
     pub service_id: u32,
     /// cgroup id of the connecting socket (for explain and tracing).
     pub cgroup_id: u64,
+    /// When `sock_ops` recorded it (CLOCK_MONOTONIC ns): entries the router never picked up
+    /// (the connection failed before reaching it) are swept by age.
+    pub recorded_ns: u64,
 }
-const _: () = assert!(size_of::<OrigDst>() == 32);
+const _: () = assert!(size_of::<OrigDst>() == 40);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -100,6 +100,7 @@ fn try_connect(ctx: &SockAddrContext, ipv6: bool) -> Result<Reason, Reason> {
         dst,
         service_id,
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        recorded_ns: 0,
     };
     let stored = ORIG_SK.get_or_insert_ptr_mut(ctx, Some(&mut orig));
     if stored.is_null() {

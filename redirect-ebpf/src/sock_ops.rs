@@ -4,7 +4,7 @@
 use core::{ffi::c_void, ptr::addr_of};
 
 use aya_ebpf::{
-    bindings::BPF_SOCK_OPS_TCP_CONNECT_CB, helpers::generated::bpf_sk_storage_get,
+    bindings::BPF_SOCK_OPS_TCP_CONNECT_CB, helpers::generated::{bpf_ktime_get_ns, bpf_sk_storage_get},
     programs::SockOpsContext,
 };
 use redirect_common::{OrigDst, Reason, SockAddr};
@@ -67,7 +67,8 @@ fn record(ctx: &SockOpsContext) -> Option<Reason> {
         SockAddr::v6(ip6, port)
     };
     // SAFETY: non-null storage of this socket.
-    let value = unsafe { *orig };
+    let mut value = unsafe { *orig };
+    value.recorded_ns = unsafe { bpf_ktime_get_ns() };
     Some(match CONNS.insert(&src, &value, 0) {
         Ok(()) => Reason::ConnRecorded,
         Err(_) => Reason::ConnsFull,

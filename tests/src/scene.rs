@@ -184,3 +184,21 @@ pub fn get(pod: &Pod<'_>, ip: &str, path: &str) -> Result<String> {
     .check()
     .with_context(|| format!("GET {url}"))
 }
+
+/// GET from `pod` over an IPv6 socket to the IPv4-mapped form of `ip4` (`::ffff:a.b.c.d`),
+/// which the kernel handles in connect6.
+pub fn get_v4_mapped(pod: &Pod<'_>, ip4: &str, path: &str) -> Result<String> {
+    let script = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)\n\
+         s.settimeout(5)\n\
+         s.connect(('::ffff:{ip4}', 80))\n\
+         s.sendall(b'GET /{path} HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n')\n\
+         data = b''\n\
+         while True:\n    c = s.recv(4096)\n    if not c: break\n    data += c\n\
+         print(data.split(b'\\r\\n\\r\\n', 1)[1].decode(), end='')\n"
+    );
+    pod.run(&["python3", "-c", &script], CLIENT_TIMEOUT)?
+        .check()
+        .with_context(|| format!("GET [::ffff:{ip4}]/{path}"))
+}

@@ -112,6 +112,18 @@ fn baseline_pod_reaches_a_forked_service_through_the_router_which_recovers_the_d
             "baseline saw {peer}: not through the router {router}"
         );
     }
+    // IPv4-mapped destination on an IPv6 socket: redirected to the IPv4 router, and the router
+    // still finds the original destination.
+    let pin_dir = shop.agent.as_ref().unwrap().pin_dir.clone();
+    let mapped = sa(&format!("::ffff:{CHECKOUT_VIP4}"), 80);
+    expect_kernel_agrees(&pin_dir, &shop.client, mapped, || {
+        assert!(
+            get_v4_mapped(&shop.client, CHECKOUT_VIP4, "peer")?
+                .starts_with(&ROUTER_IP4.to_string())
+        );
+        Ok(())
+    })
+    .unwrap();
     // An unforked service stays off the router.
     let (body, reason) = get_checked(&shop, &shop.client, CATALOG_VIP4, "");
     assert_eq!(

@@ -195,4 +195,29 @@ impl RouterSocks {
     pub fn pending(&self) -> usize {
         self.conns.keys().count()
     }
+
+    /// Removes records older than `max_age` (connections that failed before reaching the
+    /// router); returns how many.
+    pub fn sweep(&mut self, max_age: std::time::Duration) -> usize {
+        let now = monotonic_ns();
+        let max = max_age.as_nanos() as u64;
+        let stale: Vec<SockAddr> = self
+            .conns
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| now.saturating_sub(v.recorded_ns) > max)
+            .map(|(k, _)| k)
+            .collect();
+        stale
+            .iter()
+            .filter(|k| self.conns.remove(k).is_ok())
+            .count()
+    }
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
 }

@@ -72,6 +72,7 @@ impl Router {
     /// Serves until the task is dropped.
     pub async fn serve(self) {
         let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(sweep_loop(self.socks.clone()));
         for l in self.listeners {
             let socks = self.socks.clone();
             let stats = self.stats.clone();
@@ -81,6 +82,22 @@ impl Router {
         while tasks.join_next().await.is_some() {}
     }
 }
+
+/// Records of connections that never reached the router (failed handshakes) would stay in the
+/// kernel's table; the router deletes the ones it reads and this removes the rest by age.
+async fn sweep_loop(socks: Arc<Mutex<RouterSocks>>) {
+    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    loop {
+        tick.tick().await;
+        let swept = socks.lock().map(|mut s| s.sweep(SWEEP_AGE)).unwrap_or(0);
+        if swept > 0 {
+            tracing::debug!(swept, "removed stale original-destination records");
+        }
+    }
+}
+
+const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+const SWEEP_AGE: std::time::Duration = std::time::Duration::from_secs(30);
 
 async fn accept_loop(
     l: TcpListener,

@@ -17,7 +17,12 @@ fn committed_crds_match_the_rust_types() {
 
 #[test]
 fn kustomization_renders() {
-    if Command::new("kubectl").arg("version").arg("--client").output().is_err() {
+    if Command::new("kubectl")
+        .arg("version")
+        .arg("--client")
+        .output()
+        .is_err()
+    {
         eprintln!("SKIP kustomization_renders: kubectl not installed");
         return;
     }
@@ -26,9 +31,21 @@ fn kustomization_renders() {
         .arg(deploy_dir())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
-    for kind in ["CustomResourceDefinition", "DaemonSet", "ClusterRole", "Namespace"] {
-        assert!(text.contains(&format!("kind: {kind}")), "no {kind} in the rendered manifests");
+    for kind in [
+        "CustomResourceDefinition",
+        "DaemonSet",
+        "ClusterRole",
+        "Namespace",
+    ] {
+        assert!(
+            text.contains(&format!("kind: {kind}")),
+            "no {kind} in the rendered manifests"
+        );
     }
 }

@@ -30,11 +30,20 @@ enum Command {
     Bench(bench::Options),
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().command {
+fn main() -> std::process::ExitCode {
+    let result: Result<()> = match Cli::parse().command {
         Command::BuildEbpf(o) => build_ebpf::run(&o),
         Command::Test(o) => run::test(&o),
         Command::Demo => run::demo(),
         Command::Bench(o) => bench::run(&o),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The cause chain, without a backtrace: the failing command already printed its own
+            // output above.
+            eprintln!("xtask: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }

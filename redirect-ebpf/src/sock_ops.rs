@@ -4,7 +4,8 @@
 use core::{ffi::c_void, ptr::addr_of};
 
 use aya_ebpf::{
-    bindings::BPF_SOCK_OPS_TCP_CONNECT_CB, helpers::generated::{bpf_ktime_get_ns, bpf_sk_storage_get},
+    bindings::BPF_SOCK_OPS_TCP_CONNECT_CB,
+    helpers::generated::{bpf_ktime_get_ns, bpf_sk_storage_get},
     programs::SockOpsContext,
 };
 use redirect_common::{OrigDst, Reason, SockAddr};

@@ -64,7 +64,7 @@ fn run() -> Result<()> {
             "checkout",
         ),
     ];
-    println!("{:<32} {:<24} {}", "caller", "request", "served by");
+    println!("{:<32} {:<24} served by", "caller", "request");
     for (who, pod, ip, svc) in rows {
         let body = get(pod, ip, "")?;
         println!("{who:<32} {:<24} {}", format!("{svc} ({ip})"), body.trim());

@@ -35,11 +35,18 @@ pub struct Agent {
     manifests: PathBuf,
     /// Logs of agents that ran before a restart.
     earlier_logs: String,
+    /// Extra `run` flags.
+    extra: Vec<String>,
 }
 
 impl Agent {
     /// Starts the agent on `manifests` and waits for its first sync.
     pub fn start(mc: &MiniCluster, manifests: &Path) -> Result<Agent> {
+        Agent::start_with(mc, manifests, &[])
+    }
+
+    /// `start` with extra `redirect-agent run` flags.
+    pub fn start_with(mc: &MiniCluster, manifests: &Path, extra: &[&str]) -> Result<Agent> {
         let bin = agent_bin();
         if !bin.exists() {
             bail!(
@@ -52,6 +59,7 @@ impl Agent {
             pin_dir: Path::new(BPFFS).join(mc.id()),
             manifests: manifests.to_path_buf(),
             earlier_logs: String::new(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         agent.spawn(mc)?;
         agent.wait_synced(1, Duration::from_secs(30))?;
@@ -62,7 +70,7 @@ impl Agent {
         let bin = agent_bin();
         let router4 = format!("{ROUTER_IP4}:{ROUTER_PORT}");
         let router6 = format!("[{ROUTER_IP6}]:{ROUTER_PORT}");
-        let argv = [
+        let mut argv = vec![
             bin.to_str().context("agent path")?,
             "run",
             "--manifests",
@@ -82,6 +90,7 @@ impl Agent {
             "--log",
             "info",
         ];
+        argv.extend(self.extra.iter().map(String::as_str));
         self.proc = Some(mc.node().spawn(&argv)?);
         Ok(())
     }

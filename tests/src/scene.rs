@@ -41,6 +41,11 @@ pub fn podserver_bin() -> PathBuf {
 
 /// The sandbox manifest of the scene.
 pub fn sandbox_yaml() -> String {
+    sandbox_yaml_with_fallback("Unavailable")
+}
+
+/// The sandbox manifest with `spec.fallback` set (`Unavailable` or `Baseline`).
+pub fn sandbox_yaml_with_fallback(fallback: &str) -> String {
     format!(
         "apiVersion: redirect.dev/v1alpha1
 kind: Sandbox
@@ -50,6 +55,7 @@ metadata:
   resourceVersion: \"1\"
 spec:
   routingKey: {SANDBOX_KEY}
+  fallback: {fallback}
   forks:
   - service: frontend
     selector:
@@ -138,8 +144,17 @@ impl<'c> Shop<'c> {
 
     /// Builds the scene and starts the agent on it.
     pub fn with_agent(mc: &'c MiniCluster, with_sandbox: bool) -> Result<Shop<'c>> {
+        Shop::with_agent_args(mc, with_sandbox, &[])
+    }
+
+    /// `with_agent` with extra `redirect-agent run` flags.
+    pub fn with_agent_args(
+        mc: &'c MiniCluster,
+        with_sandbox: bool,
+        agent_args: &[&str],
+    ) -> Result<Shop<'c>> {
         let mut shop = Shop::build(mc, with_sandbox)?;
-        shop.agent = Some(Agent::start(mc, &shop.manifests)?);
+        shop.agent = Some(Agent::start_with(mc, &shop.manifests, agent_args)?);
         Ok(shop)
     }
 
@@ -149,6 +164,20 @@ impl<'c> Shop<'c> {
 
     pub fn add_sandbox(&self) -> Result<()> {
         write_atomically(&self.manifests.join(SANDBOX_FILE), &sandbox_yaml())
+    }
+
+    /// Replaces the sandbox with one whose `spec.fallback` is `fallback`.
+    pub fn set_sandbox_fallback(&self, fallback: &str) -> Result<()> {
+        write_atomically(
+            &self.manifests.join(SANDBOX_FILE),
+            &sandbox_yaml_with_fallback(fallback),
+        )
+    }
+
+    /// Removes a pod's manifest (as if the pod were deleted): a fork loses its endpoint.
+    pub fn remove_pod_manifest(&self, pod: &Pod<'_>) -> Result<()> {
+        let path = self.manifests.join(format!("pod-{}.yaml", pod.name()));
+        fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))
     }
 
     pub fn remove_sandbox(&self) -> Result<()> {
@@ -171,18 +200,24 @@ fn write_atomically(path: &Path, text: &str) -> Result<()> {
 
 /// `curl` from `pod` to `http://<ip>/<path>`, returning the body. `ip` may be IPv6.
 pub fn get(pod: &Pod<'_>, ip: &str, path: &str) -> Result<String> {
+    get_with(pod, ip, path, None)
+}
+
+/// `get` with one extra request header (`"name: value"`).
+pub fn get_with(pod: &Pod<'_>, ip: &str, path: &str, header: Option<&str>) -> Result<String> {
     let host = if ip.contains(':') {
         format!("[{ip}]")
     } else {
         ip.to_string()
     };
     let url = format!("http://{host}/{path}");
-    pod.run(
-        &["curl", "-sS", "--max-time", "5", "-g", &url],
-        CLIENT_TIMEOUT,
-    )?
-    .check()
-    .with_context(|| format!("GET {url}"))
+    let mut argv = vec!["curl", "-sS", "--max-time", "5", "-g", &url];
+    if let Some(h) = header {
+        argv.extend(["-H", h]);
+    }
+    pod.run(&argv, CLIENT_TIMEOUT)?
+        .check()
+        .with_context(|| format!("GET {url}"))
 }
 
 /// GET from `pod` over an IPv6 socket to the IPv4-mapped form of `ip4` (`::ffff:a.b.c.d`),

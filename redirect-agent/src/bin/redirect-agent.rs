@@ -1,6 +1,6 @@
 //! redirect-agent: the node agent. `redirect-agent --help` lists the commands.
 
-use std::{io::IsTerminal, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{io::IsTerminal, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -8,7 +8,8 @@ use redirect_agent::{
     agent::Syncer,
     cgroup::{PodCgroups, cgroup2_mount},
     loader::{self, KernelMaps, LoaderConfig, RouterSocks},
-    router::{Router, RouterSettings, to_sockaddr},
+    router::{Router, RouterSettings, key::KeyConfig, to_sockaddr},
+    routing::RouteView,
     source::manifest::{DEFAULT_POLL_INTERVAL, watch_dir},
     store::Store,
 };
@@ -34,7 +35,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Attach the programs, start the node router and keep the maps in sync with the sources.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Remove every link, program and pin the agent made (the data path stops at once).
     Cleanup(PinArgs),
     /// Print the CustomResourceDefinitions (Sandbox, RouteGroup) as YAML.
@@ -82,6 +83,46 @@ struct RunArgs {
     /// redirect sockets carrying it.
     #[arg(long, env = "REDIRECT_ROUTER_MARK", default_value = "0x52440000", value_parser = parse_u32)]
     router_mark: u32,
+    /// Baggage member names that carry the routing key (repeat or comma-separate).
+    #[arg(
+        long,
+        env = "REDIRECT_BAGGAGE_KEYS",
+        value_delimiter = ',',
+        default_value = "routing-key"
+    )]
+    baggage_key: Vec<String>,
+    /// tracestate member names that carry the routing key.
+    #[arg(
+        long,
+        env = "REDIRECT_TRACESTATE_KEYS",
+        value_delimiter = ',',
+        default_value = "routing-key"
+    )]
+    tracestate_key: Vec<String>,
+    /// Plain request headers that carry the routing key (checked first).
+    #[arg(
+        long,
+        env = "REDIRECT_KEY_HEADERS",
+        value_delimiter = ',',
+        default_value = "x-routing-key"
+    )]
+    key_header: Vec<String>,
+    /// Add an `x-redirect-upstream` response header naming where each request went.
+    #[arg(long, env = "REDIRECT_DEBUG_HEADER")]
+    debug_header: bool,
+    /// Longest wait for a client's first bytes before its connection is treated as opaque
+    /// (server-speaks-first protocols), in milliseconds.
+    #[arg(long, env = "REDIRECT_DETECT_TIMEOUT_MS", default_value_t = 500)]
+    detect_timeout_ms: u64,
+    /// Longest wait for a request's headers from a client, in milliseconds.
+    #[arg(long, env = "REDIRECT_HEADER_TIMEOUT_MS", default_value_t = 30_000)]
+    header_timeout_ms: u64,
+    /// Longest wait for an upstream's response headers before answering 504, in milliseconds.
+    #[arg(long, env = "REDIRECT_RESPONSE_TIMEOUT_MS", default_value_t = 60_000)]
+    response_timeout_ms: u64,
+    /// Largest request head accepted; larger gets 431.
+    #[arg(long, env = "REDIRECT_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
+    max_header_bytes: usize,
     /// Only pods with this spec.nodeName count as local workloads [default: all pods].
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
@@ -115,7 +156,7 @@ fn main() -> Result<()> {
         fmt.init();
     }
     match cli.command {
-        Command::Run(a) => run(a),
+        Command::Run(a) => run(*a),
         Command::Cleanup(p) => {
             let removed = loader::cleanup(&p.pin_dir())?;
             for r in &removed {
@@ -162,13 +203,28 @@ async fn run(a: RunArgs) -> Result<()> {
     let mut syncer = Syncer::new(maps, PodCgroups::new(&cgroup_root), a.node_name, router_cfg)?;
 
     let router = Router::bind(
-        &RouterSettings {
+        RouterSettings {
             v4: a.router_v4,
             v6: a.router_v6,
             mark: a.router_mark,
+            keys: KeyConfig {
+                baggage: a.baggage_key,
+                tracestate: a.tracestate_key,
+                headers: a.key_header,
+            },
+            debug_header: a.debug_header,
+            detect_timeout: Duration::from_millis(a.detect_timeout_ms),
+            header_timeout: Duration::from_millis(a.header_timeout_ms),
+            response_timeout: Duration::from_millis(a.response_timeout_ms),
+            max_header_bytes: a.max_header_bytes,
+            ..RouterSettings::default()
         },
         RouterSocks::open(&pin_dir)?,
     )?;
+    let shared = router.shared.clone();
+    shared
+        .view
+        .store(Arc::new(RouteView::new(syncer.last.clone())));
     tokio::spawn(router.serve());
 
     let mut updates = watch_dir(&a.manifests, Duration::from_millis(a.poll_ms));
@@ -182,6 +238,7 @@ async fn run(a: RunArgs) -> Result<()> {
                 Some(Ok(store)) => {
                     generation += 1;
                     sync(&mut syncer, &store, generation, true);
+                    shared.view.store(Arc::new(RouteView::new(syncer.last.clone())));
                     last_good = Some(store);
                 }
                 Some(Err(errors)) => {
@@ -196,8 +253,10 @@ async fn run(a: RunArgs) -> Result<()> {
                 }
             },
             _ = resync.tick() => {
-                if let Some(store) = &last_good {
-                    sync(&mut syncer, store, generation, false);
+                if let Some(store) = &last_good
+                    && sync(&mut syncer, store, generation, false)
+                {
+                    shared.view.store(Arc::new(RouteView::new(syncer.last.clone())));
                 }
             }
             _ = tokio::signal::ctrl_c() => {
@@ -210,7 +269,13 @@ async fn run(a: RunArgs) -> Result<()> {
 
 /// Applies `store`; logs `synced` for every new generation, and for resyncs that changed
 /// something.
-fn sync<M, C>(syncer: &mut Syncer<M, C>, store: &Store, generation: u64, new_generation: bool)
+/// Returns whether anything changed.
+fn sync<M, C>(
+    syncer: &mut Syncer<M, C>,
+    store: &Store,
+    generation: u64,
+    new_generation: bool,
+) -> bool
 where
     M: redirect_agent::sync::RedirectMaps,
     C: redirect_agent::cgroup::CgroupResolver,
@@ -233,4 +298,5 @@ where
             "synced"
         );
     }
+    out.applied > 0
 }

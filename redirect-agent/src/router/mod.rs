@@ -1,34 +1,76 @@
 //! The node-local router: accepts connections the kernel redirected to it, recovers each one's
-//! original destination from the kernel's record, and forwards it. It registers its listeners
-//! in the liveness sockmap, so the kernel only redirects while a router is accepting.
-//!
-//! This version forwards every connection to its original destination (passthrough); the
-//! per-request routing plugs in at `forward`.
+//! original destination from the kernel's record, detects the protocol and routes every HTTP
+//! request (every HTTP/2 stream) by its routing key; anything else (TLS, databases, unknown)
+//! goes to its original destination untouched. It registers its listeners in the liveness
+//! sockmap, so the kernel only redirects while a router is accepting.
 
 mod addr;
+mod conn;
+pub mod detect;
+mod http;
+pub mod key;
 mod listener;
+mod pool;
+mod prefixed;
 mod stats;
 
 use std::{
     net::SocketAddr,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
-use redirect_common::{OrigDst, ROUTER_SOCK_V4, ROUTER_SOCK_V6};
-use tokio::net::{TcpListener, TcpStream};
+use arc_swap::ArcSwap;
+use redirect_common::{ROUTER_SOCK_V4, ROUTER_SOCK_V6};
+use tokio::{net::TcpListener, sync::Semaphore};
 
 pub use addr::{from_sockaddr, to_sockaddr};
-pub use stats::{Outcome, RouterStats};
+pub use http::DEBUG_HEADER;
+pub use stats::{Outcome, RequestOutcome, RouterStats};
 
-use crate::loader::RouterSocks;
+use crate::{loader::RouterSocks, routing::RouteView};
 
-/// Where the router listens and how it marks its own sockets.
+/// Where the router listens and how it behaves.
 #[derive(Clone, Debug)]
 pub struct RouterSettings {
     pub v4: Option<SocketAddr>,
     pub v6: Option<SocketAddr>,
     /// `SO_MARK` on upstream sockets, so the kernel never redirects them again.
     pub mark: u32,
+    /// Where routing keys are read from.
+    pub keys: key::KeyConfig,
+    /// Add a response header naming the upstream a request went to.
+    pub debug_header: bool,
+    /// Longest wait for the client's first bytes before treating the connection as opaque
+    /// (protocols where the server speaks first).
+    pub detect_timeout: Duration,
+    /// Longest wait for a request's headers (slow or idle clients).
+    pub header_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Longest wait for an upstream's response headers.
+    pub response_timeout: Duration,
+    /// Largest request head accepted (HTTP/1.1: 431 beyond it).
+    pub max_header_bytes: usize,
+    /// Connections served at once; beyond it new connections wait in the accept queue.
+    pub max_connections: usize,
+}
+
+impl Default for RouterSettings {
+    fn default() -> Self {
+        RouterSettings {
+            v4: None,
+            v6: None,
+            mark: 0,
+            keys: key::KeyConfig::default(),
+            debug_header: false,
+            detect_timeout: Duration::from_millis(500),
+            header_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            response_timeout: Duration::from_secs(60),
+            max_header_bytes: 64 * 1024,
+            max_connections: 16_384,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,17 +84,26 @@ pub enum RouterError {
     Register(crate::sync::MapError),
 }
 
+/// What every connection task shares.
+pub struct Shared {
+    pub settings: RouterSettings,
+    /// The routing tables of the last sync, swapped whole.
+    pub view: ArcSwap<RouteView>,
+    pub stats: RouterStats,
+    pool: pool::Pool,
+    socks: Mutex<RouterSocks>,
+    slots: Arc<Semaphore>,
+}
+
 /// A bound router, ready to serve.
 pub struct Router {
     listeners: Vec<TcpListener>,
-    socks: Arc<Mutex<RouterSocks>>,
-    mark: u32,
-    pub stats: Arc<RouterStats>,
+    pub shared: Arc<Shared>,
 }
 
 impl Router {
     /// Binds the listeners and registers them in the liveness sockmap.
-    pub fn bind(settings: &RouterSettings, mut socks: RouterSocks) -> Result<Self, RouterError> {
+    pub fn bind(settings: RouterSettings, mut socks: RouterSocks) -> Result<Self, RouterError> {
         let mut listeners = Vec::new();
         for (addr, slot) in [(settings.v4, ROUTER_SOCK_V4), (settings.v6, ROUTER_SOCK_V6)] {
             let Some(addr) = addr else { continue };
@@ -61,23 +112,23 @@ impl Router {
             tracing::info!(%addr, "router listening");
             listeners.push(l);
         }
-        Ok(Router {
-            listeners,
-            socks: Arc::new(Mutex::new(socks)),
-            mark: settings.mark,
-            stats: Arc::new(RouterStats::default()),
-        })
+        let shared = Arc::new(Shared {
+            pool: pool::Pool::new(settings.mark, settings.connect_timeout),
+            slots: Arc::new(Semaphore::new(settings.max_connections)),
+            settings,
+            view: ArcSwap::default(),
+            stats: RouterStats::default(),
+            socks: Mutex::new(socks),
+        });
+        Ok(Router { listeners, shared })
     }
 
     /// Serves until the task is dropped.
     pub async fn serve(self) {
         let mut tasks = tokio::task::JoinSet::new();
-        tasks.spawn(sweep_loop(self.socks.clone()));
+        tasks.spawn(sweep_loop(self.shared.clone()));
         for l in self.listeners {
-            let socks = self.socks.clone();
-            let stats = self.stats.clone();
-            let mark = self.mark;
-            tasks.spawn(async move { accept_loop(l, socks, stats, mark).await });
+            tasks.spawn(conn::accept_loop(l, self.shared.clone()));
         }
         while tasks.join_next().await.is_some() {}
     }
@@ -85,70 +136,20 @@ impl Router {
 
 /// Records of connections that never reached the router (failed handshakes) would stay in the
 /// kernel's table; the router deletes the ones it reads and this removes the rest by age.
-async fn sweep_loop(socks: Arc<Mutex<RouterSocks>>) {
+async fn sweep_loop(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(SWEEP_INTERVAL);
     loop {
         tick.tick().await;
-        let swept = socks.lock().map(|mut s| s.sweep(SWEEP_AGE)).unwrap_or(0);
+        let swept = shared
+            .socks
+            .lock()
+            .map(|mut s| s.sweep(SWEEP_AGE))
+            .unwrap_or(0);
         if swept > 0 {
             tracing::debug!(swept, "removed stale original-destination records");
         }
     }
 }
 
-const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
-const SWEEP_AGE: std::time::Duration = std::time::Duration::from_secs(30);
-
-async fn accept_loop(
-    l: TcpListener,
-    socks: Arc<Mutex<RouterSocks>>,
-    stats: Arc<RouterStats>,
-    mark: u32,
-) {
-    loop {
-        let (client, peer) = match l.accept().await {
-            Ok(c) => c,
-            Err(error) => {
-                // EMFILE and friends: back off briefly instead of spinning.
-                tracing::warn!(%error, "accept failed");
-                stats.count(Outcome::AcceptError);
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        let orig = socks
-            .lock()
-            .ok()
-            .and_then(|mut s| s.take_orig_dst(&to_sockaddr(peer)));
-        let Some(orig) = orig else {
-            // Not redirected by the kernel: the router is no open proxy.
-            stats.count(Outcome::NoOrigDst);
-            tracing::debug!(%peer, "refused: no recorded original destination");
-            drop(client);
-            continue;
-        };
-        let stats = stats.clone();
-        tokio::spawn(async move {
-            let outcome = forward(client, orig, mark).await;
-            stats.count(outcome);
-        });
-    }
-}
-
-/// Forwards one client connection to its original destination.
-async fn forward(mut client: TcpStream, orig: OrigDst, mark: u32) -> Outcome {
-    let dst = from_sockaddr(&orig.dst);
-    let mut upstream = match listener::connect_marked(dst, mark).await {
-        Ok(s) => s,
-        Err(error) => {
-            tracing::debug!(%dst, %error, "upstream connect failed");
-            return Outcome::UpstreamFailed;
-        }
-    };
-    let _ = client.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        Ok(_) => Outcome::Forwarded,
-        Err(_) => Outcome::Reset,
-    }
-}
+const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+const SWEEP_AGE: Duration = Duration::from_secs(30);

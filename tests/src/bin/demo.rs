@@ -32,43 +32,69 @@ fn run() -> Result<()> {
         mc.cgroup_root().display()
     );
 
-    let rows = [
+    let key = format!("baggage: routing-key={SANDBOX_KEY}");
+    let rows: [(&str, &redirect_tests::Pod<'_>, &str, &str, Option<&str>); 6] = [
         (
             "client (baseline pod)",
             &shop.client,
             CHECKOUT_VIP4,
             "checkout",
+            None,
+        ),
+        (
+            "client (baseline pod)",
+            &shop.client,
+            CHECKOUT_VIP4,
+            "checkout",
+            Some(&key),
         ),
         (
             "client (baseline pod)",
             &shop.client,
             CATALOG_VIP4,
             "catalog",
+            Some(&key),
         ),
         (
-            "frontend-fork (key feature-x)",
+            "frontend-fork (in feature-x)",
             &shop.frontend_fork,
             CHECKOUT_VIP4,
             "checkout",
+            None,
         ),
         (
-            "frontend-fork (key feature-x)",
+            "frontend-fork (in feature-x)",
             &shop.frontend_fork,
             CATALOG_VIP4,
             "catalog",
+            None,
         ),
         (
-            "frontend-fork (key feature-x)",
+            "frontend-fork (in feature-x)",
             &shop.frontend_fork,
             CHECKOUT_VIP6,
             "checkout",
+            None,
         ),
     ];
-    println!("{:<32} {:<24} served by", "caller", "request");
-    for (who, pod, ip, svc) in rows {
-        let body = get(pod, ip, "")?;
-        println!("{who:<32} {:<24} {}", format!("{svc} ({ip})"), body.trim());
+    println!(
+        "{:<30} {:<27} {:<32} served by",
+        "caller", "request", "header"
+    );
+    for (who, pod, ip, svc, header) in rows {
+        let body = get_with(pod, ip, "", header)?;
+        println!(
+            "{who:<30} {:<27} {:<32} {}",
+            format!("{svc} ({ip})"),
+            header.unwrap_or("-"),
+            body.trim()
+        );
     }
+    println!(
+        "\nbaseline pods reach forks per request, through the node router, when the request \
+         carries the key;\nfork pods reach forks from the kernel at connect(), and baseline for \
+         services their sandbox does not fork."
+    );
     let counters = shop.agent.as_ref().expect("agent").counters()?;
     let moved: Vec<String> = counters
         .iter()

@@ -1,0 +1,142 @@
+//! One redirected connection: original destination, protocol detection, dispatch.
+
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use hyper::{server::conn, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use redirect_common::OrigDst;
+use tokio::{
+    io::AsyncReadExt,
+    net::{TcpListener, TcpStream},
+};
+
+use super::{
+    Shared,
+    addr::{from_sockaddr, to_sockaddr},
+    detect::{MAX_SNIFF, Protocol, detect},
+    http::{Proto, handle},
+    listener::connect_marked,
+    prefixed::Prefixed,
+    stats::Outcome,
+};
+
+pub async fn accept_loop(l: TcpListener, shared: Arc<Shared>) {
+    loop {
+        // Bounded memory: at most max_connections served at once; the rest wait in the backlog.
+        let Ok(permit) = shared.slots.clone().acquire_owned().await else {
+            return;
+        };
+        let (client, peer) = match l.accept().await {
+            Ok(c) => c,
+            Err(error) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(%error, "accept failed");
+                shared.stats.count(Outcome::AcceptError);
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let orig = shared
+            .socks
+            .lock()
+            .ok()
+            .and_then(|mut s| s.take_orig_dst(&to_sockaddr(peer)));
+        let Some(orig) = orig else {
+            // Not redirected by the kernel: the router is no open proxy.
+            shared.stats.count(Outcome::NoOrigDst);
+            tracing::debug!(%peer, "refused: no recorded original destination");
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let outcome = serve(client, peer, orig, &shared).await;
+            shared.stats.count(outcome);
+            drop(permit);
+        });
+    }
+}
+
+async fn serve(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    orig: OrigDst,
+    shared: &Arc<Shared>,
+) -> Outcome {
+    let _ = client.set_nodelay(true);
+    let (protocol, prefix) = sniff(&mut client, shared).await;
+    let io = TokioIo::new(Prefixed::new(prefix, client));
+    match protocol {
+        Some(Protocol::Http1) => {
+            let s = shared.clone();
+            let svc = service_fn(move |req| handle(req, s.clone(), orig, Proto::Http1));
+            let mut b = conn::http1::Builder::new();
+            b.timer(TokioTimer::new())
+                .header_read_timeout(shared.settings.header_timeout)
+                .max_buf_size(shared.settings.max_header_bytes.max(8192))
+                .preserve_header_case(true);
+            match b.serve_connection(io, svc).with_upgrades().await {
+                Ok(()) => Outcome::Forwarded,
+                Err(error) => {
+                    tracing::debug!(%peer, %error, "HTTP/1 connection ended with an error");
+                    Outcome::Reset
+                }
+            }
+        }
+        Some(Protocol::Http2) => {
+            let s = shared.clone();
+            let svc = service_fn(move |req| handle(req, s.clone(), orig, Proto::Http2));
+            let mut b = conn::http2::Builder::new(TokioExecutor::new());
+            b.timer(TokioTimer::new())
+                .max_header_list_size(shared.settings.max_header_bytes as u32)
+                .keep_alive_interval(std::time::Duration::from_secs(30));
+            match b.serve_connection(io, svc).await {
+                Ok(()) => Outcome::Forwarded,
+                Err(error) => {
+                    tracing::debug!(%peer, %error, "HTTP/2 connection ended with an error");
+                    Outcome::Reset
+                }
+            }
+        }
+        Some(Protocol::Opaque) | None => opaque(io.into_inner(), orig, shared).await,
+    }
+}
+
+/// Reads the first bytes until the protocol is known, the client is silent for the detection
+/// timeout (a server-speaks-first protocol), or the client closes.
+async fn sniff(client: &mut TcpStream, shared: &Shared) -> (Option<Protocol>, Vec<u8>) {
+    let mut buf = vec![0u8; MAX_SNIFF];
+    let mut n = 0;
+    let deadline = Instant::now() + shared.settings.detect_timeout;
+    while n < MAX_SNIFF {
+        if let Some(p) = detect(&buf[..n]) {
+            buf.truncate(n);
+            return (Some(p), buf);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, client.read(&mut buf[n..])).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(k)) => n += k,
+        }
+    }
+    buf.truncate(n);
+    (detect(&buf), buf)
+}
+
+/// Any other protocol: to the original destination, bytes copied both ways.
+async fn opaque(mut client: Prefixed<TcpStream>, orig: OrigDst, shared: &Shared) -> Outcome {
+    let dst = from_sockaddr(&orig.dst);
+    let upstream = tokio::time::timeout(
+        shared.settings.connect_timeout,
+        connect_marked(dst, shared.settings.mark),
+    )
+    .await;
+    let Ok(Ok(mut upstream)) = upstream else {
+        tracing::debug!(%dst, "opaque upstream connect failed");
+        return Outcome::UpstreamFailed;
+    };
+    let _ = upstream.set_nodelay(true);
+    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        Ok(_) => Outcome::Opaque,
+        Err(_) => Outcome::Reset,
+    }
+}

@@ -1,0 +1,236 @@
+//! Per-request routing for HTTP/1.1 and HTTP/2 (h2c, gRPC): every request (every stream on
+//! HTTP/2) is routed on its own, by the routing key it carries.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use redirect_common::OrigDst;
+
+use super::{Shared, addr::from_sockaddr, key::extract_key, stats::RequestOutcome};
+use crate::routing::{RequestRoute, for_request};
+
+pub type RouterBody = Either<Incoming, Full<Bytes>>;
+
+/// The upstream protocol: the same as the client's (the router never translates).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    Http1,
+    Http2,
+}
+
+/// Response header naming where a request went, when enabled (`--debug-header`).
+pub const DEBUG_HEADER: &str = "x-redirect-upstream";
+
+/// Routes and forwards one request. Never fails: every problem becomes a response and a count.
+pub async fn handle(
+    req: Request<Incoming>,
+    shared: Arc<Shared>,
+    orig: OrigDst,
+    proto: Proto,
+) -> Result<Response<RouterBody>, std::convert::Infallible> {
+    let key = match extract_key(&shared.settings.keys, req.headers()) {
+        Ok(k) => k,
+        Err(error) => {
+            // A malformed key header must not break the request: it goes to baseline.
+            tracing::debug!(%error, "routing key ignored");
+            shared.stats.count_request(RequestOutcome::BadKey);
+            None
+        }
+    };
+    let view = shared.view.load();
+    let route = for_request(&view, &orig, key.as_deref(), rand_u32());
+    let (upstream, label) = match &route {
+        RequestRoute::Unavailable { key_id } => {
+            shared.stats.count_request(RequestOutcome::Unavailable);
+            let owners = view
+                .tables
+                .keys
+                .get(key_id)
+                .map(|k| k.owners.join(", "))
+                .unwrap_or_default();
+            let service = view
+                .tables
+                .service_names
+                .get(&orig.service_id)
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| format!("service {}", orig.service_id));
+            return Ok(error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("sandbox {owners} has no ready endpoint for {service}"),
+            ));
+        }
+        RequestRoute::Fork { endpoint, key_id } => {
+            let key = view
+                .tables
+                .keys
+                .get(key_id)
+                .map(|k| k.key.as_str())
+                .unwrap_or("");
+            let addr = from_sockaddr(endpoint);
+            (addr, format!("fork {key} {addr}"))
+        }
+        RequestRoute::Baseline(why) => {
+            let addr = from_sockaddr(&orig.dst);
+            (addr, format!("baseline {} {addr}", why.label()))
+        }
+    };
+    drop(view);
+    let is_fork = matches!(route, RequestRoute::Fork { .. });
+
+    let upgrade = proto == Proto::Http1 && is_upgrade(&req);
+    let result = if upgrade {
+        forward_upgrade(req, &shared, upstream).await
+    } else {
+        forward(req, &shared, upstream, proto).await
+    };
+    let mut resp = match result {
+        Ok(resp) => {
+            shared.stats.count_request(match (upgrade, is_fork) {
+                (true, _) => RequestOutcome::Upgraded,
+                (false, true) => RequestOutcome::Fork,
+                (false, false) => RequestOutcome::Baseline,
+            });
+            resp.map(Either::Left)
+        }
+        Err(Failure::Timeout(after)) => {
+            shared.stats.count_request(RequestOutcome::UpstreamTimeout);
+            error_response(
+                StatusCode::GATEWAY_TIMEOUT,
+                &format!("upstream {upstream} sent no response within {after:?}"),
+            )
+        }
+        Err(Failure::Upstream(reason)) => {
+            shared.stats.count_request(RequestOutcome::UpstreamError);
+            error_response(
+                StatusCode::BAD_GATEWAY,
+                &format!("upstream {upstream}: {reason}"),
+            )
+        }
+    };
+    if shared.settings.debug_header
+        && let Ok(v) = HeaderValue::from_str(&label)
+    {
+        resp.headers_mut().insert(DEBUG_HEADER, v);
+    }
+    Ok(resp)
+}
+
+enum Failure {
+    Timeout(Duration),
+    Upstream(String),
+}
+
+async fn forward(
+    req: Request<Incoming>,
+    shared: &Shared,
+    upstream: SocketAddr,
+    proto: Proto,
+) -> Result<Response<Incoming>, Failure> {
+    let timeout = shared.settings.response_timeout;
+    let fut = async {
+        match proto {
+            Proto::Http1 => {
+                let mut send = shared.pool.h1(upstream).await.map_err(up)?;
+                let resp = send.send_request(req);
+                // Back to the pool now: it is ready for the next request once this response
+                // has been read, and only a ready connection is handed out again.
+                let resp = resp.await;
+                shared.pool.put_h1(upstream, send);
+                resp.map_err(up)
+            }
+            Proto::Http2 => {
+                let mut send = shared.pool.h2(upstream).await.map_err(up)?;
+                send.send_request(req).await.map_err(up)
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(Failure::Timeout(timeout)),
+    }
+}
+
+fn up(e: impl std::fmt::Display) -> Failure {
+    Failure::Upstream(e.to_string())
+}
+
+/// Whether the request asks to leave HTTP: `Connection: upgrade` with an `Upgrade` header
+/// (WebSocket, ...) or CONNECT.
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    if req.method() == http::Method::CONNECT {
+        return true;
+    }
+    let connection_upgrade = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    connection_upgrade && req.headers().contains_key(header::UPGRADE)
+}
+
+/// WebSocket and other upgrades, and CONNECT: the upgrade request is routed like any other, on
+/// a connection of its own, then both sides are spliced together.
+async fn forward_upgrade(
+    mut req: Request<Incoming>,
+    shared: &Shared,
+    upstream: SocketAddr,
+) -> Result<Response<Incoming>, Failure> {
+    let connect = req.method() == http::Method::CONNECT;
+    let client_side = hyper::upgrade::on(&mut req);
+    let mut send = shared.pool.new_h1(upstream, true).await.map_err(up)?;
+    let timeout = shared.settings.response_timeout;
+    let mut resp = match tokio::time::timeout(timeout, send.send_request(req)).await {
+        Err(_) => return Err(Failure::Timeout(timeout)),
+        Ok(r) => r.map_err(up)?,
+    };
+    let switched =
+        resp.status() == StatusCode::SWITCHING_PROTOCOLS || (connect && resp.status().is_success());
+    if switched {
+        let upstream_side = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            let (Ok(c), Ok(u)) = (client_side.await, upstream_side.await) else {
+                return;
+            };
+            let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+            let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+        });
+    }
+    Ok(resp)
+}
+
+/// A response the router makes itself: status and a one-line reason.
+fn error_response(status: StatusCode, reason: &str) -> Response<RouterBody> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(format!("{reason}\n")))));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// A cheap per-request random number to spread requests over fork endpoints.
+fn rand_u32() -> u32 {
+    use std::{
+        cell::Cell,
+        hash::{BuildHasher, RandomState},
+    };
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(RandomState::new().hash_one(0u8) | 1);
+    }
+    STATE.with(|s| {
+        // xorshift64*
+        let mut x = s.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        s.set(x);
+        (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 32) as u32
+    })
+}

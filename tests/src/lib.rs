@@ -54,6 +54,7 @@ mod manifests;
 mod names;
 mod netns;
 mod nft;
+pub mod peers;
 pub mod scene;
 
 use std::fs;

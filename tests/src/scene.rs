@@ -5,6 +5,7 @@
 //! pods:      client (baseline caller)   checkout-base   checkout-fork*   catalog-base
 //!            frontend-fork* (a fork pod that calls other services)       (* sandbox feature-x)
 //! services:  checkout 10.200.2.10 / fd00:200::2:10  :80 → 8080  baseline checkout-base
+//!                     also :50051 (gRPC), :8081 (WebSocket), :2525 (opaque), servers per test
 //!            catalog  10.200.2.11 / fd00:200::2:11  :80 → 8080  baseline catalog-base
 //!            frontend 10.200.2.12 / fd00:200::2:12  :80 → 8080  no baseline pod
 //! sandbox:   feature-x (key feature-x) forks frontend → frontend-fork, checkout → checkout-fork
@@ -29,6 +30,10 @@ pub const FRONTEND_VIP6: &str = "fd00:200::2:12";
 pub const SANDBOX_KEY: &str = "feature-x";
 pub const SANDBOX_FILE: &str = "sandbox-feature-x.yaml";
 pub const SERVER_PORT: u16 = 8080;
+/// Ports of checkout (service port = target port) for the protocol peers.
+pub const GRPC_PORT: u16 = 50051;
+pub const WS_PORT: u16 = 8081;
+pub const OPAQUE_PORT: u16 = 2525;
 /// How long one client command may take.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -105,11 +110,18 @@ impl<'c> Shop<'c> {
             servers.push(pod.spawn_server(&bin, pod.name(), SERVER_PORT)?);
         }
         let ports = [(80, SERVER_PORT)];
+        // checkout also has a port per protocol peer; tests start those servers as needed.
+        let checkout_ports = [
+            (80, SERVER_PORT),
+            (GRPC_PORT, GRPC_PORT),
+            (WS_PORT, WS_PORT),
+            (OPAQUE_PORT, OPAQUE_PORT),
+        ];
         let checkout = mc.service(
             "checkout",
             CHECKOUT_VIP4,
             CHECKOUT_VIP6,
-            &ports,
+            &checkout_ports,
             &[&checkout_base],
         )?;
         let catalog = mc.service(

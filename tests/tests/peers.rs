@@ -5,20 +5,12 @@
 
 use std::fs;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use redirect_tests::{MiniCluster, Pod, Proc};
+use redirect_tests::{MiniCluster, peers::*};
 use serde_json::Value;
 
 const PODSERVER: &str = env!("CARGO_BIN_EXE_podserver");
-const GRPC_PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/peers/grpc_peer.py");
-const WS_PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/peers/ws_peer.py");
-const OPAQUE_PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/peers/opaque_peer.py");
-/// How long a peer server may take to print "listening" (Python compiles the proto first).
-const READY: Duration = Duration::from_secs(20);
-/// How long one client run may take.
-const TIMEOUT: Duration = Duration::from_secs(30);
 const MIB: usize = 1024 * 1024;
 
 /// A cluster for `test`, or `None` (after printing why) when the machine cannot run it:
@@ -32,55 +24,6 @@ fn cluster(test: &str, tools: &[&str], python_peers: bool) -> Option<MiniCluster
         return None;
     }
     MiniCluster::new_or_skip(test, tools)
-}
-
-fn python_modules_present() -> bool {
-    Command::new("python3")
-        .args(["-c", "import grpc, grpc_tools, websockets"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// `ip4:port` and `[ip6]:port` of `pod`.
-fn listen_addrs(pod: &Pod<'_>, port: u16) -> [String; 2] {
-    [
-        format!("{}:{port}", pod.ip4()),
-        format!("[{}]:{port}", pod.ip6()),
-    ]
-}
-
-/// Starts `argv` in `pod` and waits until it prints "listening" (like `Pod::spawn_server`).
-fn spawn_listening(pod: &Pod<'_>, argv: &[&str]) -> Proc {
-    let mut server = pod.spawn(argv).unwrap();
-    server.wait_for_log("listening", READY).unwrap();
-    server
-}
-
-/// A Python peer server (`script server --name NAME --listen ip4 --listen ip6 EXTRA..`).
-fn peer_server(pod: &Pod<'_>, script: &str, name: &str, port: u16, extra: &[&str]) -> Proc {
-    let [l4, l6] = listen_addrs(pod, port);
-    let mut argv = vec![
-        "python3", script, "server", "--name", name, "--listen", &l4, "--listen", &l6,
-    ];
-    argv.extend_from_slice(extra);
-    spawn_listening(pod, &argv)
-}
-
-/// Runs `argv` in `pod`, expecting success, and parses its stdout as JSON.
-fn run_json(pod: &Pod<'_>, argv: &[&str]) -> Value {
-    let out = pod.run(argv, TIMEOUT).unwrap().check().unwrap();
-    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out:?}"))
-}
-
-fn strs(v: &Value) -> Vec<&str> {
-    v.as_array()
-        .unwrap_or_else(|| panic!("not a list: {v}"))
-        .iter()
-        .map(|s| s.as_str().unwrap())
-        .collect()
 }
 
 #[test]
@@ -355,23 +298,6 @@ fn opaque_peer_speaks_first_and_echoes() {
     assert!(!out.success(), "{out:?}");
     assert!(out.stdout.contains("\"timed_out\": true"), "{out:?}");
     assert!(started.elapsed() < Duration::from_secs(10));
-}
-
-/// Sends `request` as is over one connection from `pod` and returns all it got back.
-fn raw_http(pod: &Pod<'_>, ip: &str, port: u16, request: &str) -> String {
-    let script = "import socket, sys\n\
-         s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)\n\
-         s.sendall(sys.argv[3].encode())\n\
-         data = b''\n\
-         while True:\n    c = s.recv(65536)\n    if not c: break\n    data += c\n\
-         sys.stdout.write(data.decode())\n";
-    pod.run(
-        &["python3", "-c", script, ip, &port.to_string(), request],
-        TIMEOUT,
-    )
-    .unwrap()
-    .check()
-    .unwrap()
 }
 
 #[test]

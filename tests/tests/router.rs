@@ -270,3 +270,349 @@ print(data.split(b"\r\n")[0].decode(errors="replace"))
         .unwrap();
     assert!(out.stdout.contains("400"), "{} {}", out.stdout, out.stderr);
 }
+
+/// Cluster for tests that need the Python peers.
+fn peer_cluster(test: &str) -> Option<MiniCluster> {
+    if !redirect_tests::peers::python_modules_present() {
+        eprintln!(
+            "SKIP {test}: Python modules grpc, grpc_tools or websockets missing (`./x setup` installs them)"
+        );
+        return None;
+    }
+    MiniCluster::new_or_skip(test, TOOLS)
+}
+
+#[test]
+fn grpc_streams_for_baseline_and_fork_share_one_client_connection_with_trailers_intact() {
+    use redirect_tests::peers::*;
+    let Some(mc) = peer_cluster("grpc_through_router") else {
+        return;
+    };
+    let shop = Shop::with_agent(&mc, true).unwrap();
+    let _base = peer_server(
+        &shop.checkout_base,
+        GRPC_PEER,
+        "checkout-base",
+        GRPC_PORT,
+        &[],
+    );
+    let _fork = peer_server(
+        &shop.checkout_fork,
+        GRPC_PEER,
+        "checkout-fork",
+        GRPC_PORT,
+        &[],
+    );
+    let key = r#"{"baggage": "routing-key=feature-x"}"#;
+    let calls = format!(
+        r#"[{{"method":"unary","metadata":{key}}},
+            {{"method":"unary","metadata":{{}}}},
+            {{"method":"server_stream","n":3,"metadata":{key}}},
+            {{"method":"client_stream","n":3,"metadata":{{}}}},
+            {{"method":"bidi","n":3,"metadata":{key}}},
+            {{"method":"unary","metadata":{{"baggage":"routing-key=feature-x","fail":"1"}}}}]"#
+    );
+    for vip in [CHECKOUT_VIP4.to_string(), format!("[{CHECKOUT_VIP6}]")] {
+        let target = format!("{vip}:{GRPC_PORT}");
+        let res = run_json(
+            &shop.client,
+            &[
+                "python3", GRPC_PEER, "client", "--target", &target, "--calls", &calls,
+            ],
+        );
+        let served: Vec<Vec<&str>> = res
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| strs(&c["served_by"]))
+            .collect();
+        assert_eq!(
+            served,
+            vec![
+                vec!["checkout-fork"],
+                vec!["checkout-base"],
+                vec!["checkout-fork"; 3],
+                vec!["checkout-base"],
+                vec!["checkout-fork"; 3],
+                vec![],
+            ],
+            "{res}"
+        );
+        for call in res.as_array().unwrap().iter().take(5) {
+            assert_eq!(call["code"], "OK", "{call}");
+            assert!(
+                call["trailing"]["x-served-by"].is_string(),
+                "trailers lost: {call}"
+            );
+        }
+        let failed = &res[5];
+        assert_eq!(
+            (failed["code"].as_str(), failed["details"].as_str()),
+            (Some("FAILED_PRECONDITION"), Some("asked to fail")),
+            "{failed}"
+        );
+        assert_eq!(
+            failed["trailing"]["x-served-by"], "checkout-fork",
+            "{failed}"
+        );
+    }
+}
+
+#[test]
+fn websocket_upgrade_is_routed_by_its_request_then_tunneled() {
+    use redirect_tests::peers::*;
+    let Some(mc) = peer_cluster("websocket_through_router") else {
+        return;
+    };
+    let shop = Shop::with_agent(&mc, true).unwrap();
+    let _base = peer_server(&shop.checkout_base, WS_PEER, "checkout-base", WS_PORT, &[]);
+    let _fork = peer_server(&shop.checkout_fork, WS_PEER, "checkout-fork", WS_PORT, &[]);
+    let url = format!("ws://{CHECKOUT_VIP4}:{WS_PORT}/chat");
+    let res = run_json(
+        &shop.client,
+        &[
+            "python3",
+            WS_PEER,
+            "client",
+            "--url",
+            &url,
+            "--header",
+            KEY,
+            "--messages",
+            "a,b,c",
+        ],
+    );
+    assert_eq!(
+        strs(&res["replies"]),
+        ["checkout-fork:a", "checkout-fork:b", "checkout-fork:c"],
+        "{res}"
+    );
+    let res = run_json(
+        &shop.client,
+        &[
+            "python3",
+            WS_PEER,
+            "client",
+            "--url",
+            &url,
+            "--messages",
+            "a",
+        ],
+    );
+    assert_eq!(strs(&res["replies"]), ["checkout-base:a"], "{res}");
+}
+
+#[test]
+fn a_server_first_protocol_does_not_hang_and_reaches_its_original_destination() {
+    use redirect_tests::peers::*;
+    let Some(mc) = MiniCluster::new_or_skip("opaque_server_first", TOOLS) else {
+        return;
+    };
+    let shop = Shop::with_agent(&mc, true).unwrap();
+    let _base = peer_server(
+        &shop.checkout_base,
+        OPAQUE_PEER,
+        "checkout-base",
+        OPAQUE_PORT,
+        &["--banner"],
+    );
+    let _fork = peer_server(
+        &shop.checkout_fork,
+        OPAQUE_PEER,
+        "checkout-fork",
+        OPAQUE_PORT,
+        &["--banner"],
+    );
+    let target = format!("{CHECKOUT_VIP4}:{OPAQUE_PORT}");
+    let started = std::time::Instant::now();
+    let res = run_json(
+        &shop.client,
+        &[
+            "python3",
+            OPAQUE_PEER,
+            "client",
+            "--target",
+            &target,
+            "--expect-banner",
+            "--send",
+            "hello\n",
+        ],
+    );
+    assert_eq!(res["banner"], "checkout-base ready", "{res}");
+    assert!(
+        res["received"]
+            .as_str()
+            .unwrap()
+            .contains("checkout-base:hello"),
+        "{res}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn bodies_stream_both_ways_chunked_and_large_without_being_buffered_whole() {
+    let Some(mc) = MiniCluster::new_or_skip("streaming_bodies", TOOLS) else {
+        return;
+    };
+    let mut shop = Shop::with_agent(&mc, true).unwrap();
+    let pid = shop.agent().pid().unwrap();
+    let rss = |field: &str| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+        line.split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            * 1024
+    };
+    // Warm up the pools, then measure the peak resident size across a 256 MiB round trip.
+    get_with(&shop.client, CHECKOUT_VIP4, "", Some(KEY)).unwrap();
+    let before = rss("VmRSS:");
+    let size: u64 = 256 * 1024 * 1024;
+    let file = mc.workdir().join("upload");
+    let cmd = format!(
+        "head -c {size} /dev/urandom > {f} && curl -sS --max-time 60 -T {f} -H 'Transfer-Encoding: chunked' -H '{KEY}' http://{CHECKOUT_VIP4}/echo | cmp - {f} && echo same",
+        f = file.display()
+    );
+    let out = shop
+        .client
+        .run(&["sh", "-c", &cmd], Duration::from_secs(90))
+        .unwrap();
+    assert_eq!(out.stdout.trim(), "same", "{out:?}");
+    let peak = rss("VmHWM:");
+    let grew = peak.saturating_sub(before);
+    println!("agent RSS {before} before, peak {peak} during a {size}-byte round trip");
+    assert!(
+        grew < 64 * 1024 * 1024,
+        "the router buffered the body: RSS grew {grew} bytes"
+    );
+}
+
+#[test]
+fn the_router_keeps_header_names_case_and_order_and_adds_nothing() {
+    let Some(mc) = MiniCluster::new_or_skip("header_fidelity", TOOLS) else {
+        return;
+    };
+    let shop = Shop::with_agent(&mc, true).unwrap();
+    let body = |r: &str| {
+        r.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default()
+    };
+    let fork_ip = shop.checkout_fork.ip4().to_string();
+    let head = |lines: &[&str]| {
+        format!(
+            "GET /headers HTTP/1.1\r\n{}\r\nConnection: close\r\n\r\n",
+            lines.join("\r\n")
+        )
+    };
+    let exchange = |request: &str| {
+        let via_router = redirect_tests::peers::raw_http(&shop.client, CHECKOUT_VIP4, 80, request);
+        assert!(
+            via_router.contains("x-served-by: checkout-fork"),
+            "{via_router}"
+        );
+        let direct = redirect_tests::peers::raw_http(&shop.client, &fork_ip, SERVER_PORT, request);
+        (body(&via_router), body(&direct))
+    };
+    // Byte for byte what the client sent, mixed case and all.
+    let request = head(&[
+        "Host: checkout",
+        "X-Mixed-Case: 1",
+        "baggage: routing-key=feature-x",
+        "ACCEPT: */*",
+        "x-Custom-B: 2",
+    ]);
+    let (via_router, direct) = exchange(&request);
+    assert_eq!(
+        via_router, direct,
+        "the fork saw a different request head through the router"
+    );
+    // Repeated field names stay in their order; the router groups them at their first
+    // occurrence, which HTTP allows (RFC 9110 5.3: only the order of same-name lines matters).
+    let request = head(&[
+        "Host: checkout",
+        "x-dup: 1",
+        "baggage: routing-key=feature-x",
+        "X-Other: 2",
+        "x-dup: 3",
+    ]);
+    let (via_router, _) = exchange(&request);
+    let want = head(&[
+        "Host: checkout",
+        "x-dup: 1",
+        "x-dup: 3",
+        "baggage: routing-key=feature-x",
+        "X-Other: 2",
+    ]);
+    assert_eq!(via_router, want);
+}
+
+#[test]
+fn a_slow_upstream_gets_504() {
+    let Some(mc) = MiniCluster::new_or_skip("slow_upstream", TOOLS) else {
+        return;
+    };
+    let shop = Shop::with_agent_args(&mc, true, &["--response-timeout-ms", "500"]).unwrap();
+    let started = std::time::Instant::now();
+    let (code, body) = status(
+        &shop,
+        &["-H", KEY, &format!("http://{CHECKOUT_VIP4}/sleep/5000")],
+    );
+    assert_eq!(code, 504, "{body}");
+    assert!(started.elapsed() < Duration::from_secs(4));
+}
+
+#[test]
+fn memory_stays_bounded_under_many_idle_connections() {
+    let Some(mc) = MiniCluster::new_or_skip("idle_connections", TOOLS) else {
+        return;
+    };
+    let mut shop = Shop::with_agent(&mc, true).unwrap();
+    let pid = shop.agent().pid().unwrap();
+    let rss = || -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            * 1024
+    };
+    get_with(&shop.client, CHECKOUT_VIP4, "", Some(KEY)).unwrap();
+    let before = rss();
+    const N: usize = 800;
+    // N keep-alive connections, one request each, then idle until told to stop.
+    let script = format!(
+        r#"
+import resource, socket, sys, time
+resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
+socks = []
+for i in range({N}):
+    s = socket.create_connection(("{CHECKOUT_VIP4}", 80), timeout=5)
+    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nbaggage: routing-key=feature-x\r\n\r\n")
+    assert s.recv(4096).startswith(b"HTTP/1.1 200")
+    socks.append(s)
+print("open", flush=True)
+time.sleep(30)
+"#
+    );
+    let path = mc.workdir().join("idle.py");
+    std::fs::write(&path, script).unwrap();
+    let mut client = shop
+        .client
+        .spawn(&["python3", path.to_str().unwrap()])
+        .unwrap();
+    client
+        .wait_for_log("open", Duration::from_secs(60))
+        .unwrap();
+    let per_conn = rss().saturating_sub(before) / N as u64;
+    println!("router memory per idle connection: {per_conn} bytes");
+    assert!(per_conn < 64 * 1024, "{per_conn} bytes per idle connection");
+}

@@ -1,9 +1,12 @@
 //! redirect's node agent as a library: routing data and decisions, the control-plane sources,
-//! the sync from desired state to the kernel maps, the eBPF loader and the node router.
+//! the sync from desired state to the kernel maps, the eBPF loader, the node router, the admin
+//! endpoint and the `redirectctl` debugging commands.
 
+pub mod admin;
 pub mod agent;
 pub mod cgroup;
 pub mod crd;
+pub mod ctl;
 pub mod loader;
 pub mod router;
 pub mod routing;

@@ -17,9 +17,15 @@ pub const MAP_ROUTER_SOCKS: &str = "router_socks_v1";
 pub const MAP_ORIG_DST_SK: &str = "orig_sk_v1";
 pub const MAP_CONNS: &str = "conns_v1";
 pub const MAP_COUNTERS: &str = "counters_v1";
+/// Whether (and what) `connect4`/`connect6` trace: one [`TraceControl`], checked first.
+pub const MAP_TRACE_CTL: &str = "trace_ctl_v1";
+/// Ring buffer of [`TraceEvent`]s, read by `redirectctl trace`.
+pub const MAP_TRACE_EVENTS: &str = "trace_events_v1";
+/// Per-CPU trace counters, indexed by `TRACE_STAT_*`.
+pub const MAP_TRACE_STATS: &str = "trace_stats_v1";
 
 /// Every map, for cleanup and status listings.
-pub const ALL_MAPS: [&str; 8] = [
+pub const ALL_MAPS: [&str; 11] = [
     MAP_SERVICES,
     MAP_FORKS,
     MAP_WORKLOADS,
@@ -28,6 +34,9 @@ pub const ALL_MAPS: [&str; 8] = [
     MAP_ORIG_DST_SK,
     MAP_CONNS,
     MAP_COUNTERS,
+    MAP_TRACE_CTL,
+    MAP_TRACE_EVENTS,
+    MAP_TRACE_STATS,
 ];
 
 pub const PROG_CONNECT4: &str = "redirect_connect4";
@@ -45,6 +54,15 @@ pub const MAX_SERVICES: u32 = 65_536;
 pub const MAX_FORKS: u32 = 16_384;
 pub const MAX_WORKLOADS: u32 = 16_384;
 pub const MAX_CONNS: u32 = 65_536;
+/// Bytes of the trace ring buffer (a power-of-two number of pages): ~2,900 events. When a reader
+/// falls behind, events are dropped and counted, never queued without bound.
+pub const TRACE_RING_BYTES: u32 = 256 * 1024;
+/// Index in `trace_stats_v1`: events written to the ring buffer.
+pub const TRACE_STAT_EMITTED: u32 = 0;
+/// Index in `trace_stats_v1`: events dropped because the ring buffer was full.
+pub const TRACE_STAT_DROPPED: u32 = 1;
+/// Number of slots of `trace_stats_v1`.
+pub const TRACE_STATS: u32 = 2;
 /// Endpoints kept per fork; one is picked per connection.
 pub const MAX_FORK_ENDPOINTS: usize = 8;
 const _: () = assert!(MAX_FORK_ENDPOINTS.is_power_of_two());
@@ -210,6 +228,58 @@ pub struct OrigDst {
 }
 const _: () = assert!(size_of::<OrigDst>() == 40);
 
+/// `TraceControl::mode`: not tracing (the programs pay one array lookup).
+pub const TRACE_OFF: u32 = 0;
+/// `TraceControl::mode`: trace decisions about forked service ports (everything but
+/// `not_forked`).
+pub const TRACE_FORKED: u32 = 1;
+/// `TraceControl::mode`: trace every TCP connect decision, `not_forked` included (busy nodes
+/// fill the ring buffer quickly; drops are counted).
+pub const TRACE_ALL: u32 = 2;
+
+/// The single entry of `trace_ctl_v1`. Whoever traces sets `mode`, its `pid` and a heartbeat it
+/// renews every second, and clears the entry on exit. A flag left by a killed tracer is
+/// recognised by its old heartbeat (independent of pid namespaces) and cleared by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TraceControl {
+    pub mode: u32,
+    /// Process id of the tracer (as the tracer sees it; informational).
+    pub pid: u32,
+    /// Last sign of life of the tracer (CLOCK_MONOTONIC ns).
+    pub heartbeat_ns: u64,
+}
+const _: () = assert!(size_of::<TraceControl>() == 16);
+
+/// `TraceEvent::flags`: the socket is IPv6 (connect6).
+pub const TRACE_F_IPV6_SOCKET: u32 = 1;
+
+/// One traced `connect()` decision, written to `trace_events_v1`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TraceEvent {
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC ns).
+    pub ts_ns: u64,
+    /// cgroup of the connecting task (its own, e.g. a container's).
+    pub cgroup_id: u64,
+    /// The fork pod's cgroup found in the ancestry walk; 0 for baseline callers (or when the
+    /// walk did not run).
+    pub pod_cgroup_id: u64,
+    /// Destination the caller asked for.
+    pub before: SockAddr,
+    /// Destination after the decision (equal to `before` when untouched).
+    pub after: SockAddr,
+    /// Service port id of the destination; 0 when it is no forked service.
+    pub service_id: u32,
+    /// Routing key id of the caller's sandbox; 0 for baseline callers.
+    pub key_id: u32,
+    /// The decision (`Reason` discriminant).
+    pub reason: u32,
+    /// `TRACE_F_*` bits.
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<TraceEvent>() == 80);
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -221,6 +291,8 @@ mod pod {
     unsafe impl aya::Pod for ForkEndpoints {}
     unsafe impl aya::Pod for RouterConfig {}
     unsafe impl aya::Pod for OrigDst {}
+    unsafe impl aya::Pod for TraceControl {}
+    unsafe impl aya::Pod for TraceEvent {}
 }
 
 #[cfg(test)]

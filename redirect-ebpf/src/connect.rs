@@ -18,6 +18,7 @@ use redirect_common::{
 use crate::{
     counters::count,
     maps::{FORKS, ORIG_SK, ROUTER, ROUTER_SOCKS, SERVICES, WORKLOADS},
+    trace::{self, Seen},
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -26,15 +27,21 @@ const ALLOW: i32 = 1;
 
 #[inline(always)]
 pub fn run(ctx: &SockAddrContext, ipv6: bool) -> i32 {
-    let reason = match try_connect(ctx, ipv6) {
+    // Checked first: when nobody traces, tracing costs this one array lookup.
+    let trace_mode = trace::mode();
+    let mut seen = Seen::default();
+    let reason = match try_connect(ctx, ipv6, &mut seen) {
         Ok(r) | Err(r) => r,
     };
     count(reason);
+    if trace_mode != redirect_common::TRACE_OFF {
+        trace::emit(trace_mode, ipv6, reason, &seen);
+    }
     ALLOW
 }
 
 #[inline(always)]
-fn try_connect(ctx: &SockAddrContext, ipv6: bool) -> Result<Reason, Reason> {
+fn try_connect(ctx: &SockAddrContext, ipv6: bool, seen: &mut Seen) -> Result<Reason, Reason> {
     // SAFETY: the context pointer is valid for the program's run.
     let sa = unsafe { &*ctx.sock_addr };
     if sa.protocol != IPPROTO_TCP {
@@ -54,11 +61,14 @@ fn try_connect(ctx: &SockAddrContext, ipv6: bool) -> Result<Reason, Reason> {
     } else {
         SockAddr::v4(sa.user_ip4, port)
     };
+    seen.tcp = true;
+    seen.before = dst;
     // SAFETY: map values are read, never held across helper calls that could free them.
     let Some(svc) = (unsafe { SERVICES.get(&dst) }) else {
         return Ok(Reason::NotForked);
     };
     let service_id = svc.service_id;
+    seen.service_id = service_id;
     let router = ROUTER.get(0).ok_or(Reason::Error)?;
     if router.mark != 0 {
         // SAFETY: `sk` is the socket being connected; the verifier checks the access.
@@ -67,7 +77,9 @@ fn try_connect(ctx: &SockAddrContext, ipv6: bool) -> Result<Reason, Reason> {
             return Ok(Reason::RouterSocket);
         }
     }
-    if let Some(key_id) = caller_key() {
+    if let Some((pod_cgroup_id, key_id)) = caller_key() {
+        seen.pod_cgroup_id = pod_cgroup_id;
+        seen.key_id = key_id;
         let Some(fork) = (unsafe { FORKS.get(&ForkKey { key_id, service_id }) }) else {
             return Ok(Reason::OriginBaseline);
         };
@@ -83,6 +95,8 @@ fn try_connect(ctx: &SockAddrContext, ipv6: bool) -> Result<Reason, Reason> {
             return Err(Reason::Error);
         };
         rewrite(ctx, ipv6, ep);
+        seen.after = *ep;
+        seen.rewritten = true;
         return Ok(Reason::OriginFork);
     }
     let (to, slot) = if dst.is_v4() {
@@ -109,20 +123,22 @@ fn try_connect(ctx: &SockAddrContext, ipv6: bool) -> Result<Reason, Reason> {
     // SAFETY: non-null storage of this socket; a reconnect overwrites the old value.
     unsafe { *stored = orig };
     rewrite(ctx, ipv6, &to);
+    seen.after = to;
+    seen.rewritten = true;
     Ok(Reason::ToRouter)
 }
 
-/// The routing key of the caller's pod, when the caller runs in a fork pod: the first cgroup
-/// ancestor (from the root down) found in `workloads_v1`.
+/// The pod cgroup and routing key of the caller, when the caller runs in a fork pod: the first
+/// cgroup ancestor (from the root down) found in `workloads_v1`.
 #[inline(always)]
-fn caller_key() -> Option<u32> {
+fn caller_key() -> Option<(u64, u32)> {
     for level in 0..MAX_CGROUP_LEVELS {
         let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
         if id == 0 {
             return None;
         }
         if let Some(w) = unsafe { WORKLOADS.get(&id) } {
-            return Some(w.key_id);
+            return Some((id, w.key_id));
         }
     }
     None

@@ -7,6 +7,7 @@ mod connect;
 mod counters;
 mod maps;
 mod sock_ops;
+mod trace;
 
 use aya_ebpf::{
     macros::{cgroup_sock_addr, sock_ops},

@@ -3,12 +3,13 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, PerCpuArray, SkStorage, SockMap},
+    btf_maps::{Array, HashMap, PerCpuArray, RingBuf, SkStorage, SockMap},
     macros::btf_map,
 };
 use redirect_common::{
     ForkEndpoints, ForkKey, MAX_CONNS, MAX_FORKS, MAX_SERVICES, MAX_WORKLOADS, OrigDst, Reason,
-    RouterConfig, ServiceValue, SockAddr, WorkloadValue,
+    RouterConfig, ServiceValue, SockAddr, TRACE_RING_BYTES, TRACE_STATS, TraceControl, TraceEvent,
+    WorkloadValue,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -43,3 +44,15 @@ pub static CONNS: HashMap<SockAddr, OrigDst, { MAX_CONNS as usize }, NO_PREALLOC
 
 #[btf_map(name = "counters_v1", pin_by_name)]
 pub static COUNTERS: PerCpuArray<u64, { Reason::COUNT as usize }> = PerCpuArray::new();
+
+/// Whether anyone traces: the first thing `connect4`/`connect6` read (one array lookup).
+#[btf_map(name = "trace_ctl_v1", pin_by_name)]
+pub static TRACE_CTL: Array<TraceControl, 1> = Array::new();
+
+/// Traced decisions, for `redirectctl trace`. Bounded: when full, events are dropped and counted.
+#[btf_map(name = "trace_events_v1", pin_by_name)]
+pub static TRACE_EVENTS: RingBuf<TraceEvent, { TRACE_RING_BYTES as usize }> = RingBuf::new();
+
+/// Trace events emitted and dropped (`TRACE_STAT_*`).
+#[btf_map(name = "trace_stats_v1", pin_by_name)]
+pub static TRACE_STATS_MAP: PerCpuArray<u64, { TRACE_STATS as usize }> = PerCpuArray::new();

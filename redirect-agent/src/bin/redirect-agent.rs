@@ -1,20 +1,27 @@
 //! redirect-agent: the node agent. `redirect-agent --help` lists the commands.
 
-use std::{io::IsTerminal, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    io::IsTerminal,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use redirect_agent::{
+    admin::{self, AdminState, LogControl, api::PodEntry},
     agent::Syncer,
     cgroup::{PodCgroups, cgroup2_mount},
     loader::{self, KernelMaps, LoaderConfig, RouterSocks},
     router::{Router, RouterSettings, key::KeyConfig, to_sockaddr},
     routing::RouteView,
     source::manifest::{DEFAULT_POLL_INTERVAL, watch_dir},
-    store::Store,
+    store::{Store, ns_name},
 };
 use redirect_common::{PIN_SUBDIR, RouterConfig};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, reload, util::SubscriberInitExt};
 
 #[derive(Parser)]
 #[command(
@@ -22,7 +29,8 @@ use tracing_subscriber::EnvFilter;
     about = "redirect node agent: eBPF connect-time redirection and node router"
 )]
 struct Cli {
-    /// Log filter (tracing EnvFilter syntax, e.g. `info,redirect_agent=debug`).
+    /// Log filter (tracing EnvFilter syntax, e.g. `info,redirect_agent=debug`); changeable at
+    /// run time with `PUT /loglevel` on the admin endpoint.
     #[arg(long, env = "REDIRECT_LOG", default_value = "info", global = true)]
     log: String,
     /// Log as JSON lines.
@@ -133,6 +141,26 @@ struct RunArgs {
     /// milliseconds.
     #[arg(long, env = "REDIRECT_RESYNC_MS", default_value_t = 2000)]
     resync_ms: u64,
+    /// Admin endpoint (/healthz, /readyz, /metrics, /tables, /status, /loglevel) address, or
+    /// `off`. Keep it on localhost: it has no authentication.
+    #[arg(long, env = "REDIRECT_ADMIN_ADDR", default_value = admin::DEFAULT_ADDR)]
+    admin_addr: AdminAddr,
+}
+
+/// `--admin-addr`: an address or `off`.
+#[derive(Clone, Debug)]
+struct AdminAddr(Option<SocketAddr>);
+
+impl std::str::FromStr for AdminAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "off" {
+            return Ok(AdminAddr(None));
+        }
+        s.parse()
+            .map(|a| AdminAddr(Some(a)))
+            .map_err(|e| format!("{s:?} is neither ip:port nor `off`: {e}"))
+    }
 }
 
 fn parse_u32(s: &str) -> Result<u32, String> {
@@ -143,20 +171,30 @@ fn parse_u32(s: &str) -> Result<u32, String> {
     r.map_err(|e| format!("{s:?} is not a 32-bit number: {e}"))
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
-    let filter = EnvFilter::try_new(&cli.log).with_context(|| format!("--log {:?}", cli.log))?;
-    let fmt = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+/// Installs the log subscriber; returns the control that changes its filter at run time.
+fn init_logging(filter: &str, json: bool) -> Result<LogControl> {
+    let filter = EnvFilter::try_new(filter).with_context(|| format!("--log {filter:?}"))?;
+    let (filter, handle) = reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    if cli.log_json {
-        fmt.json().init();
+    let fmt = if json {
+        fmt.json().boxed()
     } else {
-        fmt.init();
-    }
+        fmt.boxed()
+    };
+    tracing_subscriber::registry().with(fmt).with(filter).init();
+    Ok(Box::new(move |s: &str| {
+        let f = EnvFilter::try_new(s).map_err(|e| format!("invalid filter {s:?}: {e}"))?;
+        handle.reload(f).map_err(|e| e.to_string())
+    }))
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let log_control = init_logging(&cli.log, cli.log_json)?;
     match cli.command {
-        Command::Run(a) => run(*a),
+        Command::Run(a) => run(*a, log_control, cli.log),
         Command::Cleanup(p) => {
             let removed = loader::cleanup(&p.pin_dir())?;
             for r in &removed {
@@ -175,7 +213,7 @@ fn main() -> Result<()> {
 }
 
 #[tokio::main]
-async fn run(a: RunArgs) -> Result<()> {
+async fn run(a: RunArgs, log_control: LogControl, log_filter: String) -> Result<()> {
     let cgroup_root = match a.cgroup_root {
         Some(p) => p,
         None => cgroup2_mount()
@@ -192,6 +230,20 @@ async fn run(a: RunArgs) -> Result<()> {
         tracing::info!(program = prog, ?action, cgroup_root = %cgroup_root.display(), "attached");
     }
     drop(attached);
+
+    let admin = Arc::new(AdminState::new(
+        pin_dir.clone(),
+        cgroup_root.clone(),
+        Some(log_control),
+        &log_filter,
+    ));
+    if let AdminAddr(Some(addr)) = a.admin_addr {
+        let listener = admin::bind(addr)
+            .await
+            .with_context(|| format!("admin endpoint --admin-addr {addr}"))?;
+        tracing::info!(%addr, "admin endpoint listening");
+        tokio::spawn(admin::serve(listener, admin.clone()));
+    }
 
     let router_cfg = RouterConfig {
         v4: a.router_v4.map(to_sockaddr).unwrap_or_default(),
@@ -222,6 +274,7 @@ async fn run(a: RunArgs) -> Result<()> {
         RouterSocks::open(&pin_dir)?,
     )?;
     let shared = router.shared.clone();
+    admin.set_router(shared.clone());
     shared
         .view
         .store(Arc::new(RouteView::new(syncer.last.clone())));
@@ -237,11 +290,12 @@ async fn run(a: RunArgs) -> Result<()> {
                 None => anyhow::bail!("the manifest watcher stopped"),
                 Some(Ok(store)) => {
                     generation += 1;
-                    sync(&mut syncer, &store, generation, true);
+                    sync(&mut syncer, &store, generation, true, &admin);
                     shared.view.store(Arc::new(RouteView::new(syncer.last.clone())));
                     last_good = Some(store);
                 }
                 Some(Err(errors)) => {
+                    admin.sync.record_manifest_rejected(errors.len());
                     for error in &errors {
                         tracing::error!(%error, "manifest rejected");
                     }
@@ -254,9 +308,14 @@ async fn run(a: RunArgs) -> Result<()> {
             },
             _ = resync.tick() => {
                 if let Some(store) = &last_good
-                    && sync(&mut syncer, store, generation, false)
+                    && sync(&mut syncer, store, generation, false, &admin)
                 {
                     shared.view.store(Arc::new(RouteView::new(syncer.last.clone())));
+                }
+                // A tracer killed before it could switch tracing off leaves it on: switch it off.
+                if let Ok(Some(stale)) = loader::inspect::clear_stale_trace(&pin_dir) {
+                    admin.sync.record_stale_trace_cleared();
+                    tracing::info!(tracer_pid = stale.pid, "switched off a trace whose tracer is gone");
                 }
             }
             _ = tokio::signal::ctrl_c() => {
@@ -275,12 +334,22 @@ fn sync<M, C>(
     store: &Store,
     generation: u64,
     new_generation: bool,
+    admin: &AdminState,
 ) -> bool
 where
     M: redirect_agent::sync::RedirectMaps,
     C: redirect_agent::cgroup::CgroupResolver,
 {
+    let start = Instant::now();
     let out = syncer.sync(store);
+    admin.synced(
+        &syncer.last,
+        pods(store),
+        generation,
+        start.elapsed(),
+        out.applied,
+        &out.failed,
+    );
     for w in &out.warnings {
         tracing::warn!(warning = %w, "sync");
     }
@@ -299,4 +368,20 @@ where
         );
     }
     out.applied > 0
+}
+
+/// The pods of the store by uid, so `redirectctl` can name cgroups.
+fn pods(store: &Store) -> Vec<PodEntry> {
+    store
+        .pods
+        .iter()
+        .filter_map(|p| {
+            let (namespace, name) = ns_name(&p.metadata);
+            Some(PodEntry {
+                uid: p.metadata.uid.clone()?,
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+            })
+        })
+        .collect()
 }

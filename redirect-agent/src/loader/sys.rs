@@ -58,3 +58,114 @@ pub fn link_update(link: &OwnedFd, prog_fd: i32) -> io::Result<()> {
     attr[0] = link.as_raw_fd() as u64 | ((prog_fd as u32 as u64) << 32);
     bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
 }
+
+/// What `BPF_OBJ_GET_INFO_BY_FD` tells about a cgroup link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CgroupLinkInfo {
+    pub link_id: u32,
+    pub prog_id: u32,
+    pub cgroup_id: u64,
+    pub attach_type: u32,
+}
+
+/// Link id, program id, attach cgroup and attach type of a cgroup link.
+pub fn cgroup_link_details(link: &OwnedFd) -> io::Result<CgroupLinkInfo> {
+    // struct bpf_link_info: type, id, prog_id (u32 each), then the cgroup arm at offset 16:
+    // cgroup_id (u64), attach_type (u32).
+    let mut info = [0u64; 12];
+    let mut attr = [0u64; 16];
+    attr[0] = link.as_raw_fd() as u64 | ((std::mem::size_of_val(&info) as u64) << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(CgroupLinkInfo {
+        link_id: (info[0] >> 32) as u32,
+        prog_id: (info[1] & 0xffff_ffff) as u32,
+        cgroup_id: info[2],
+        attach_type: (info[3] & 0xffff_ffff) as u32,
+    })
+}
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_PROG_TYPE_SCHED_CLS: u64 = 3;
+const BPF_FUNC_MAP_LOOKUP_ELEM: i32 = 1;
+const BPF_FUNC_SK_RELEASE: i32 = 86;
+
+/// One eBPF instruction, encoded as the kernel's `struct bpf_insn`.
+const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
+    code as u64
+        | ((dst as u64 | ((src as u64) << 4)) << 8)
+        | ((off as u16 as u64) << 16)
+        | ((imm as u32 as u64) << 32)
+}
+
+/// Instructions that look `slot` up in the sockmap `map_fd` exactly as `connect4` does
+/// (`bpf_map_lookup_elem` + `bpf_sk_release`) and set `bit` in r6 when a socket is there.
+fn probe_slot(map_fd: i32, slot: i32, bit: i32) -> [u64; 10] {
+    [
+        insn(0x62, 10, 0, -4, slot),                   // *(u32 *)(r10 - 4) = slot
+        insn(0x18, 1, 1, 0, map_fd),                   // r1 = map (ld_imm64, pseudo map fd)
+        0,                                             //   (upper half of the 64-bit immediate)
+        insn(0xbf, 2, 10, 0, 0),                       // r2 = r10
+        insn(0x07, 2, 0, 0, -4),                       // r2 += -4
+        insn(0x85, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM), // r0 = lookup(r1, r2)
+        insn(0x15, 0, 0, 3, 0),                        // if r0 == 0 goto +3
+        insn(0xbf, 1, 0, 0, 0),                        // r1 = r0
+        insn(0x85, 0, 0, 0, BPF_FUNC_SK_RELEASE),      // sk_release(r1)
+        insn(0x47, 6, 0, 0, bit),                      // r6 |= bit
+    ]
+}
+
+/// Which of the first two slots of a sockmap hold a socket (bit 0: slot 0, bit 1: slot 1).
+///
+/// Userspace cannot ask this directly: a lookup from userspace on a sockmap whose value size is
+/// 4 bytes fails with ENOSPC whether or not the slot is occupied. So a 23-instruction program
+/// does the lookup the way `connect4` does, run once with `BPF_PROG_TEST_RUN` (nothing is
+/// attached or pinned; the program is freed when this returns).
+pub fn sockmap_occupied(map: &impl AsRawFd) -> io::Result<u32> {
+    let fd = map.as_raw_fd();
+    let mut prog = vec![insn(0xb7, 6, 0, 0, 0)]; // r6 = 0
+    prog.extend(probe_slot(fd, 0, 1));
+    prog.extend(probe_slot(fd, 1, 2));
+    prog.push(insn(0xbf, 0, 6, 0, 0)); // r0 = r6
+    prog.push(insn(0x95, 0, 0, 0, 0)); // exit
+    let license = c"GPL";
+    let mut attr = [0u64; 16];
+    attr[0] = BPF_PROG_TYPE_SCHED_CLS | ((prog.len() as u64) << 32);
+    attr[1] = prog.as_ptr() as u64;
+    attr[2] = license.as_ptr() as u64;
+    let prog_fd = bpf(BPF_PROG_LOAD, &mut attr)?;
+    // SAFETY: the kernel returned a new file descriptor we now own.
+    let prog_fd = unsafe { OwnedFd::from_raw_fd(prog_fd as i32) };
+    // A zeroed Ethernet header is the smallest packet a tc test run accepts.
+    let packet = [0u8; 14];
+    let mut attr = [0u64; 16];
+    attr[0] = prog_fd.as_raw_fd() as u64;
+    attr[1] = packet.len() as u64;
+    attr[2] = packet.as_ptr() as u64;
+    bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+    Ok((attr[0] >> 32) as u32)
+}
+
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+
+/// Number of keys of a hash map (walks `BPF_MAP_GET_NEXT_KEY`; keys up to 64 bytes). Bounded by
+/// `max`: a key deleted during the walk restarts it from the first key.
+pub fn count_keys(map: std::os::fd::BorrowedFd<'_>, max: u64) -> u64 {
+    let mut cur = [0u8; 64];
+    let mut next = [0u8; 64];
+    let mut n = 0u64;
+    let mut first = true;
+    loop {
+        let mut attr = [0u64; 16];
+        attr[0] = map.as_raw_fd() as u64;
+        attr[1] = if first { 0 } else { cur.as_ptr() as u64 };
+        attr[2] = next.as_mut_ptr() as u64;
+        if n >= max || bpf(BPF_MAP_GET_NEXT_KEY, &mut attr).is_err() {
+            return n;
+        }
+        n += 1;
+        first = false;
+        cur = next;
+    }
+}

@@ -10,18 +10,20 @@
 //! | first bytes | verdict | decided after |
 //! |---|---|---|
 //! | the HTTP/2 preface `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n` | `Http2` | 24 bytes |
-//! | a standard method (`GET`, `HEAD`, `POST`, `PUT`, `DELETE`, `CONNECT`, `OPTIONS`, `TRACE`, `PATCH`) and SP | `Http1` | the SP |
+//! | a standard method and SP | `Http1` | the SP |
 //! | another method token and SP, then `/` or `*` | `Http1` | the byte after the SP |
-//! | `PRI ` followed by anything but the rest of the preface | `Opaque` | the first differing byte |
+//! | `PRI ` then anything but the rest of the preface | `Opaque` | the first differing byte |
 //! | anything else | `Opaque` | the first byte that rules out both |
 //!
-//! "Another method token" is what the IANA method registry holds: an uppercase letter, then up
-//! to [`MAX_METHOD_LEN`]` - 1` uppercase letters, `-` or `_` (`PROPFIND`, `MKCALENDAR`,
-//! `BASELINE-CONTROL`). Methods are case-sensitive (RFC 9110 §9.1), so `get / HTTP/1.1` is not
-//! HTTP. The grammar allows any `tchar` in a method, but a looser rule would take text protocols
-//! (`SET key value`, `ehlo host`) for HTTP and break them, while an HTTP request taken for opaque
-//! only loses per-request routing: it still reaches its original destination. That is also why
-//! an extension method needs one more byte: the start of an origin-form (`/`) or asterisk-form
+//! The standard methods are `GET`, `HEAD`, `POST`, `PUT`, `DELETE`, `CONNECT`, `OPTIONS`,
+//! `TRACE` (RFC 9110 §9) and `PATCH` (RFC 5789). Another method token is shaped like the names
+//! in the IANA method registry: an uppercase letter, then up to [`MAX_METHOD_LEN`]` - 1`
+//! uppercase letters, `-` or `_` (`PROPFIND`, `MKCALENDAR`, `BASELINE-CONTROL`). Methods are
+//! case-sensitive (RFC 9110 §9.1), so `get / HTTP/1.1` is not HTTP. The grammar allows any
+//! `tchar` in a method, but a looser rule would take text protocols (`SET key value`,
+//! `ehlo host`) for HTTP and break them, while an HTTP request taken for opaque only loses
+//! per-request routing: it still reaches its original destination. That is also why an
+//! extension method needs one more byte: the start of an origin-form (`/`) or asterisk-form
 //! (`*`) target, the only forms a client sends to a service it connects to directly.
 //!
 //! A connection that starts like the HTTP/2 preface but is not it is opaque: `PRI` is reserved

@@ -1,0 +1,293 @@
+//! The JSON documents of the admin API, shared by the agent (which serves them) and
+//! `redirectctl` (which reads them). Field names are a stable schema (`docs/debugging.md`):
+//! fields may be added, never renamed or removed, without a new `schema` value.
+
+use std::net::SocketAddr;
+
+use redirect_common::{ForkEndpoints, ForkKey, RouterConfig, ServiceValue, WorkloadValue};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    router::{from_sockaddr, to_sockaddr},
+    routing::{KeyInfo, ServiceName, Tables},
+};
+
+/// `schema` of [`TablesDoc`].
+pub const TABLES_SCHEMA: &str = "redirect.tables/v1";
+/// `schema` of [`AgentStatus`].
+pub const STATUS_SCHEMA: &str = "redirect.agent-status/v1";
+
+/// `GET /tables`: the agent's current `Tables` (what it last synced), names included.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TablesDoc {
+    pub schema: String,
+    /// Manifest generation the tables were computed from (0: none yet).
+    pub generation: u64,
+    pub services: Vec<ServiceEntry>,
+    pub service_names: Vec<ServiceNameEntry>,
+    pub keys: Vec<KeyEntry>,
+    pub forks: Vec<ForkEntry>,
+    pub workloads: Vec<WorkloadEntry>,
+    pub router: RouterEntry,
+    /// Pods the agent knows (uid → name), to name cgroups.
+    pub pods: Vec<PodEntry>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceEntry {
+    pub address: SocketAddr,
+    pub service_id: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceNameEntry {
+    pub service_id: u32,
+    pub namespace: String,
+    pub name: String,
+    pub port: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyEntry {
+    pub key_id: u32,
+    pub key: String,
+    pub owners: Vec<String>,
+    pub fallback_to_baseline: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForkEntry {
+    pub key_id: u32,
+    pub service_id: u32,
+    pub endpoints: Vec<SocketAddr>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadEntry {
+    pub cgroup_id: u64,
+    pub key_id: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouterEntry {
+    pub v4: Option<SocketAddr>,
+    pub v6: Option<SocketAddr>,
+    pub mark: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodEntry {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl TablesDoc {
+    pub fn new(t: &Tables, generation: u64, pods: Vec<PodEntry>) -> Self {
+        let addr = |s: &redirect_common::SockAddr| from_sockaddr(s);
+        TablesDoc {
+            schema: TABLES_SCHEMA.into(),
+            generation,
+            services: t
+                .services
+                .iter()
+                .map(|(a, v)| ServiceEntry {
+                    address: addr(a),
+                    service_id: v.service_id,
+                })
+                .collect(),
+            service_names: t
+                .service_names
+                .iter()
+                .map(|(id, n)| ServiceNameEntry {
+                    service_id: *id,
+                    namespace: n.namespace.clone(),
+                    name: n.name.clone(),
+                    port: n.port.clone(),
+                })
+                .collect(),
+            keys: t
+                .keys
+                .iter()
+                .map(|(id, k)| KeyEntry {
+                    key_id: *id,
+                    key: k.key.clone(),
+                    owners: k.owners.clone(),
+                    fallback_to_baseline: k.fallback_to_baseline,
+                })
+                .collect(),
+            forks: t
+                .forks
+                .iter()
+                .map(|(k, f)| ForkEntry {
+                    key_id: k.key_id,
+                    service_id: k.service_id,
+                    endpoints: f.endpoints[..(f.count as usize).min(f.endpoints.len())]
+                        .iter()
+                        .map(addr)
+                        .collect(),
+                })
+                .collect(),
+            workloads: t
+                .workloads
+                .iter()
+                .map(|(cg, w)| WorkloadEntry {
+                    cgroup_id: *cg,
+                    key_id: w.key_id,
+                })
+                .collect(),
+            router: RouterEntry {
+                v4: (!t.router.v4.is_unset()).then(|| addr(&t.router.v4)),
+                v6: (!t.router.v6.is_unset()).then(|| addr(&t.router.v6)),
+                mark: t.router.mark,
+            },
+            pods,
+        }
+    }
+
+    /// Back to `Tables` (the kernel part and the names).
+    pub fn to_tables(&self) -> Tables {
+        let mut t = Tables::default();
+        for s in &self.services {
+            t.services.insert(
+                to_sockaddr(s.address),
+                ServiceValue {
+                    service_id: s.service_id,
+                    flags: 0,
+                },
+            );
+        }
+        for n in &self.service_names {
+            t.service_names.insert(
+                n.service_id,
+                ServiceName {
+                    namespace: n.namespace.clone(),
+                    name: n.name.clone(),
+                    port: n.port.clone(),
+                },
+            );
+        }
+        for k in &self.keys {
+            t.keys.insert(
+                k.key_id,
+                KeyInfo {
+                    key: k.key.clone(),
+                    owners: k.owners.clone(),
+                    fallback_to_baseline: k.fallback_to_baseline,
+                },
+            );
+        }
+        for f in &self.forks {
+            let eps: Vec<_> = f.endpoints.iter().map(|a| to_sockaddr(*a)).collect();
+            t.forks.insert(
+                ForkKey {
+                    key_id: f.key_id,
+                    service_id: f.service_id,
+                },
+                ForkEndpoints::from_endpoints(&eps).0,
+            );
+        }
+        for w in &self.workloads {
+            t.workloads.insert(
+                w.cgroup_id,
+                WorkloadValue {
+                    key_id: w.key_id,
+                    _pad: 0,
+                },
+            );
+        }
+        t.router = RouterConfig {
+            v4: self.router.v4.map(to_sockaddr).unwrap_or_default(),
+            v6: self.router.v6.map(to_sockaddr).unwrap_or_default(),
+            mark: self.router.mark,
+            _pad: 0,
+        };
+        t
+    }
+}
+
+/// `GET /status`: the agent process and its last sync.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub schema: String,
+    pub version: String,
+    pub pid: u32,
+    pub started_at_unix_ms: u64,
+    /// `/readyz`: the maps were synced (without failed operations) at least once.
+    pub ready: bool,
+    pub generation: u64,
+    pub last_sync: Option<SyncInfo>,
+    pub syncs_total: u64,
+    pub sync_errors_total: u64,
+    pub manifest_errors_total: u64,
+    pub log_filter: String,
+    pub pin_dir: String,
+    pub cgroup_root: String,
+    /// Router connections by outcome label (empty before the router started).
+    pub router_connections: std::collections::BTreeMap<String, u64>,
+    /// Router requests by outcome label.
+    pub router_requests: std::collections::BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SyncInfo {
+    pub at_unix_ms: u64,
+    pub duration_ms: f64,
+    pub generation: u64,
+    pub applied: usize,
+    pub failed: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use redirect_common::SockAddr;
+
+    use super::*;
+
+    #[test]
+    fn tables_survive_the_json_round_trip() {
+        let mut t = Tables::default();
+        let vip = SockAddr::v4(u32::from_ne_bytes([10, 200, 2, 10]), 80);
+        t.services.insert(
+            vip,
+            ServiceValue {
+                service_id: 7,
+                flags: 0,
+            },
+        );
+        t.service_names.insert(
+            7,
+            ServiceName {
+                namespace: "default".into(),
+                name: "checkout".into(),
+                port: "http".into(),
+            },
+        );
+        t.keys.insert(
+            3,
+            KeyInfo {
+                key: "feature-x".into(),
+                owners: vec!["default/feature-x".into()],
+                fallback_to_baseline: true,
+            },
+        );
+        let ep6 = SockAddr::v6([u32::from_ne_bytes([0xfd, 0, 2, 0]), 0, 0, 5], 8080);
+        let ep4 = SockAddr::v4(u32::from_ne_bytes([10, 200, 1, 4]), 8080);
+        t.forks.insert(
+            ForkKey {
+                key_id: 3,
+                service_id: 7,
+            },
+            ForkEndpoints::from_endpoints(&[ep6, ep4]).0,
+        );
+        t.workloads.insert(99, WorkloadValue { key_id: 3, _pad: 0 });
+        t.router.v4 = SockAddr::v4(u32::from_ne_bytes([10, 200, 0, 1]), 15001);
+        t.router.mark = 0x5244_0000;
+        let doc = TablesDoc::new(&t, 4, vec![]);
+        let json = serde_json::to_string(&doc).unwrap();
+        assert!(json.contains("\"10.200.2.10:80\""), "{json}");
+        let back: TablesDoc = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.to_tables(), t);
+        assert_eq!(back.generation, 4);
+    }
+}

@@ -1,0 +1,311 @@
+//! The agent's admin endpoint (HTTP/1.1, bound to localhost by default):
+//!
+//! | path | answer |
+//! |---|---|
+//! | `GET /healthz` | 200 while the process serves |
+//! | `GET /readyz` | 200 once the maps were synced without failure at least once, else 503 |
+//! | `GET /metrics` | Prometheus text format |
+//! | `GET /tables` | [`api::TablesDoc`]: the current routing tables with names (for `redirectctl`) |
+//! | `GET /status` | [`api::AgentStatus`]: process, last sync, log filter |
+//! | `GET /loglevel` | the current log filter |
+//! | `PUT /loglevel` | body: a new filter (`tracing` EnvFilter syntax), applied at once |
+
+pub mod api;
+pub mod metrics;
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+
+pub use metrics::SyncMetrics;
+
+use crate::{
+    router::{Outcome, RequestOutcome, Shared},
+    routing::Tables,
+};
+
+/// Default address of the admin endpoint.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:9967";
+
+/// Changes the log filter at run time; returns an error text for a filter that does not parse.
+pub type LogControl = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// What the admin endpoint shows; the agent updates it after every sync.
+pub struct AdminState {
+    pub pin_dir: PathBuf,
+    pub cgroup_root: PathBuf,
+    started: SystemTime,
+    ready: AtomicBool,
+    generation: AtomicU64,
+    tables: ArcSwap<api::TablesDoc>,
+    last_sync: Mutex<Option<api::SyncInfo>>,
+    pub sync: SyncMetrics,
+    router: Mutex<Option<Arc<Shared>>>,
+    log: Option<LogControl>,
+    log_filter: Mutex<String>,
+}
+
+impl AdminState {
+    pub fn new(
+        pin_dir: PathBuf,
+        cgroup_root: PathBuf,
+        log: Option<LogControl>,
+        log_filter: &str,
+    ) -> Self {
+        AdminState {
+            pin_dir,
+            cgroup_root,
+            started: SystemTime::now(),
+            ready: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
+            tables: ArcSwap::from_pointee(api::TablesDoc {
+                schema: api::TABLES_SCHEMA.into(),
+                ..Default::default()
+            }),
+            last_sync: Mutex::new(None),
+            sync: SyncMetrics::default(),
+            router: Mutex::new(None),
+            log,
+            log_filter: Mutex::new(log_filter.to_string()),
+        }
+    }
+
+    /// The router whose stats `/metrics` shows.
+    pub fn set_router(&self, shared: Arc<Shared>) {
+        *lock(&self.router) = Some(shared);
+    }
+
+    fn router_stats(&self) -> Option<Arc<Shared>> {
+        lock(&self.router).clone()
+    }
+
+    /// Records a sync and publishes its tables. `ok`: no map operation failed.
+    pub fn synced(
+        &self,
+        tables: &Tables,
+        pods: Vec<api::PodEntry>,
+        generation: u64,
+        took: Duration,
+        applied: usize,
+        failed: &[String],
+    ) {
+        self.sync.record_sync(took.as_secs_f64(), applied, failed);
+        self.generation.store(generation, Ordering::Relaxed);
+        self.tables
+            .store(Arc::new(api::TablesDoc::new(tables, generation, pods)));
+        *lock(&self.last_sync) = Some(api::SyncInfo {
+            at_unix_ms: unix_ms(SystemTime::now()),
+            duration_ms: took.as_secs_f64() * 1000.0,
+            generation,
+            applied,
+            failed: failed.len(),
+        });
+        if failed.is_empty() {
+            self.ready.store(true, Ordering::Relaxed);
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    pub fn status(&self) -> api::AgentStatus {
+        let c = self.sync.snapshot();
+        let router = self.router_stats();
+        let stats = router.as_ref().map(|r| &r.stats);
+        api::AgentStatus {
+            schema: api::STATUS_SCHEMA.into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            started_at_unix_ms: unix_ms(self.started),
+            ready: self.is_ready(),
+            generation: self.generation.load(Ordering::Relaxed),
+            last_sync: lock(&self.last_sync).clone(),
+            syncs_total: c.duration.count(),
+            sync_errors_total: c.errors_full + c.errors_other,
+            manifest_errors_total: c.manifest_errors,
+            log_filter: lock(&self.log_filter).clone(),
+            pin_dir: self.pin_dir.display().to_string(),
+            cgroup_root: self.cgroup_root.display().to_string(),
+            router_connections: stats
+                .map(|s| {
+                    Outcome::ALL
+                        .iter()
+                        .map(|o| (o.label().to_string(), s.get(*o)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            router_requests: stats
+                .map(|s| {
+                    RequestOutcome::ALL
+                        .iter()
+                        .map(|o| (o.label().to_string(), s.get_request(*o)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+
+    fn metrics(&self) -> String {
+        let router = self.router_stats();
+        let last = lock(&self.last_sync)
+            .as_ref()
+            .map(|s| s.at_unix_ms as f64 / 1000.0);
+        metrics::render(
+            &self.pin_dir,
+            router.as_ref().map(|r| &r.stats),
+            &self.sync.snapshot(),
+            self.is_ready(),
+            self.generation.load(Ordering::Relaxed),
+            last,
+        )
+    }
+
+    fn set_log_filter(&self, filter: &str) -> Result<(), String> {
+        let Some(log) = &self.log else {
+            return Err("this agent cannot change its log filter".into());
+        };
+        log(filter)?;
+        *lock(&self.log_filter) = filter.to_string();
+        tracing::info!(filter, "log filter changed");
+        Ok(())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Binds the admin endpoint.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// Serves the admin endpoint until the task is dropped.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(c) => c,
+            Err(error) => {
+                tracing::warn!(%error, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(req, &state).await) }
+            });
+            let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+type Body = Full<Bytes>;
+
+fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .body(Full::new(body.into()))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
+    reply(status, "text/plain; charset=utf-8", body.into())
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Response<Body> {
+    match serde_json::to_vec_pretty(v) {
+        Ok(b) => reply(StatusCode::OK, "application/json", b),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+    }
+}
+
+/// Largest `PUT /loglevel` body.
+const MAX_FILTER_BYTES: usize = 4096;
+
+async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    match (req.method().clone(), path.as_str()) {
+        (Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (Method::GET, "/readyz") => {
+            if state.is_ready() {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: the maps have not been synced yet\n",
+                )
+            }
+        }
+        (Method::GET, "/metrics") => {
+            // Map reads are blocking syscalls: keep them off the async workers.
+            let body = tokio::task::block_in_place(|| state.metrics());
+            reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                body,
+            )
+        }
+        (Method::GET, "/tables") => json(&**state.tables.load()),
+        (Method::GET, "/status") => json(&state.status()),
+        (Method::GET, "/loglevel") => text(
+            StatusCode::OK,
+            format!("{}\n", lock(&state.log_filter).as_str()),
+        ),
+        (Method::PUT, "/loglevel") => {
+            let body = match Limited::new(req.into_body(), MAX_FILTER_BYTES)
+                .collect()
+                .await
+            {
+                Ok(b) => b.to_bytes(),
+                Err(e) => return text(StatusCode::BAD_REQUEST, format!("body: {e}\n")),
+            };
+            let Ok(filter) = std::str::from_utf8(&body) else {
+                return text(StatusCode::BAD_REQUEST, "the filter is not UTF-8\n");
+            };
+            match state.set_log_filter(filter.trim()) {
+                Ok(()) => text(
+                    StatusCode::OK,
+                    format!("log filter set to {}\n", filter.trim()),
+                ),
+                Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+            }
+        }
+        (_, "/healthz" | "/readyz" | "/metrics" | "/tables" | "/status" | "/loglevel") => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /healthz /readyz /metrics /tables /status /loglevel\n",
+        ),
+    }
+}

@@ -1,0 +1,153 @@
+//! `redirectctl`: the node's debugging commands, one module per noun. Every command reads the
+//! pinned maps directly (so it works while the agent is down) and adds names from the agent's
+//! admin API when it answers. Output is a table by default and JSON with `-o json`; the JSON
+//! documents carry a `schema` field and are described in `docs/debugging.md`.
+
+pub mod client;
+pub mod conns;
+pub mod counters;
+pub mod endpoints;
+pub mod explain;
+pub mod names;
+pub mod routes;
+pub mod sandboxes;
+pub mod services;
+pub mod status;
+pub mod table;
+pub mod trace;
+pub mod workloads;
+
+use std::{
+    path::PathBuf,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use crate::sync::MapError;
+
+pub use client::AdminClient;
+pub use names::Names;
+
+/// How results are printed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+/// What every command needs.
+pub struct Ctx {
+    pub pin_dir: PathBuf,
+    pub admin: AdminClient,
+    pub format: Format,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("{0}")]
+    Map(#[from] MapError),
+    #[error(transparent)]
+    Trace(#[from] crate::loader::inspect::TraceError),
+    #[error("{0}")]
+    Input(String),
+    #[error(
+        "nothing pinned at {0}: the agent never ran here, or `redirect-agent cleanup` removed everything (pass --pin-dir if the agent uses another directory)"
+    )]
+    NotPinned(PathBuf),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Ctx {
+    /// Fails with a clear message when the pin directory is missing.
+    pub fn require_pins(&self) -> Result<(), CtlError> {
+        if self.pin_dir.is_dir() {
+            Ok(())
+        } else {
+            Err(CtlError::NotPinned(self.pin_dir.clone()))
+        }
+    }
+
+    /// Prints `doc` as JSON, or `table()` as text.
+    pub fn print<T: serde::Serialize>(&self, doc: &T, table: impl FnOnce() -> String) {
+        match self.format {
+            Format::Json => println!(
+                "{}",
+                serde_json::to_string_pretty(doc).unwrap_or_else(|e| format!("\"{e}\""))
+            ),
+            Format::Table => print!("{}", table()),
+        }
+    }
+}
+
+/// The line every table output starts with when names are missing.
+pub fn agent_note(names: &Names) -> String {
+    match &names.error {
+        None => String::new(),
+        Some(e) => format!("(names unavailable: agent admin API {e})\n"),
+    }
+}
+
+/// `2025-01-31T12:00:00Z`.
+pub fn fmt_time(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// `3s`, `4m12s`, `2h3m`, `5d2h`.
+pub fn fmt_age(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{}s", s / 60, s % 60),
+        3600..86_400 => format!("{}h{}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms(t: SystemTime) -> u64 {
+    crate::admin::unix_ms(t)
+}
+
+/// A `SystemTime` for a CLOCK_MONOTONIC timestamp in ns (as the kernel's `bpf_ktime_get_ns`).
+pub fn mono_to_system(ns: u64) -> SystemTime {
+    let now_mono = crate::loader::monotonic_ns();
+    let now = SystemTime::now();
+    if ns <= now_mono {
+        now - Duration::from_nanos(now_mono - ns)
+    } else {
+        now + Duration::from_nanos(ns - now_mono)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_print_as_utc_dates() {
+        assert_eq!(fmt_time(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        let t = UNIX_EPOCH + Duration::from_secs(1_709_210_096); // leap year, after Feb 29
+        assert_eq!(fmt_time(t), "2024-02-29T12:34:56Z");
+        assert_eq!(fmt_age(Duration::from_secs(252)), "4m12s");
+    }
+}

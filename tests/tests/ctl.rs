@@ -709,8 +709,19 @@ fn metrics_are_prometheus_text_whose_values_move_with_real_traffic() {
     let k = |s: &prometheus_parse::Scrape, r| {
         sample(s, "redirect_kernel_decisions_total", Some(("reason", r)))
     };
-    let req = |s: &prometheus_parse::Scrape, o| {
-        sample(s, "redirect_router_requests_total", Some(("outcome", o)))
+    let req = |s: &prometheus_parse::Scrape, dest: &str| {
+        s.samples
+            .iter()
+            .filter(|x| {
+                x.metric == "redirect_router_requests_total"
+                    && x.labels.get("dest") == Some(dest)
+                    && x.labels.get("outcome") == Some("ok")
+            })
+            .map(|x| match x.value {
+                prometheus_parse::Value::Counter(v) => v,
+                _ => panic!("not a counter"),
+            })
+            .sum::<f64>()
     };
     let header = format!("baggage: routing-key={SANDBOX_KEY}");
     for _ in 0..3 {
@@ -729,6 +740,20 @@ fn metrics_are_prometheus_text_whose_values_move_with_real_traffic() {
     assert_eq!(k(&after, "origin_fork") - k(&before, "origin_fork"), 1.0);
     assert_eq!(req(&after, "fork") - req(&before, "fork"), 3.0);
     assert_eq!(req(&after, "baseline") - req(&before, "baseline"), 1.0);
+    let latency_count = |s: &prometheus_parse::Scrape| {
+        s.samples
+            .iter()
+            .find(|x| {
+                x.metric == "redirect_router_request_duration_seconds_count"
+                    && x.labels.get("dest") == Some("fork")
+            })
+            .map(|x| match x.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+                _ => panic!("not a count: {:?}", x.value),
+            })
+            .unwrap_or_else(|| panic!("no fork latency count"))
+    };
+    assert_eq!(latency_count(&after) - latency_count(&before), 3.0);
     assert_eq!(
         sample(
             &after,

@@ -7,7 +7,7 @@ use redirect_common::Reason;
 
 use crate::{
     loader::{KernelMaps, inspect},
-    router::{Outcome, RequestOutcome, RouterStats},
+    router::{Dest, LATENCY_BUCKETS, Outcome, RequestOutcome, RouterStats},
 };
 
 /// Upper bounds (seconds) of the sync duration histogram.
@@ -161,14 +161,62 @@ pub fn render(
             &mut out,
             "redirect_router_requests_total",
             "counter",
-            "HTTP requests (HTTP/2 streams) the router routed, by outcome; baseline and fork name the destination kind.",
+            "HTTP requests (HTTP/2 streams) the router routed, by destination kind and outcome.",
         );
-        for o in RequestOutcome::ALL {
+        for d in Dest::ALL {
+            for o in RequestOutcome::ALL {
+                let _ = writeln!(
+                    out,
+                    "redirect_router_requests_total{{dest=\"{}\",outcome=\"{}\"}} {}",
+                    d.label(),
+                    o.label(),
+                    stats.get_request(d, o)
+                );
+            }
+        }
+        header(
+            &mut out,
+            "redirect_router_key_errors_total",
+            "counter",
+            "Requests whose routing key header was malformed (routed to baseline).",
+        );
+        let _ = writeln!(
+            out,
+            "redirect_router_key_errors_total {}",
+            stats.key_errors()
+        );
+        header(
+            &mut out,
+            "redirect_router_request_duration_seconds",
+            "histogram",
+            "Time from a request's arrival at the router to its response headers, by destination kind.",
+        );
+        for d in Dest::ALL {
+            let l = stats.latency(d);
+            for (bound, n) in LATENCY_BUCKETS.iter().zip(&l.cumulative) {
+                let _ = writeln!(
+                    out,
+                    "redirect_router_request_duration_seconds_bucket{{dest=\"{}\",le=\"{bound}\"}} {n}",
+                    d.label()
+                );
+            }
             let _ = writeln!(
                 out,
-                "redirect_router_requests_total{{outcome=\"{}\"}} {}",
-                o.label(),
-                stats.get_request(o)
+                "redirect_router_request_duration_seconds_bucket{{dest=\"{}\",le=\"+Inf\"}} {}",
+                d.label(),
+                l.count
+            );
+            let _ = writeln!(
+                out,
+                "redirect_router_request_duration_seconds_sum{{dest=\"{}\"}} {}",
+                d.label(),
+                l.sum_seconds
+            );
+            let _ = writeln!(
+                out,
+                "redirect_router_request_duration_seconds_count{{dest=\"{}\"}} {}",
+                d.label(),
+                l.count
             );
         }
     }

@@ -14,6 +14,7 @@ pub mod api;
 pub mod metrics;
 
 use std::{
+    collections::BTreeMap,
     convert::Infallible,
     net::SocketAddr,
     path::PathBuf,
@@ -35,7 +36,7 @@ use tokio::net::TcpListener;
 pub use metrics::SyncMetrics;
 
 use crate::{
-    router::{Outcome, RequestOutcome, Shared},
+    router::{Dest, Outcome, RequestOutcome, RouterStats, Shared},
     routing::Tables,
 };
 
@@ -150,14 +151,7 @@ impl AdminState {
                         .collect()
                 })
                 .unwrap_or_default(),
-            router_requests: stats
-                .map(|s| {
-                    RequestOutcome::ALL
-                        .iter()
-                        .map(|o| (o.label().to_string(), s.get_request(*o)))
-                        .collect()
-                })
-                .unwrap_or_default(),
+            router_requests: stats.map(request_counts).unwrap_or_default(),
         }
     }
 
@@ -308,4 +302,18 @@ async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Body> {
             "not found; try /healthz /readyz /metrics /tables /status /loglevel\n",
         ),
     }
+}
+
+/// Router request counters for `/status`: per destination (`baseline`, `fork`), per destination
+/// and outcome (`fork/upstream_error`), and `key_errors`.
+fn request_counts(s: &RouterStats) -> BTreeMap<String, u64> {
+    let mut m = BTreeMap::new();
+    for d in Dest::ALL {
+        m.insert(d.label().to_string(), s.requests_to(d));
+        for o in RequestOutcome::ALL {
+            m.insert(format!("{}/{}", d.label(), o.label()), s.get_request(d, o));
+        }
+    }
+    m.insert("key_errors".to_string(), s.key_errors());
+    m
 }

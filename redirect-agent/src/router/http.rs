@@ -1,7 +1,11 @@
 //! Per-request routing for HTTP/1.1 and HTTP/2 (h2c, gRPC): every request (every stream on
 //! HTTP/2) is routed on its own, by the routing key it carries.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
@@ -10,7 +14,12 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use redirect_common::OrigDst;
 
-use super::{Shared, addr::from_sockaddr, key::extract_key, stats::RequestOutcome};
+use super::{
+    Shared,
+    addr::from_sockaddr,
+    key::extract_key,
+    stats::{Dest, RequestOutcome},
+};
 use crate::routing::{RequestRoute, for_request};
 
 pub type RouterBody = Either<Incoming, Full<Bytes>>;
@@ -32,12 +41,13 @@ pub async fn handle(
     orig: OrigDst,
     proto: Proto,
 ) -> Result<Response<RouterBody>, std::convert::Infallible> {
+    let started = Instant::now();
     let key = match extract_key(&shared.settings.keys, req.headers()) {
         Ok(k) => k,
         Err(error) => {
             // A malformed key header must not break the request: it goes to baseline.
             tracing::debug!(%error, "routing key ignored");
-            shared.stats.count_request(RequestOutcome::BadKey);
+            shared.stats.count_key_error();
             None
         }
     };
@@ -45,7 +55,9 @@ pub async fn handle(
     let route = for_request(&view, &orig, key.as_deref(), rand_u32());
     let (upstream, label) = match &route {
         RequestRoute::Unavailable { key_id } => {
-            shared.stats.count_request(RequestOutcome::Unavailable);
+            shared
+                .stats
+                .count_request(Dest::Fork, RequestOutcome::Unavailable);
             let owners = view
                 .tables
                 .keys
@@ -79,7 +91,11 @@ pub async fn handle(
         }
     };
     drop(view);
-    let is_fork = matches!(route, RequestRoute::Fork { .. });
+    let dest = if matches!(route, RequestRoute::Fork { .. }) {
+        Dest::Fork
+    } else {
+        Dest::Baseline
+    };
 
     let upgrade = proto == Proto::Http1 && is_upgrade(&req);
     let result = if upgrade {
@@ -87,29 +103,24 @@ pub async fn handle(
     } else {
         forward(req, &shared, upstream, proto).await
     };
+    let outcome = match &result {
+        Ok(_) if upgrade => RequestOutcome::Upgraded,
+        Ok(_) => RequestOutcome::Ok,
+        Err(Failure::Timeout(_)) => RequestOutcome::UpstreamTimeout,
+        Err(Failure::Upstream(_)) => RequestOutcome::UpstreamError,
+    };
+    shared.stats.count_request(dest, outcome);
+    shared.stats.observe(dest, started.elapsed());
     let mut resp = match result {
-        Ok(resp) => {
-            shared.stats.count_request(match (upgrade, is_fork) {
-                (true, _) => RequestOutcome::Upgraded,
-                (false, true) => RequestOutcome::Fork,
-                (false, false) => RequestOutcome::Baseline,
-            });
-            resp.map(Either::Left)
-        }
-        Err(Failure::Timeout(after)) => {
-            shared.stats.count_request(RequestOutcome::UpstreamTimeout);
-            error_response(
-                StatusCode::GATEWAY_TIMEOUT,
-                &format!("upstream {upstream} sent no response within {after:?}"),
-            )
-        }
-        Err(Failure::Upstream(reason)) => {
-            shared.stats.count_request(RequestOutcome::UpstreamError);
-            error_response(
-                StatusCode::BAD_GATEWAY,
-                &format!("upstream {upstream}: {reason}"),
-            )
-        }
+        Ok(resp) => resp.map(Either::Left),
+        Err(Failure::Timeout(after)) => error_response(
+            StatusCode::GATEWAY_TIMEOUT,
+            &format!("upstream {upstream} sent no response within {after:?}"),
+        ),
+        Err(Failure::Upstream(reason)) => error_response(
+            StatusCode::BAD_GATEWAY,
+            &format!("upstream {upstream}: {reason}"),
+        ),
     };
     if shared.settings.debug_header
         && let Ok(v) = HeaderValue::from_str(&label)

@@ -26,7 +26,7 @@ use tokio::{net::TcpListener, sync::Semaphore};
 
 pub use addr::{from_sockaddr, to_sockaddr};
 pub use http::DEBUG_HEADER;
-pub use stats::{Outcome, RequestOutcome, RouterStats};
+pub use stats::{Dest, LATENCY_BUCKETS, LatencySnapshot, Outcome, RequestOutcome, RouterStats};
 
 use crate::{loader::RouterSocks, routing::RouteView};
 

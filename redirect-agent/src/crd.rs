@@ -19,7 +19,7 @@ pub const VERSION: &str = "v1alpha1";
 pub const API_VERSION: &str = "redirect.dev/v1alpha1";
 
 /// Longest routing key accepted.
-pub const MAX_ROUTING_KEY_LEN: usize = 128;
+pub use redirect_l7::MAX_ROUTING_KEY_LEN;
 /// The routing key syntax, for the CRD schema: W3C baggage-value safe characters only.
 pub const ROUTING_KEY_PATTERN: &str = r"^[A-Za-z0-9._~-]{1,128}$";
 /// The TTL syntax (Go `time.ParseDuration`, positive), for the CRD schema.
@@ -158,23 +158,12 @@ impl SpecError {
     }
 }
 
-/// Checks a routing key: 1..=128 characters of `[A-Za-z0-9._~-]`.
+/// Checks a routing key: 1..=128 characters of `[A-Za-z0-9._~-]` (the rule lives in
+/// `redirect_l7`, shared with the router's key extraction).
 pub fn validate_routing_key(key: &str) -> Result<(), SpecError> {
-    let reason = if key.is_empty() {
-        "it is empty"
-    } else if key.len() > MAX_ROUTING_KEY_LEN {
-        "it is longer than 128 characters"
-    } else if !key
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'~' | b'-'))
-    {
-        "only A-Z a-z 0-9 . _ ~ - are allowed"
-    } else {
-        return Ok(());
-    };
-    Err(SpecError::InvalidRoutingKey {
-        key: key.to_string(),
-        reason,
+    redirect_l7::validate_routing_key(key).map_err(|e| SpecError::InvalidRoutingKey {
+        key: e.key,
+        reason: e.reason,
     })
 }
 

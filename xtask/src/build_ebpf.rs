@@ -37,7 +37,7 @@ pub fn run(o: &Options) -> Result<()> {
 }
 
 /// The nightly pinned in redirect-ebpf/rust-toolchain.toml (the one place it is written).
-fn pinned_nightly() -> Result<String> {
+pub(crate) fn pinned_nightly() -> Result<String> {
     let path = workspace_root().join("redirect-ebpf/rust-toolchain.toml");
     let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     text.lines()

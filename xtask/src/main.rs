@@ -3,6 +3,7 @@
 mod bench;
 mod build_ebpf;
 mod cmd;
+mod fuzz;
 mod run;
 
 use anyhow::Result;
@@ -28,6 +29,8 @@ enum Command {
     Demo,
     /// Benchmarks, side by side in one run; figures also go to target/bench/<name>.json.
     Bench(bench::Options),
+    /// Run every fuzz target in fuzz/ for a while (cargo-fuzz, pinned nightly).
+    Fuzz(fuzz::Options),
 }
 
 fn main() -> std::process::ExitCode {
@@ -36,6 +39,7 @@ fn main() -> std::process::ExitCode {
         Command::Test(o) => run::test(&o),
         Command::Demo => run::demo(),
         Command::Bench(o) => bench::run(&o),
+        Command::Fuzz(o) => fuzz::run(&o),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

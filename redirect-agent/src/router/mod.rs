@@ -5,10 +5,9 @@
 //! sockmap, so the kernel only redirects while a router is accepting.
 
 mod addr;
+pub use redirect_l7::{detect, key};
 mod conn;
-pub mod detect;
 mod http;
-pub mod key;
 mod listener;
 mod pool;
 mod prefixed;

@@ -17,7 +17,7 @@
 //! first match is the key.
 //!
 //! The key found must itself be a valid routing key (1 to 128 characters of `A-Z a-z 0-9 . _ ~ -`,
-//! [`crate::crd::validate_routing_key`]). Anything wrong is a [`KeyError`]: an invalid key, a
+//! [`crate::validate_routing_key`]). Anything wrong is a [`KeyError`]: an invalid key, a
 //! plain header repeated with different values, a baggage or tracestate header that does not
 //! parse, or one over its W3C limits ([`MAX_BAGGAGE_MEMBERS`] list-members or
 //! [`MAX_BAGGAGE_BYTES`] bytes for baggage, [`MAX_TRACESTATE_MEMBERS`] for tracestate). Parsing
@@ -53,7 +53,7 @@
 use http::HeaderMap;
 use percent_encoding::percent_decode;
 
-use crate::crd::{SpecError, validate_routing_key};
+use crate::{InvalidRoutingKey, validate_routing_key};
 
 /// Most baggage list-members accepted (W3C Baggage limit).
 pub const MAX_BAGGAGE_MEMBERS: usize = 180;
@@ -98,7 +98,10 @@ pub enum KeyError {
     #[error("tracestate header: {0}")]
     TraceState(#[from] TraceStateError),
     #[error("routing key from {from}: {source}")]
-    InvalidKey { from: String, source: SpecError },
+    InvalidKey {
+        from: String,
+        source: InvalidRoutingKey,
+    },
 }
 
 impl KeyError {

@@ -1,0 +1,748 @@
+//! The connect()+close() benchmark behind `cargo xtask bench connect` (see
+//! `docs/benchmarks.md`): what the cgroup programs cost a connecting client.
+//!
+//! `bench_connect [--rounds N] [--seconds S] [--warmup S] [--json PATH]`
+//!
+//! Builds a mini-cluster with the agent running and one sandbox, then measures four scenarios,
+//! interleaved within each round (the order rotates from round to round), and prints the
+//! median, min and max connections per second of each plus the ratios of the medians:
+//!
+//! | scenario      | client                                   | connects to                    |
+//! |---------------|------------------------------------------|--------------------------------|
+//! | `none`        | `client` pod's netns, cgroup OUTSIDE root | fork pod ip, 2nd listener      |
+//! | `miss`        | `client` pod (a baseline pod)            | fork endpoint `ip:9000`        |
+//! | `origin`      | `caller-fork` pod (a fork pod)           | `target` ClusterIP `:80`       |
+//! | `direct_fork` | `caller-fork` pod (a fork pod)           | fork endpoint `ip:9000`        |
+//!
+//! `origin` is rewritten by `connect4` to the fork endpoint (reason `origin_fork`); `miss` and
+//! `direct_fork` take the one-lookup miss path (`not_forked`); `none` runs no program at all:
+//! its client stays in this process's cgroup (outside the attached root) and enters the pod's
+//! netns itself (`client --netns`), and its server is a second listener on the fork pod's
+//! address that also runs outside the root, so not even `sock_ops` runs on the accepting side.
+//! The other three share the listener inside the fork pod's cgroup. Every scenario crosses the
+//! same path: pod veth → node (forwarding, conntrack) → pod veth. Before measuring, a warm-up
+//! sample of each scenario checks the kernel counters: `none` must count nothing, `miss` and
+//! `direct_fork` one `not_forked` per connection, `origin` one `origin_fork`.
+//!
+//! Besides wall-clock connections per second, each sample reports connections per CPU-second
+//! of the client process (`CLOCK_PROCESS_CPUTIME_ID`, which includes the handshake's softirq
+//! work done in the client's context): less sensitive to other load on a shared machine.
+//! After the rounds, one more sample of `miss`, `origin` and `direct_fork` runs with the
+//! kernel's BPF run-time statistics enabled and reports the programs' own time per connection
+//! (read through `bpftool`; skipped with a note without it).
+//!
+//! Hidden modes, used by the benchmark itself:
+//! - `client --addr IP:PORT --seconds S [--count N] [--netns PATH]`: blocking connect() then
+//!   close() in a loop for S seconds (at most N connections) and prints
+//!   `connects=<n> ns=<elapsed> cpu_ns=<client CPU time>`. Every socket gets
+//!   `SO_LINGER {on, 0}`, so close() sends a RST and leaves no TIME_WAIT behind: the ephemeral
+//!   ports never run out, however long it runs. `--netns` enters that network namespace before
+//!   the first socket, without changing cgroup. A failed connect() ends it with an error: a
+//!   refused or reset connection would be fast and count as a success otherwise.
+//! - `server --listen IP:PORT [--netns PATH]`: accept() and close() forever; prints
+//!   `listening` once bound.
+
+use std::{
+    fs::{self, File},
+    io::Write,
+    net::{IpAddr, SocketAddr},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use nix::{
+    sched::{CloneFlags, setns},
+    sys::{
+        signal::{SigHandler, Signal, signal},
+        socket::{
+            AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, accept4, bind, connect,
+            listen, setsockopt, socket, sockopt,
+        },
+    },
+};
+use redirect_tests::{MiniCluster, Pod, Proc, SetupError, agent::Agent};
+
+/// The fork endpoint's port (the services' target port), served inside the fork pod's cgroup.
+const POD_PORT: u16 = 9000;
+/// The fork pod's second listener, outside the cgroup root (for `none`).
+const FREE_PORT: u16 = 9001;
+const TARGET_VIP4: &str = "10.200.2.20";
+const TARGET_VIP6: &str = "fd00:200::2:20";
+const CALLER_VIP4: &str = "10.200.2.21";
+const CALLER_VIP6: &str = "fd00:200::2:21";
+const SERVICE_PORT: u16 = 80;
+const KEY: &str = "bench";
+/// Longest sample a client accepts, and most connections per sample.
+const MAX_SECONDS: f64 = 60.0;
+const MAX_COUNT: u64 = 100_000_000;
+/// How long a client may take beyond its measuring time (start-up, exit).
+const CLIENT_SLACK: Duration = Duration::from_secs(15);
+const SERVER_READY: Duration = Duration::from_secs(10);
+
+const USAGE: &str = "usage: bench_connect [--rounds N] [--seconds S] [--warmup S] [--json PATH]";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("client") => client(&args[1..]),
+        Some("server") => server(&args[1..]),
+        _ => bench(&args),
+    };
+    if let Err(e) = result {
+        eprintln!("bench_connect: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hidden modes: client and server.
+
+/// Parses `--flag value` pairs, every flag in `known`.
+fn flags<'a>(args: &'a [String], known: &[&str]) -> Result<Vec<(&'a str, &'a str)>> {
+    ensure!(
+        args.len().is_multiple_of(2),
+        "flags come in pairs: {args:?}"
+    );
+    args.chunks(2)
+        .map(|pair| {
+            let (k, v) = (pair[0].as_str(), pair[1].as_str());
+            ensure!(known.contains(&k), "unknown flag {k:?} (known: {known:?})");
+            Ok((k, v))
+        })
+        .collect()
+}
+
+fn enter_netns(path: &str) -> Result<()> {
+    let file = File::open(path).with_context(|| format!("opening netns {path}"))?;
+    setns(&file, CloneFlags::CLONE_NEWNET).with_context(|| format!("setns {path}"))
+}
+
+fn family(addr: &SocketAddr) -> AddressFamily {
+    match addr {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    }
+}
+
+/// CPU time of this process so far (scheduler runtime of all its threads).
+fn process_cpu_ns() -> Result<u64> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into `ts`, which outlives the call.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    ensure!(r == 0, "clock_gettime: {}", std::io::Error::last_os_error());
+    Ok(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
+fn client(args: &[String]) -> Result<()> {
+    let mut addr = None;
+    let mut seconds = None;
+    let mut count = MAX_COUNT;
+    for (k, v) in flags(args, &["--addr", "--seconds", "--count", "--netns"])? {
+        match k {
+            "--addr" => addr = Some(v.parse::<SocketAddr>().context("--addr")?),
+            "--seconds" => seconds = Some(v.parse::<f64>().context("--seconds")?),
+            "--count" => count = v.parse().context("--count")?,
+            _ => enter_netns(v)?,
+        }
+    }
+    let (Some(addr), Some(seconds)) = (addr, seconds) else {
+        bail!("usage: bench_connect client --addr IP:PORT --seconds S [--count N] [--netns PATH]")
+    };
+    ensure!(
+        seconds > 0.0 && seconds <= MAX_SECONDS,
+        "--seconds must be in (0, {MAX_SECONDS}]"
+    );
+    ensure!(
+        (1..=MAX_COUNT).contains(&count),
+        "--count must be in 1..={MAX_COUNT}"
+    );
+    let duration = Duration::from_secs_f64(seconds);
+    let target = SockaddrStorage::from(addr);
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    let cpu_start = process_cpu_ns()?;
+    let start = Instant::now();
+    let mut n = 0u64;
+    let elapsed = loop {
+        let sock = socket(
+            family(&addr),
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .context("socket")?;
+        setsockopt(&sock, sockopt::Linger, &linger).context("SO_LINGER")?;
+        connect(sock.as_raw_fd(), &target)
+            .with_context(|| format!("connect {addr} (after {n} connections)"))?;
+        drop(sock);
+        n += 1;
+        let elapsed = start.elapsed();
+        if n >= count || elapsed >= duration {
+            break elapsed;
+        }
+    };
+    let cpu = process_cpu_ns()? - cpu_start;
+    println!("connects={n} ns={} cpu_ns={cpu}", elapsed.as_nanos());
+    Ok(())
+}
+
+fn server(args: &[String]) -> Result<()> {
+    let mut addr = None;
+    for (k, v) in flags(args, &["--listen", "--netns"])? {
+        match k {
+            "--listen" => addr = Some(v.parse::<SocketAddr>().context("--listen")?),
+            _ => enter_netns(v)?,
+        }
+    }
+    let Some(addr) = addr else {
+        bail!("usage: bench_connect server --listen IP:PORT [--netns PATH]")
+    };
+    let sock = socket(
+        family(&addr),
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .context("socket")?;
+    setsockopt(&sock, sockopt::ReuseAddr, &true).context("SO_REUSEADDR")?;
+    bind(sock.as_raw_fd(), &SockaddrStorage::from(addr)).with_context(|| format!("bind {addr}"))?;
+    listen(&sock, Backlog::MAXCONN).context("listen")?;
+    println!("listening");
+    std::io::stdout().flush()?;
+    loop {
+        // Errors (a connection reset before accept, EMFILE for a moment) are not fatal.
+        if let Ok(fd) = accept4(sock.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
+            // SAFETY: `fd` was just returned by accept4 and is owned by nobody else.
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The benchmark.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scenario {
+    None,
+    Miss,
+    Origin,
+    DirectFork,
+}
+
+impl Scenario {
+    const ALL: [Scenario; 4] = [
+        Scenario::None,
+        Scenario::Miss,
+        Scenario::Origin,
+        Scenario::DirectFork,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::None => "none",
+            Scenario::Miss => "miss",
+            Scenario::Origin => "origin",
+            Scenario::DirectFork => "direct_fork",
+        }
+    }
+}
+
+/// The ratios reported, `a / b`, with their goal (reported, never asserted).
+const RATIOS: [(Scenario, Scenario, Option<f64>); 3] = [
+    (Scenario::Miss, Scenario::None, Some(0.98)),
+    (Scenario::Origin, Scenario::DirectFork, Some(0.98)),
+    (Scenario::Origin, Scenario::None, None),
+];
+
+struct Options {
+    rounds: usize,
+    seconds: f64,
+    warmup: f64,
+    json: Option<PathBuf>,
+}
+
+fn options(args: &[String]) -> Result<Options> {
+    let mut o = Options {
+        rounds: 5,
+        seconds: 2.0,
+        warmup: 0.5,
+        json: None,
+    };
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        println!("{USAGE}");
+        std::process::exit(0);
+    }
+    for (k, v) in flags(args, &["--rounds", "--seconds", "--warmup", "--json"]).context(USAGE)? {
+        match k {
+            "--rounds" => o.rounds = v.parse().context("--rounds")?,
+            "--seconds" => o.seconds = v.parse().context("--seconds")?,
+            "--warmup" => o.warmup = v.parse().context("--warmup")?,
+            _ => o.json = Some(PathBuf::from(v)),
+        }
+    }
+    ensure!((1..=100).contains(&o.rounds), "--rounds must be in 1..=100");
+    for (name, v) in [("--seconds", o.seconds), ("--warmup", o.warmup)] {
+        ensure!(
+            (0.1..=MAX_SECONDS).contains(&v),
+            "{name} must be in [0.1, {MAX_SECONDS}]"
+        );
+    }
+    Ok(o)
+}
+
+/// Set by SIGINT/SIGTERM: the benchmark stops after the current sample and cleans up.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    let o = options(args)?;
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { signal(sig, SigHandler::Handler(on_signal)) }.context("signal handler")?;
+    }
+    let mc = match MiniCluster::new() {
+        Ok(mc) => mc,
+        Err(SetupError::Skip(why)) => {
+            println!("bench connect skipped: {why}");
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    // The scene (agent, servers, pods) lives and is dropped inside `measure`, before `mc`.
+    let samples = measure(&mc, &o)?;
+    drop(mc);
+    report(&samples, &o)
+}
+
+/// One client run.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    connects: u64,
+    /// Connections per second of wall-clock time.
+    rate: f64,
+    /// Connections per second of the client's CPU time.
+    cpu_rate: f64,
+}
+
+/// The samples of each scenario, indexed like `Scenario::ALL`.
+type Samples = [Vec<Sample>; 4];
+
+struct Scene<'c> {
+    mc: &'c MiniCluster,
+    exe: String,
+    client: Pod<'c>,
+    caller_fork: Pod<'c>,
+    target_fork: Pod<'c>,
+}
+
+fn sandbox_yaml() -> String {
+    format!(
+        "apiVersion: redirect.dev/v1alpha1
+kind: Sandbox
+metadata:
+  name: {KEY}
+  namespace: default
+  resourceVersion: \"1\"
+spec:
+  routingKey: {KEY}
+  forks:
+  - service: caller
+    selector:
+      app: caller
+      redirect.dev/sandbox: {KEY}
+  - service: target
+    selector:
+      app: target
+      redirect.dev/sandbox: {KEY}
+"
+    )
+}
+
+fn measure(mc: &MiniCluster, o: &Options) -> Result<Samples> {
+    let exe = std::env::current_exe().context("own path")?;
+    let exe = exe.to_str().context("non-UTF-8 own path")?.to_string();
+    let fork = |app: &'static str| [("app", app), ("redirect.dev/sandbox", KEY)];
+    let client = mc.pod_with_labels("client", &[("app", "client")])?;
+    let caller_fork = mc.pod_with_labels("caller-fork", &fork("caller"))?;
+    let target_base = mc.pod_with_labels("target-base", &[("app", "target")])?;
+    let target_fork = mc.pod_with_labels("target-fork", &fork("target"))?;
+    // Nothing listens on target-base: a connection that reached baseline instead of the fork
+    // is reset, which fails the client.
+    let fork_ip = IpAddr::V4(target_fork.ip4());
+    let listen = SocketAddr::new(fork_ip, POD_PORT).to_string();
+    let free = SocketAddr::new(fork_ip, FREE_PORT).to_string();
+    let netns = target_fork.netns_path().to_str().context("netns path")?;
+    let mut servers: Vec<Proc> = vec![
+        target_fork.spawn(&[&exe, "server", "--listen", &listen])?,
+        // In the node netns without a cgroup, so it stays in this process's cgroup; it enters
+        // the fork pod's netns itself.
+        mc.node()
+            .spawn(&[&exe, "server", "--listen", &free, "--netns", netns])?,
+    ];
+    for s in &mut servers {
+        s.wait_for_log("listening", SERVER_READY)?;
+    }
+    let ports = [(SERVICE_PORT, POD_PORT)];
+    mc.service("target", TARGET_VIP4, TARGET_VIP6, &ports, &[&target_base])?;
+    mc.service("caller", CALLER_VIP4, CALLER_VIP6, &ports, &[])?;
+    let manifests = mc.workdir().join("manifests");
+    mc.write_manifests(&manifests)?;
+    fs::write(manifests.join("sandbox-bench.yaml"), sandbox_yaml())?;
+    let agent = Agent::start(mc, &manifests)?;
+    println!(
+        "mini-cluster {} ready; agent attached at {}, pinned at {}",
+        mc.id(),
+        mc.cgroup_root().display(),
+        agent.pin_dir.display()
+    );
+    let scene = Scene {
+        mc,
+        exe,
+        client,
+        caller_fork,
+        target_fork,
+    };
+
+    // Warm-up, which also checks that each scenario takes the path it is named after.
+    for sc in Scenario::ALL {
+        let before = agent.counters()?;
+        let s = scene.sample(sc, o.warmup)?;
+        let after = agent.counters()?;
+        let delta = |label: &str| after[label] - before[label];
+        let total = after.values().sum::<u64>() - before.values().sum::<u64>();
+        let n = s.connects;
+        let ok = match sc {
+            Scenario::None => total == 0,
+            Scenario::Miss | Scenario::DirectFork => {
+                delta("not_forked") >= n && delta("origin_fork") == 0
+            }
+            Scenario::Origin => delta("origin_fork") >= n,
+        };
+        ensure!(
+            ok,
+            "{}: {n} connections, but the kernel counted not_forked +{} origin_fork +{} \
+             (all reasons +{total}): the scenario does not take its path",
+            sc.name(),
+            delta("not_forked"),
+            delta("origin_fork"),
+        );
+        println!(
+            "warm-up {:<12} {:>7.0} conn/s   kernel: not_forked +{} origin_fork +{} (as expected)",
+            sc.name(),
+            s.rate,
+            delta("not_forked"),
+            delta("origin_fork"),
+        );
+    }
+
+    let mut samples: Samples = Default::default();
+    for round in 0..o.rounds {
+        let mut line = format!("round {}/{}:", round + 1, o.rounds);
+        for i in 0..Scenario::ALL.len() {
+            if STOP.load(Ordering::Relaxed) {
+                bail!("interrupted");
+            }
+            let sc = Scenario::ALL[(i + round) % Scenario::ALL.len()];
+            let s = scene.sample(sc, o.seconds)?;
+            samples[sc as usize].push(s);
+            line.push_str(&format!("  {} {:.0}", sc.name(), s.rate));
+        }
+        println!("{line}");
+    }
+    if let Err(e) = program_time(&scene, o.warmup.max(1.0)) {
+        println!("program run time not measured: {e:#}");
+    }
+    Ok(samples)
+}
+
+/// BPF_ENABLE_STATS (bpf(2) command 32) with type BPF_STATS_RUN_TIME (0): the kernel times
+/// every program run while the returned descriptor stays open.
+fn enable_bpf_stats() -> Result<OwnedFd> {
+    let attr = [0u64; 8];
+    // SAFETY: bpf(2) reads `size_of_val(&attr)` bytes of the zeroed attribute buffer.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            32,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    ensure!(
+        fd >= 0,
+        "BPF_ENABLE_STATS: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The value of `"key":` in one flat JSON object as bpftool prints it.
+fn json_field<'a>(obj: &'a str, key: &str) -> Option<&'a str> {
+    let pat = format!("\"{key}\":");
+    let rest = &obj[obj.find(&pat)? + pat.len()..];
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
+    Some(rest[..end].trim().trim_matches('"'))
+}
+
+fn bpftool(args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new("bpftool")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("running bpftool (not installed?)")?;
+    ensure!(
+        out.status.success(),
+        "bpftool {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// (attach type, program id) of the programs attached at the cluster's cgroup root.
+fn attached(root: &Path) -> Result<Vec<(String, String)>> {
+    let root = root.to_str().context("cgroup path")?;
+    let text = bpftool(&["-j", "cgroup", "show", root])?;
+    let progs: Vec<(String, String)> = text
+        .split('{')
+        .filter_map(|obj| {
+            Some((
+                json_field(obj, "attach_type")?.to_string(),
+                json_field(obj, "id")?.to_string(),
+            ))
+        })
+        .collect();
+    ensure!(!progs.is_empty(), "no programs attached at {root}");
+    Ok(progs)
+}
+
+/// Total (run time ns, runs) per attach type.
+fn run_stats(progs: &[(String, String)]) -> Result<Vec<(String, u64, u64)>> {
+    progs
+        .iter()
+        .map(|(kind, id)| {
+            let text = bpftool(&["-j", "prog", "show", "id", id])?;
+            let num = |k: &str| {
+                json_field(&text, k)
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0)
+            };
+            Ok((kind.clone(), num("run_time_ns"), num("run_cnt")))
+        })
+        .collect()
+}
+
+/// The programs' own run time per connection, measured by the kernel (BPF run-time stats,
+/// enabled only for these extra samples because timing every run costs a little), against the
+/// client's CPU time per connection.
+fn program_time(scene: &Scene<'_>, seconds: f64) -> Result<()> {
+    let progs = attached(scene.mc.cgroup_root())?;
+    let _stats = enable_bpf_stats()?;
+    println!();
+    println!("program run time per connection (kernel BPF stats, {seconds} s per scenario):");
+    println!(
+        "{:<12} {:>13} {:>19} {:>12} {:>15} {:>7}",
+        "scenario", "connect4 ns", "sock_ops runs x ns", "programs ns", "client CPU ns", "share"
+    );
+    for sc in [Scenario::Miss, Scenario::Origin, Scenario::DirectFork] {
+        let before = run_stats(&progs)?;
+        let s = scene.sample(sc, seconds)?;
+        let after = run_stats(&progs)?;
+        let n = s.connects as f64;
+        let delta = |kind: &str| -> (f64, f64) {
+            let sum = |v: &[(String, u64, u64)]| -> (u64, u64) {
+                v.iter()
+                    .filter(|(k, _, _)| k == kind)
+                    .fold((0, 0), |(t, c), (_, dt, dc)| (t + dt, c + dc))
+            };
+            let ((t1, c1), (t0, c0)) = (sum(&after), sum(&before));
+            ((t1 - t0) as f64, (c1 - c0) as f64)
+        };
+        let (connect_ns, connect_runs) = delta("cgroup_inet4_connect");
+        let (ops_ns, ops_runs) = delta("cgroup_sock_ops");
+        let total = (connect_ns + ops_ns) / n;
+        let cpu = 1e9 / s.cpu_rate;
+        println!(
+            "{:<12} {:>13.1} {:>10.1} x {:<6.1} {:>12.0} {:>15.0} {:>6.2}%",
+            sc.name(),
+            connect_ns / connect_runs.max(1.0),
+            ops_runs / n,
+            ops_ns / ops_runs.max(1.0),
+            total,
+            cpu,
+            total / cpu * 100.0,
+        );
+    }
+    Ok(())
+}
+
+impl Scene<'_> {
+    /// One client run of `seconds`.
+    fn sample(&self, sc: Scenario, seconds: f64) -> Result<Sample> {
+        let fork_ip = IpAddr::V4(self.target_fork.ip4());
+        let addr = match sc {
+            Scenario::None => SocketAddr::new(fork_ip, FREE_PORT).to_string(),
+            Scenario::Miss | Scenario::DirectFork => SocketAddr::new(fork_ip, POD_PORT).to_string(),
+            Scenario::Origin => format!("{TARGET_VIP4}:{SERVICE_PORT}"),
+        };
+        let secs = seconds.to_string();
+        let mut argv = vec![
+            self.exe.as_str(),
+            "client",
+            "--addr",
+            &addr,
+            "--seconds",
+            &secs,
+        ];
+        let timeout = Duration::from_secs_f64(seconds) + CLIENT_SLACK;
+        let out = match sc {
+            Scenario::None => {
+                // Started in the node netns without a cgroup, so it stays in this process's
+                // cgroup (outside the attached root); it enters the pod's netns itself.
+                let netns = self.client.netns_path().to_str().context("netns path")?;
+                argv.extend(["--netns", netns]);
+                self.mc.node().run(&argv, timeout)?
+            }
+            Scenario::Miss => self.client.run(&argv, timeout)?,
+            Scenario::Origin | Scenario::DirectFork => self.caller_fork.run(&argv, timeout)?,
+        };
+        let text = out
+            .check()
+            .with_context(|| format!("{} client", sc.name()))?;
+        parse_client(&text).with_context(|| format!("{} client printed {text:?}", sc.name()))
+    }
+}
+
+fn parse_client(text: &str) -> Result<Sample> {
+    let field = |name: &str| -> Result<u64> {
+        let prefix = format!("{name}=");
+        text.split_whitespace()
+            .find_map(|w| w.strip_prefix(prefix.as_str()))
+            .with_context(|| format!("no {name}="))?
+            .parse()
+            .with_context(|| format!("bad {name}="))
+    };
+    let (n, ns, cpu_ns) = (field("connects")?, field("ns")?, field("cpu_ns")?);
+    ensure!(n > 0 && ns > 0 && cpu_ns > 0, "empty sample");
+    Ok(Sample {
+        connects: n,
+        rate: n as f64 * 1e9 / ns as f64,
+        cpu_rate: n as f64 * 1e9 / cpu_ns as f64,
+    })
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let m = s.len() / 2;
+    if !s.len().is_multiple_of(2) {
+        s[m]
+    } else {
+        (s[m - 1] + s[m]) / 2.0
+    }
+}
+
+fn min(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
+fn max(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+}
+
+fn report(samples: &Samples, o: &Options) -> Result<()> {
+    let rates =
+        |sc: Scenario| -> Vec<f64> { samples[sc as usize].iter().map(|s| s.rate).collect() };
+    let cpu_rates =
+        |sc: Scenario| -> Vec<f64> { samples[sc as usize].iter().map(|s| s.cpu_rate).collect() };
+    let med = |sc: Scenario| median(&rates(sc));
+    let cpu_med = |sc: Scenario| median(&cpu_rates(sc));
+    println!();
+    println!(
+        "connect()+close() per second, {} rounds x {} s per scenario, interleaved",
+        o.rounds, o.seconds
+    );
+    println!(
+        "{:<12} {:>8} {:>8} {:>8} {:>7} {:>7}   {:>13} {:>7}",
+        "scenario", "median", "min", "max", "spread", "x none", "per client-CPU", "x none"
+    );
+    for sc in Scenario::ALL {
+        let v = rates(sc);
+        let m = median(&v);
+        println!(
+            "{:<12} {m:>8.0} {:>8.0} {:>8.0} {:>6.1}% {:>7.3}   {:>13.0}  {:>7.3}",
+            sc.name(),
+            min(&v),
+            max(&v),
+            (max(&v) - min(&v)) / m * 100.0,
+            m / med(Scenario::None),
+            cpu_med(sc),
+            cpu_med(sc) / cpu_med(Scenario::None),
+        );
+    }
+    println!();
+    println!(
+        "{:<24} {:>7} {:>17} {:>13}   {:>14}",
+        "ratio of medians", "value", "per-round range", "goal", "per client-CPU"
+    );
+    let mut json = Vec::new();
+    for sc in Scenario::ALL {
+        json.push((format!("connect_{}", sc.name()), med(sc), "conn/s"));
+    }
+    for (a, b, goal) in RATIOS {
+        let name = format!("{}_over_{}", a.name(), b.name());
+        let value = med(a) / med(b);
+        // The ratio within each round (samples seconds apart): how much of a difference is
+        // noise.
+        let paired: Vec<f64> = rates(a).iter().zip(rates(b)).map(|(x, y)| x / y).collect();
+        let goal = match goal {
+            Some(g) if value >= g => format!(">= {g:.2} met"),
+            Some(g) => format!(">= {g:.2} missed"),
+            None => "-".to_string(),
+        };
+        println!(
+            "{name:<24} {value:>7.3} {:>7.3} - {:<7.3} {goal:>13}   {:>14.3}",
+            min(&paired),
+            max(&paired),
+            cpu_med(a) / cpu_med(b),
+        );
+        json.push((name, value, "ratio"));
+    }
+    if let Some(path) = &o.json {
+        write_json(path, &json)?;
+        println!("\nwrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// `[{"name": …, "value": …, "unit": …}, …]`; names and units are plain ASCII identifiers.
+fn write_json(path: &Path, entries: &[(String, f64, &str)]) -> Result<()> {
+    let body: Vec<String> = entries
+        .iter()
+        .map(|(name, value, unit)| {
+            let value = if *unit == "ratio" {
+                format!("{value:.4}")
+            } else {
+                format!("{value:.1}")
+            };
+            format!("  {{\"name\": \"{name}\", \"value\": {value}, \"unit\": \"{unit}\"}}")
+        })
+        .collect();
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    fs::write(path, format!("[\n{}\n]\n", body.join(",\n")))
+        .with_context(|| format!("writing {}", path.display()))
+}

@@ -16,6 +16,9 @@ pub struct TestOptions {
     /// Skip formatting and lint checks.
     #[arg(long)]
     pub no_lint: bool,
+    /// Seconds each fuzz target runs after the tests (0: no fuzzing).
+    #[arg(long, env = "REDIRECT_TEST_FUZZ_SECONDS", default_value_t = 10)]
+    pub fuzz_seconds: u64,
 }
 
 /// Path of the agent binary the end-to-end tests and the demo start.
@@ -57,7 +60,15 @@ pub fn test(o: &TestOptions) -> Result<()> {
     if let Some(f) = &o.filter {
         c.args(["--", f]);
     }
-    cmd::run(&mut c)
+    cmd::run(&mut c)?;
+    if o.fuzz_seconds > 0 && o.filter.is_none() {
+        crate::fuzz::run(&crate::fuzz::Options {
+            seconds: o.fuzz_seconds,
+            no_sanitizer: false,
+            targets: Vec::new(),
+        })?;
+    }
+    Ok(())
 }
 
 pub fn demo() -> Result<()> {

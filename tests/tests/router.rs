@@ -616,3 +616,35 @@ time.sleep(30)
     println!("router memory per idle connection: {per_conn} bytes");
     assert!(per_conn < 64 * 1024, "{per_conn} bytes per idle connection");
 }
+
+#[test]
+fn expect_100_continue_is_answered_before_the_body_is_sent() {
+    let Some(mc) = MiniCluster::new_or_skip("expect_continue", TOOLS) else {
+        return;
+    };
+    let shop = Shop::with_agent(&mc, true).unwrap();
+    let body = mc.workdir().join("small-body");
+    std::fs::write(&body, "x".repeat(4096)).unwrap();
+    let url = format!("http://{CHECKOUT_VIP4}/echo");
+    let upload = format!("@{}", body.display());
+    let (out, err) = curl(
+        &shop,
+        &[
+            "-v",
+            "-H",
+            KEY,
+            "-H",
+            "Expect: 100-continue",
+            "--expect100-timeout",
+            "30",
+            "--data-binary",
+            &upload,
+            &url,
+        ],
+    );
+    assert!(
+        err.contains("HTTP/1.1 100 Continue"),
+        "no interim response:\n{err}"
+    );
+    assert_eq!(out.len(), 4096, "the body did not make it through");
+}

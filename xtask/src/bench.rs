@@ -18,6 +18,10 @@ pub enum Bench {
     /// connect()+close() rate: no program, programs attached (miss path), origin path. Needs
     /// root; writes target/bench/connect.json. See docs/benchmarks.md.
     Connect(ConnectOptions),
+    /// HTTP through the node router: direct, router (baseline and fork) and HAProxy, for
+    /// HTTP/1.1 keep-alive, one connection per request and h2c. Needs root, wrk, h2load and
+    /// haproxy; writes target/bench/router.json. See docs/benchmarks.md.
+    Router(crate::bench_router::RouterOptions),
 }
 
 #[derive(clap::Args)]
@@ -33,6 +37,7 @@ pub struct ConnectOptions {
 pub fn run(o: &Options) -> Result<()> {
     match &o.bench {
         Bench::Connect(c) => connect(c),
+        Bench::Router(r) => crate::bench_router::run(r.rounds, r.seconds),
     }
 }
 

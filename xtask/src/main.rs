@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask <command>`. Run `cargo xtask --help` for the list.
 
 mod bench;
+mod bench_router;
 mod build_ebpf;
 mod cmd;
 mod fuzz;

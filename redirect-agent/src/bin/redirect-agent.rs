@@ -128,6 +128,9 @@ struct RunArgs {
     /// Longest wait for an upstream's response headers before answering 504, in milliseconds.
     #[arg(long, env = "REDIRECT_RESPONSE_TIMEOUT_MS", default_value_t = 60_000)]
     response_timeout_ms: u64,
+    /// Router threads, each with its own runtime and upstream pool [default: one per CPU].
+    #[arg(long, env = "REDIRECT_ROUTER_WORKERS")]
+    router_workers: Option<usize>,
     /// Largest request head accepted; larger gets 431.
     #[arg(long, env = "REDIRECT_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
     max_header_bytes: usize,
@@ -269,6 +272,9 @@ async fn run(a: RunArgs, log_control: LogControl, log_filter: String) -> Result<
             header_timeout: Duration::from_millis(a.header_timeout_ms),
             response_timeout: Duration::from_millis(a.response_timeout_ms),
             max_header_bytes: a.max_header_bytes,
+            workers: a
+                .router_workers
+                .unwrap_or_else(|| RouterSettings::default().workers),
             ..RouterSettings::default()
         },
         RouterSocks::open(&pin_dir)?,

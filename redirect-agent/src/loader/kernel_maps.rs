@@ -13,6 +13,7 @@ use redirect_common::{
     RouterConfig, ServiceValue, SockAddr, WorkloadValue,
 };
 
+use super::sys;
 use crate::{
     routing::Tables,
     sync::{MapError, RedirectMaps},
@@ -184,11 +185,15 @@ impl RouterSocks {
             .map_err(|e| other(MAP_ROUTER_SOCKS, e))
     }
 
-    /// Takes the original destination recorded for a client's source address.
-    pub fn take_orig_dst(&mut self, src: &SockAddr) -> Option<OrigDst> {
-        let v = self.conns.get(src, 0).ok()?;
-        let _ = self.conns.remove(src);
-        Some(v)
+    /// A handle on the connection table for taking records, usable from any thread without
+    /// locking.
+    pub fn conns_taker(&self) -> Result<ConnsTaker, MapError> {
+        let path = self.pin_dir.join(MAP_CONNS);
+        let fd = sys::obj_get(&path).map_err(|e| MapError::Other {
+            map: MAP_CONNS,
+            reason: format!("opening {}: {e}", path.display()),
+        })?;
+        Ok(ConnsTaker { fd })
     }
 
     /// Number of recorded connections not yet picked up by the router.
@@ -212,6 +217,34 @@ impl RouterSocks {
             .iter()
             .filter(|k| self.conns.remove(k).is_ok())
             .count()
+    }
+}
+
+/// Takes original-destination records out of `conns_v1`: one syscall (lookup and delete), no
+/// lock, so every router thread can use it.
+pub struct ConnsTaker {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl ConnsTaker {
+    /// Takes the original destination recorded for a client's source address.
+    pub fn take(&self, src: &SockAddr) -> Option<OrigDst> {
+        let mut value = OrigDst::default();
+        // SAFETY: both types are `#[repr(C)]` plain integers without padding (asserted in
+        // redirect-common), so viewing them as bytes is sound.
+        let key = unsafe {
+            std::slice::from_raw_parts((src as *const SockAddr).cast::<u8>(), size_of::<SockAddr>())
+        };
+        let out = unsafe {
+            std::slice::from_raw_parts_mut(
+                (&mut value as *mut OrigDst).cast::<u8>(),
+                size_of::<OrigDst>(),
+            )
+        };
+        match sys::map_lookup_and_delete(&self.fd, key, out) {
+            Ok(true) => Some(value),
+            _ => None,
+        }
     }
 }
 

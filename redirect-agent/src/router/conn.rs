@@ -11,16 +11,48 @@ use tokio::{
 };
 
 use super::{
-    Shared,
+    Shared, Worker,
     addr::{from_sockaddr, to_sockaddr},
     detect::{MAX_SNIFF, Protocol, detect},
     http::{Proto, handle},
     listener::connect_marked,
+    pool::Pool,
     prefixed::Prefixed,
     stats::Outcome,
 };
 
-pub async fn accept_loop(l: TcpListener, shared: Arc<Shared>) {
+/// One router thread: a single-threaded runtime accepting on every listener, with its own pool.
+pub fn worker(shared: Arc<Shared>, listeners: Vec<std::net::TcpListener>) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(error) => {
+            tracing::error!(%error, "cannot start a router runtime");
+            return;
+        }
+    };
+    let worker = Arc::new(Worker {
+        pool: Pool::new(shared.settings.mark, shared.settings.connect_timeout),
+        shared,
+    });
+    rt.block_on(async move {
+        let mut loops = tokio::task::JoinSet::new();
+        for l in listeners {
+            match TcpListener::from_std(l) {
+                Ok(l) => {
+                    loops.spawn(accept_loop(l, worker.clone()));
+                }
+                Err(error) => tracing::error!(%error, "cannot register a router listener"),
+            }
+        }
+        while loops.join_next().await.is_some() {}
+    });
+}
+
+async fn accept_loop(l: TcpListener, worker: Arc<Worker>) {
+    let shared = &worker.shared;
     loop {
         // Bounded memory: at most max_connections served at once; the rest wait in the backlog.
         let Ok(permit) = shared.slots.clone().acquire_owned().await else {
@@ -36,21 +68,17 @@ pub async fn accept_loop(l: TcpListener, shared: Arc<Shared>) {
                 continue;
             }
         };
-        let orig = shared
-            .socks
-            .lock()
-            .ok()
-            .and_then(|mut s| s.take_orig_dst(&to_sockaddr(peer)));
-        let Some(orig) = orig else {
-            // Not redirected by the kernel: the router is no open proxy.
-            shared.stats.count(Outcome::NoOrigDst);
-            tracing::debug!(%peer, "refused: no recorded original destination");
-            continue;
-        };
-        let shared = shared.clone();
+        let worker = worker.clone();
         tokio::spawn(async move {
-            let outcome = serve(client, peer, orig, &shared).await;
-            shared.stats.count(outcome);
+            let shared = &worker.shared;
+            let Some(orig) = shared.conns.take(&to_sockaddr(peer)) else {
+                // Not redirected by the kernel: the router is no open proxy.
+                shared.stats.count(Outcome::NoOrigDst);
+                tracing::debug!(%peer, "refused: no recorded original destination");
+                return;
+            };
+            let outcome = serve(client, peer, orig, &worker).await;
+            worker.shared.stats.count(outcome);
             drop(permit);
         });
     }
@@ -60,15 +88,16 @@ async fn serve(
     mut client: TcpStream,
     peer: SocketAddr,
     orig: OrigDst,
-    shared: &Arc<Shared>,
+    worker: &Arc<Worker>,
 ) -> Outcome {
+    let shared = &worker.shared;
     let _ = client.set_nodelay(true);
     let (protocol, prefix) = sniff(&mut client, shared).await;
     let io = TokioIo::new(Prefixed::new(prefix, client));
     match protocol {
         Some(Protocol::Http1) => {
-            let s = shared.clone();
-            let svc = service_fn(move |req| handle(req, s.clone(), orig, Proto::Http1));
+            let w = worker.clone();
+            let svc = service_fn(move |req| handle(req, w.clone(), orig, Proto::Http1));
             let mut b = conn::http1::Builder::new();
             b.timer(TokioTimer::new())
                 .header_read_timeout(shared.settings.header_timeout)
@@ -83,8 +112,8 @@ async fn serve(
             }
         }
         Some(Protocol::Http2) => {
-            let s = shared.clone();
-            let svc = service_fn(move |req| handle(req, s.clone(), orig, Proto::Http2));
+            let w = worker.clone();
+            let svc = service_fn(move |req| handle(req, w.clone(), orig, Proto::Http2));
             let mut b = conn::http2::Builder::new(TokioExecutor::new());
             b.timer(TokioTimer::new())
                 .max_header_list_size(shared.settings.max_header_bytes as u32)

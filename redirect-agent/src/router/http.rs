@@ -15,7 +15,7 @@ use hyper_util::rt::TokioIo;
 use redirect_common::OrigDst;
 
 use super::{
-    Shared,
+    Worker,
     addr::from_sockaddr,
     key::extract_key,
     stats::{Dest, RequestOutcome},
@@ -36,11 +36,12 @@ pub const DEBUG_HEADER: &str = "x-redirect-upstream";
 
 /// Routes and forwards one request. Never fails: every problem becomes a response and a count.
 pub async fn handle(
-    req: Request<Incoming>,
-    shared: Arc<Shared>,
+    mut req: Request<Incoming>,
+    worker: Arc<Worker>,
     orig: OrigDst,
     proto: Proto,
 ) -> Result<Response<RouterBody>, std::convert::Infallible> {
+    let shared = &worker.shared;
     let started = Instant::now();
     let key = match extract_key(&shared.settings.keys, req.headers()) {
         Ok(k) => k,
@@ -76,18 +77,20 @@ pub async fn handle(
             ));
         }
         RequestRoute::Fork { endpoint, key_id } => {
-            let key = view
-                .tables
-                .keys
-                .get(key_id)
-                .map(|k| k.key.as_str())
-                .unwrap_or("");
             let addr = from_sockaddr(endpoint);
-            (addr, format!("fork {key} {addr}"))
+            let label = shared.settings.debug_header.then(|| {
+                let key = view.tables.keys.get(key_id).map_or("", |k| k.key.as_str());
+                format!("fork {key} {addr}")
+            });
+            (addr, label)
         }
         RequestRoute::Baseline(why) => {
             let addr = from_sockaddr(&orig.dst);
-            (addr, format!("baseline {} {addr}", why.label()))
+            let label = shared
+                .settings
+                .debug_header
+                .then(|| format!("baseline {} {addr}", why.label()));
+            (addr, label)
         }
     };
     drop(view);
@@ -99,9 +102,10 @@ pub async fn handle(
 
     let upgrade = proto == Proto::Http1 && is_upgrade(&req);
     let result = if upgrade {
-        forward_upgrade(req, &shared, upstream).await
+        forward_upgrade(req, &worker, upstream).await
     } else {
-        forward(req, &shared, upstream, proto).await
+        strip_hop_by_hop(req.headers_mut());
+        forward(req, &worker, upstream, proto).await
     };
     let outcome = match &result {
         Ok(_) if upgrade => RequestOutcome::Upgraded,
@@ -112,7 +116,12 @@ pub async fn handle(
     shared.stats.count_request(dest, outcome);
     shared.stats.observe(dest, started.elapsed());
     let mut resp = match result {
-        Ok(resp) => resp.map(Either::Left),
+        Ok(mut resp) => {
+            if !upgrade {
+                strip_hop_by_hop(resp.headers_mut());
+            }
+            resp.map(Either::Left)
+        }
         Err(Failure::Timeout(after)) => error_response(
             StatusCode::GATEWAY_TIMEOUT,
             &format!("upstream {upstream} sent no response within {after:?}"),
@@ -122,7 +131,7 @@ pub async fn handle(
             &format!("upstream {upstream}: {reason}"),
         ),
     };
-    if shared.settings.debug_header
+    if let Some(label) = label
         && let Ok(v) = HeaderValue::from_str(&label)
     {
         resp.headers_mut().insert(DEBUG_HEADER, v);
@@ -137,24 +146,25 @@ enum Failure {
 
 async fn forward(
     req: Request<Incoming>,
-    shared: &Shared,
+    worker: &Worker,
     upstream: SocketAddr,
     proto: Proto,
 ) -> Result<Response<Incoming>, Failure> {
-    let timeout = shared.settings.response_timeout;
+    let timeout = worker.shared.settings.response_timeout;
+    let pool = &worker.pool;
     let fut = async {
         match proto {
             Proto::Http1 => {
-                let mut send = shared.pool.h1(upstream).await.map_err(up)?;
+                let mut send = pool.h1(upstream).await.map_err(up)?;
                 let resp = send.send_request(req);
                 // Back to the pool now: it is ready for the next request once this response
                 // has been read, and only a ready connection is handed out again.
                 let resp = resp.await;
-                shared.pool.put_h1(upstream, send);
+                pool.put_h1(upstream, send);
                 resp.map_err(up)
             }
             Proto::Http2 => {
-                let mut send = shared.pool.h2(upstream).await.map_err(up)?;
+                let mut send = pool.h2(upstream).await.map_err(up)?;
                 send.send_request(req).await.map_err(up)
             }
         }
@@ -167,6 +177,36 @@ async fn forward(
 
 fn up(e: impl std::fmt::Display) -> Failure {
     Failure::Upstream(e.to_string())
+}
+
+/// Removes hop-by-hop fields (RFC 9110 7.6.1): `Connection` and every field it names,
+/// `Keep-Alive`, `Proxy-Connection`, `Upgrade`, and `TE` unless it is just `trailers` (which
+/// gRPC needs end to end). They describe one connection, not the message: forwarded, a client's
+/// `Connection: close` would close the pooled upstream connection after every request.
+fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
+    let named: Vec<http::HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| http::HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        if name != header::TE {
+            headers.remove(&name);
+        }
+    }
+    headers.remove(header::CONNECTION);
+    headers.remove(header::UPGRADE);
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+    let te_trailers_only = headers.get_all(header::TE).iter().all(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.trim().eq_ignore_ascii_case("trailers"))
+    });
+    if !te_trailers_only {
+        headers.remove(header::TE);
+    }
 }
 
 /// Whether the request asks to leave HTTP: `Connection: upgrade` with an `Upgrade` header
@@ -189,13 +229,13 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
 /// a connection of its own, then both sides are spliced together.
 async fn forward_upgrade(
     mut req: Request<Incoming>,
-    shared: &Shared,
+    worker: &Worker,
     upstream: SocketAddr,
 ) -> Result<Response<Incoming>, Failure> {
     let connect = req.method() == http::Method::CONNECT;
     let client_side = hyper::upgrade::on(&mut req);
-    let mut send = shared.pool.new_h1(upstream, true).await.map_err(up)?;
-    let timeout = shared.settings.response_timeout;
+    let mut send = worker.pool.new_h1(upstream, true).await.map_err(up)?;
+    let timeout = worker.shared.settings.response_timeout;
     let mut resp = match tokio::time::timeout(timeout, send.send_request(req)).await {
         Err(_) => return Err(Failure::Timeout(timeout)),
         Ok(r) => r.map_err(up)?,

@@ -21,13 +21,16 @@ use std::{
 
 use arc_swap::ArcSwap;
 use redirect_common::{ROUTER_SOCK_V4, ROUTER_SOCK_V6};
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::sync::Semaphore;
 
 pub use addr::{from_sockaddr, to_sockaddr};
 pub use http::DEBUG_HEADER;
 pub use stats::{Dest, LATENCY_BUCKETS, LatencySnapshot, Outcome, RequestOutcome, RouterStats};
 
-use crate::{loader::RouterSocks, routing::RouteView};
+use crate::{
+    loader::{ConnsTaker, RouterSocks},
+    routing::RouteView,
+};
 
 /// Where the router listens and how it behaves.
 #[derive(Clone, Debug)]
@@ -52,6 +55,10 @@ pub struct RouterSettings {
     pub max_header_bytes: usize,
     /// Connections served at once; beyond it new connections wait in the accept queue.
     pub max_connections: usize,
+    /// Router threads. Each runs its own single-threaded runtime, accepts on the shared
+    /// listeners and keeps its own upstream pool, so a connection and its upstream traffic stay
+    /// on one thread (no hand-offs between workers, no pool lock).
+    pub workers: usize,
 }
 
 impl Default for RouterSettings {
@@ -68,6 +75,7 @@ impl Default for RouterSettings {
             response_timeout: Duration::from_secs(60),
             max_header_bytes: 64 * 1024,
             max_connections: 16_384,
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
 }
@@ -83,20 +91,28 @@ pub enum RouterError {
     Register(crate::sync::MapError),
 }
 
-/// What every connection task shares.
+/// What every router thread shares.
 pub struct Shared {
     pub settings: RouterSettings,
     /// The routing tables of the last sync, swapped whole.
     pub view: ArcSwap<RouteView>,
     pub stats: RouterStats,
-    pool: pool::Pool,
+    /// Liveness registration and the age sweep of the connection table.
     socks: Mutex<RouterSocks>,
+    /// Taking original destinations: one syscall, no lock.
+    conns: ConnsTaker,
     slots: Arc<Semaphore>,
+}
+
+/// One router thread's state.
+pub struct Worker {
+    pub shared: Arc<Shared>,
+    pool: pool::Pool,
 }
 
 /// A bound router, ready to serve.
 pub struct Router {
-    listeners: Vec<TcpListener>,
+    listeners: Vec<std::net::TcpListener>,
     pub shared: Arc<Shared>,
 }
 
@@ -111,25 +127,43 @@ impl Router {
             tracing::info!(%addr, "router listening");
             listeners.push(l);
         }
+        let conns = socks.conns_taker().map_err(RouterError::Register)?;
         let shared = Arc::new(Shared {
-            pool: pool::Pool::new(settings.mark, settings.connect_timeout),
             slots: Arc::new(Semaphore::new(settings.max_connections)),
             settings,
             view: ArcSwap::default(),
             stats: RouterStats::default(),
             socks: Mutex::new(socks),
+            conns,
         });
         Ok(Router { listeners, shared })
     }
 
-    /// Serves until the task is dropped.
+    /// Starts the router threads, then sweeps the connection table until the task is dropped.
+    /// The threads live as long as the process (they hold the listeners: the kernel redirects
+    /// only while a listener is open).
     pub async fn serve(self) {
-        let mut tasks = tokio::task::JoinSet::new();
-        tasks.spawn(sweep_loop(self.shared.clone()));
-        for l in self.listeners {
-            tasks.spawn(conn::accept_loop(l, self.shared.clone()));
+        for i in 0..self.shared.settings.workers.max(1) {
+            let listeners: Vec<_> = self
+                .listeners
+                .iter()
+                .filter_map(|l| match l.try_clone() {
+                    Ok(l) => Some(l),
+                    Err(error) => {
+                        tracing::error!(%error, "cannot share a router listener with a worker");
+                        None
+                    }
+                })
+                .collect();
+            let shared = self.shared.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("router-{i}"))
+                .spawn(move || conn::worker(shared, listeners));
+            if let Err(error) = spawned {
+                tracing::error!(%error, "cannot start router worker {i}");
+            }
         }
-        while tasks.join_next().await.is_some() {}
+        sweep_loop(self.shared.clone()).await
     }
 }
 

@@ -4,48 +4,13 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
-/// The cgroup2 mount point, from `/proc/self/mountinfo` (`/sys/fs/cgroup` on unified hosts,
-/// `/sys/fs/cgroup/unified` in hybrid mode).
+/// The cgroup2 mount point, from `/proc/self/mountinfo` (the agent's own discovery).
 pub fn cgroup2_mount() -> Result<PathBuf> {
-    let info = fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
-    for line in info.lines() {
-        // `id parent maj:min root mountpoint opts [optional...] - fstype source superopts`
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
-        };
-        if right.split_whitespace().next() != Some("cgroup2") {
-            continue;
-        }
-        if let Some(mp) = left.split_whitespace().nth(4) {
-            return Ok(PathBuf::from(unescape_mountinfo(mp)));
-        }
-    }
-    bail!("no cgroup2 filesystem in /proc/self/mountinfo")
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..=i + 3].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = b[i + 1..=i + 3]
-                .iter()
-                .fold(0u32, |acc, c| acc * 8 + u32::from(c - b'0'));
-            out.push(v as u8);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    redirect_agent::cgroup::cgroup2_mount()
+        .context("reading /proc/self/mountinfo")?
+        .context("no cgroup2 filesystem in /proc/self/mountinfo")
 }
 
 /// Creates `dir` (one level; the parent must exist).
@@ -104,17 +69,5 @@ pub fn remove_tree(root: &Path) -> bool {
             return !root.exists();
         }
         std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mountinfo_escapes_are_undone() {
-        assert_eq!(unescape_mountinfo(r"/a\040b"), "/a b");
-        assert_eq!(unescape_mountinfo(r"/plain"), "/plain");
-        assert_eq!(unescape_mountinfo(r"/end\04"), r"/end\04");
     }
 }

@@ -271,6 +271,14 @@ print(data.split(b"\r\n")[0].decode(errors="replace"))
     assert!(out.stdout.contains("400"), "{} {}", out.stdout, out.stderr);
 }
 
+/// A size field of `/proc/<pid>/status` (`VmRSS:`, `VmHWM:`), in bytes.
+fn proc_status_bytes(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
+}
+
 /// Cluster for tests that need the Python peers.
 fn peer_cluster(test: &str) -> Option<MiniCluster> {
     if !redirect_tests::peers::python_modules_present() {
@@ -460,16 +468,7 @@ fn bodies_stream_both_ways_chunked_and_large_without_being_buffered_whole() {
     };
     let mut shop = Shop::with_agent(&mc, true).unwrap();
     let pid = shop.agent().pid().unwrap();
-    let rss = |field: &str| -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        let line = status.lines().find(|l| l.starts_with(field)).unwrap();
-        line.split_whitespace()
-            .nth(1)
-            .unwrap()
-            .parse::<u64>()
-            .unwrap()
-            * 1024
-    };
+    let rss = |field: &str| proc_status_bytes(pid, field);
     // Warm up the pools, then measure the peak resident size across a 256 MiB round trip.
     get_with(&shop.client, CHECKOUT_VIP4, "", Some(KEY)).unwrap();
     let before = rss("VmRSS:");
@@ -593,16 +592,7 @@ fn memory_stays_bounded_under_many_idle_connections() {
     };
     let mut shop = Shop::with_agent(&mc, true).unwrap();
     let pid = shop.agent().pid().unwrap();
-    let rss = || -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-        line.split_whitespace()
-            .nth(1)
-            .unwrap()
-            .parse::<u64>()
-            .unwrap()
-            * 1024
-    };
+    let rss = || proc_status_bytes(pid, "VmRSS:");
     get_with(&shop.client, CHECKOUT_VIP4, "", Some(KEY)).unwrap();
     let before = rss();
     const N: usize = 800;

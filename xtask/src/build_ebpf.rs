@@ -63,19 +63,7 @@ pub fn build() -> Result<()> {
     ])
     .arg(root.join("target/ebpf"))
     .current_dir(root.join("redirect-ebpf"));
-    // The outer cargo exports its toolchain and flags; inherited, they make the nested build
-    // silently use stable instead of the pinned nightly.
-    for (k, _) in std::env::vars_os() {
-        let k = k.to_string_lossy();
-        if k == "RUSTUP_TOOLCHAIN"
-            || k.starts_with("RUSTC")
-            || k.starts_with("CARGO")
-            || k == "RUSTFLAGS"
-            || k == "RUSTDOCFLAGS"
-        {
-            c.env_remove(&*k);
-        }
-    }
+    cmd::scrub_toolchain_env(&mut c);
     cmd::run(&mut c).with_context(|| {
         format!("building the eBPF object with {nightly} failed; run ./x setup to install the toolchain and bpf-linker")
     })

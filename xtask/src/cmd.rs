@@ -38,3 +38,21 @@ pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
+
+/// Removes what the outer cargo exports (toolchain, flags): inherited, it makes a nested build
+/// silently use stable instead of the pinned nightly. `CARGO_HOME` stays: it says where
+/// installed tools and the registry are.
+pub fn scrub_toolchain_env(c: &mut Command) {
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k != "CARGO_HOME"
+            && (k == "RUSTUP_TOOLCHAIN"
+                || k.starts_with("RUSTC")
+                || k.starts_with("CARGO")
+                || k == "RUSTFLAGS"
+                || k == "RUSTDOCFLAGS")
+        {
+            c.env_remove(&*k);
+        }
+    }
+}

@@ -142,7 +142,7 @@ fn fuzz_one(nightly: &str, target: &str, o: &Options) -> Result<Run> {
         .arg("-print_final_stats=1")
         .current_dir(&root)
         .stderr(Stdio::piped());
-    scrub_toolchain_env(&mut c);
+    cmd::scrub_toolchain_env(&mut c);
 
     println!("fuzzing {target} for {} s", o.seconds);
     let mut child = c
@@ -183,26 +183,6 @@ fn fuzz_one(nightly: &str, target: &str, o: &Options) -> Result<Run> {
         exec_per_sec: seen.exec_per_sec,
         ok: status.success(),
     })
-}
-
-/// The outer cargo exports its toolchain and flags; inherited, they would make the nested build
-/// use stable and drop cargo-fuzz's own flags. `CARGO_HOME` stays: it says where cargo-fuzz
-/// and the registry are.
-fn scrub_toolchain_env(c: &mut Command) {
-    for (k, _) in std::env::vars_os() {
-        let k = k.to_string_lossy();
-        if k == "CARGO_HOME" {
-            continue;
-        }
-        if k == "RUSTUP_TOOLCHAIN"
-            || k.starts_with("RUSTC")
-            || k.starts_with("CARGO")
-            || k == "RUSTFLAGS"
-            || k == "RUSTDOCFLAGS"
-        {
-            c.env_remove(&*k);
-        }
-    }
 }
 
 /// libFuzzer's count of executed inputs, from its final statistics

@@ -38,7 +38,7 @@
 //! baggage member, and a `mirrord-session`-style header:
 //!
 //! ```
-//! use redirect_agent::router::key::KeyConfig;
+//! use redirect_l7::key::KeyConfig;
 //!
 //! let cfg = KeyConfig {
 //!     headers: vec!["x-routing-key".into(), "mirrord-session".into()],

@@ -656,3 +656,78 @@ fn expect_100_continue_is_answered_before_the_body_is_sent() {
     );
     assert_eq!(out.len(), 4096, "the body did not make it through");
 }
+
+/// A minimal CONNECT endpoint: answers `200` to a CONNECT request, then echoes the tunnel's
+/// bytes prefixed with its name.
+const CONNECT_SERVER: &str = r#"
+import socket, sys, threading
+name, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((host, port)); srv.listen(16)
+print("listening", flush=True)
+def serve(c):
+    c.settimeout(10)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        d = c.recv(4096)
+        if not d: return
+        head += d
+    if not head.startswith(b"CONNECT "):
+        c.sendall(b"HTTP/1.1 405 Method Not Allowed\r\ncontent-length: 0\r\n\r\n"); return
+    c.sendall(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+    while True:
+        d = c.recv(4096)
+        if not d: return
+        c.sendall(name.encode() + b":" + d)
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+#[test]
+fn connect_requests_are_routed_by_key_then_tunneled() {
+    let Some(mc) = MiniCluster::new_or_skip("connect_tunnel", TOOLS) else {
+        return;
+    };
+    let shop = Shop::with_agent(&mc, true).unwrap();
+    let port = OPAQUE_PORT.to_string();
+    let mut servers = Vec::new();
+    for pod in [&shop.checkout_base, &shop.checkout_fork] {
+        let ip = pod.ip4().to_string();
+        let mut s = pod
+            .spawn(&["python3", "-c", CONNECT_SERVER, pod.name(), &ip, &port])
+            .unwrap();
+        s.wait_for_log("listening", Duration::from_secs(10))
+            .unwrap();
+        servers.push(s);
+    }
+    let client = format!(
+        r#"
+import socket, sys
+s = socket.create_connection(("{CHECKOUT_VIP4}", {OPAQUE_PORT}), timeout=5)
+s.sendall(b"CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal:5432\r\n" + sys.argv[1].encode() + b"\r\n\r\n")
+head = b""
+while b"\r\n\r\n" not in head:
+    head += s.recv(4096)
+status, rest = head.split(b"\r\n", 1)[0], head.split(b"\r\n\r\n", 1)[1]
+s.sendall(b"ping")
+data = rest
+while b"ping" not in data:
+    data += s.recv(4096)
+print(status.decode().split(" ")[1], data.decode())
+"#
+    );
+    for (header, want) in [
+        (KEY, "checkout-fork:ping"),
+        ("x-nothing: 1", "checkout-base:ping"),
+    ] {
+        let out = shop
+            .client
+            .run(&["python3", "-c", &client, header], CLIENT_TIMEOUT)
+            .unwrap()
+            .check()
+            .unwrap();
+        assert_eq!(out.trim(), format!("200 {want}"), "{header}");
+    }
+}

@@ -16,6 +16,8 @@ pub const MAP_ROUTER: &str = "router_v1";
 pub const MAP_ROUTER_SOCKS: &str = "router_socks_v1";
 pub const MAP_ORIG_DST_SK: &str = "orig_sk_v1";
 pub const MAP_CONNS: &str = "conns_v1";
+/// Per rewritten socket: the address the application asked for, which `getpeername()` reports.
+pub const MAP_PEER_SK: &str = "peer_sk_v1";
 pub const MAP_COUNTERS: &str = "counters_v1";
 /// Whether (and what) `connect4`/`connect6` trace: one [`TraceControl`], checked first.
 pub const MAP_TRACE_CTL: &str = "trace_ctl_v1";
@@ -25,13 +27,14 @@ pub const MAP_TRACE_EVENTS: &str = "trace_events_v1";
 pub const MAP_TRACE_STATS: &str = "trace_stats_v1";
 
 /// Every map, for cleanup and status listings.
-pub const ALL_MAPS: [&str; 11] = [
+pub const ALL_MAPS: [&str; 12] = [
     MAP_SERVICES,
     MAP_FORKS,
     MAP_WORKLOADS,
     MAP_ROUTER,
     MAP_ROUTER_SOCKS,
     MAP_ORIG_DST_SK,
+    MAP_PEER_SK,
     MAP_CONNS,
     MAP_COUNTERS,
     MAP_TRACE_CTL,
@@ -42,12 +45,16 @@ pub const ALL_MAPS: [&str; 11] = [
 pub const PROG_CONNECT4: &str = "redirect_connect4";
 pub const PROG_CONNECT6: &str = "redirect_connect6";
 pub const PROG_SOCK_OPS: &str = "redirect_sock_ops";
+pub const PROG_GETPEERNAME4: &str = "redirect_getpeername4";
+pub const PROG_GETPEERNAME6: &str = "redirect_getpeername6";
 
 /// Every program with the pin name of its cgroup link.
-pub const ALL_PROGRAMS: [(&str, &str); 3] = [
+pub const ALL_PROGRAMS: [(&str, &str); 5] = [
     (PROG_CONNECT4, "link_connect4_v1"),
     (PROG_CONNECT6, "link_connect6_v1"),
     (PROG_SOCK_OPS, "link_sock_ops_v1"),
+    (PROG_GETPEERNAME4, "link_getpeername4_v1"),
+    (PROG_GETPEERNAME6, "link_getpeername6_v1"),
 ];
 
 pub const MAX_SERVICES: u32 = 65_536;

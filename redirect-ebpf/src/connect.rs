@@ -17,7 +17,7 @@ use redirect_common::{
 
 use crate::{
     counters::count,
-    maps::{FORKS, ORIG_SK, ROUTER, ROUTER_SOCKS, SERVICES, WORKLOADS},
+    maps::{FORKS, ORIG_SK, PEER_SK, ROUTER, ROUTER_SOCKS, SERVICES, WORKLOADS},
     trace::{self, Seen},
 };
 
@@ -95,6 +95,7 @@ fn try_connect(ctx: &SockAddrContext, ipv6: bool, seen: &mut Seen) -> Result<Rea
             return Err(Reason::Error);
         };
         rewrite(ctx, ipv6, ep);
+        remember_peer(ctx, &dst);
         seen.after = *ep;
         seen.rewritten = true;
         return Ok(Reason::OriginFork);
@@ -123,9 +124,23 @@ fn try_connect(ctx: &SockAddrContext, ipv6: bool, seen: &mut Seen) -> Result<Rea
     // SAFETY: non-null storage of this socket; a reconnect overwrites the old value.
     unsafe { *stored = orig };
     rewrite(ctx, ipv6, &to);
+    remember_peer(ctx, &dst);
     seen.after = to;
     seen.rewritten = true;
     Ok(Reason::ToRouter)
+}
+
+/// Keeps the address the application asked for, so `getpeername()` reports it instead of the
+/// fork endpoint or the router. Best effort: without storage the application sees the
+/// rewritten address, nothing else changes.
+#[inline(always)]
+fn remember_peer(ctx: &SockAddrContext, dst: &SockAddr) {
+    let mut peer = *dst;
+    let stored = PEER_SK.get_or_insert_ptr_mut(ctx, Some(&mut peer));
+    if !stored.is_null() {
+        // SAFETY: non-null storage of this socket; a reconnect overwrites the old value.
+        unsafe { *stored = *dst };
+    }
 }
 
 /// The pod cgroup and routing key of the caller, when the caller runs in a fork pod: the first
@@ -160,7 +175,7 @@ fn router_alive(slot: u32) -> bool {
 /// Writes the new destination. Each field separately and volatile: adjacent 4-byte context
 /// stores merged into one 8-byte store are rejected by the verifier.
 #[inline(always)]
-fn rewrite(ctx: &SockAddrContext, ipv6: bool, to: &SockAddr) {
+pub fn rewrite(ctx: &SockAddrContext, ipv6: bool, to: &SockAddr) {
     let sa = ctx.sock_addr;
     unsafe {
         if ipv6 {

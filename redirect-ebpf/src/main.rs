@@ -5,6 +5,7 @@
 
 mod connect;
 mod counters;
+mod getpeername;
 mod maps;
 mod sock_ops;
 mod trace;
@@ -24,6 +25,18 @@ pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
     connect::run(&ctx, true)
+}
+
+/// `getpeername()` on IPv4 sockets: the address the application asked for.
+#[cgroup_sock_addr(getpeername4)]
+pub fn redirect_getpeername4(ctx: SockAddrContext) -> i32 {
+    getpeername::run(&ctx, false)
+}
+
+/// `getpeername()` on IPv6 sockets.
+#[cgroup_sock_addr(getpeername6)]
+pub fn redirect_getpeername6(ctx: SockAddrContext) -> i32 {
+    getpeername::run(&ctx, true)
 }
 
 /// Records a redirected connection's original destination by its source address.

@@ -38,6 +38,10 @@ pub static ROUTER_SOCKS: SockMap<2> = SockMap::new();
 #[btf_map(name = "orig_sk_v1", pin_by_name)]
 pub static ORIG_SK: SkStorage<OrigDst> = SkStorage::new();
 
+/// Per rewritten socket: the address the application asked for, for `getpeername()`.
+#[btf_map(name = "peer_sk_v1", pin_by_name)]
+pub static PEER_SK: SkStorage<SockAddr> = SkStorage::new();
+
 /// Original destination by client source address, for the router (which deletes what it reads).
 #[btf_map(name = "conns_v1", pin_by_name)]
 pub static CONNS: HashMap<SockAddr, OrigDst, { MAX_CONNS as usize }, NO_PREALLOC> = HashMap::new();

@@ -125,7 +125,7 @@ fn status_shows_attached_programs_live_router_map_fill_and_the_agent() {
     let s = ctl_json(&mc, &pins, &["status"]);
     assert_eq!(s["schema"], "redirectctl.status/v1");
     let progs = s["programs"].as_array().unwrap();
-    assert_eq!(progs.len(), 3, "{s:#}");
+    assert_eq!(progs.len(), redirect_common::ALL_PROGRAMS.len(), "{s:#}");
     for p in progs {
         assert_eq!(p["attached"], true, "{p}");
         assert_eq!(

@@ -280,7 +280,7 @@ fn agent_sigkill_fails_open_and_a_restart_restores_routes_from_pins_then_reconci
     let log = shop.agent().log();
     assert_eq!(
         log.matches("action=Updated").count(),
-        3,
+        redirect_common::ALL_PROGRAMS.len(),
         "links not reused:\n{log}"
     );
     assert_eq!(
@@ -464,4 +464,39 @@ fn cleanup_removes_every_link_program_and_pin_it_made() {
         shop.agent().cleanup().unwrap().is_empty(),
         "cleanup is idempotent"
     );
+}
+
+/// What `getpeername()` says after connecting from `pod` to `ip:80`.
+fn peer_name(pod: &redirect_tests::Pod<'_>, ip: &str) -> String {
+    let script = format!(
+        "import socket\n\
+         fam = socket.AF_INET6 if ':' in '{ip}' else socket.AF_INET\n\
+         s = socket.socket(fam, socket.SOCK_STREAM)\n\
+         s.settimeout(5)\n\
+         s.connect(('{ip}', 80))\n\
+         print(s.getpeername()[0], s.getpeername()[1])\n"
+    );
+    pod.run(&["python3", "-c", &script], CLIENT_TIMEOUT)
+        .unwrap()
+        .check()
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn getpeername_reports_the_address_the_application_connected_to() {
+    let Some(mc) = MiniCluster::new_or_skip("getpeername_original", TOOLS) else {
+        return;
+    };
+    let shop = Shop::with_agent(&mc, true).unwrap();
+    for ip in [CHECKOUT_VIP4, CHECKOUT_VIP6] {
+        // Kernel path (fork pod → fork endpoint) and router path (baseline pod → router).
+        for pod in [&shop.frontend_fork, &shop.client] {
+            assert_eq!(peer_name(pod, ip), format!("{ip} 80"), "{}", pod.name());
+        }
+    }
+    // IPv4-mapped on an IPv6 socket keeps its mapped form.
+    let mapped = format!("::ffff:{CHECKOUT_VIP4}");
+    assert_eq!(peer_name(&shop.client, &mapped), format!("{mapped} 80"));
 }

@@ -51,27 +51,63 @@ pub fn sandbox_yaml() -> String {
 
 /// The sandbox manifest with `spec.fallback` set (`Unavailable` or `Baseline`).
 pub fn sandbox_yaml_with_fallback(fallback: &str) -> String {
-    format!(
+    sandbox_manifest(SANDBOX_KEY, fallback, &["frontend", "checkout"])
+}
+
+/// A Sandbox `key` (in `default`) forking each of `services` with the pods labelled
+/// `app: <service>` and `redirect.dev/sandbox: <key>`.
+pub fn sandbox_manifest(key: &str, fallback: &str, services: &[&str]) -> String {
+    let mut yaml = format!(
         "apiVersion: redirect.dev/v1alpha1
 kind: Sandbox
 metadata:
-  name: {SANDBOX_KEY}
+  name: {key}
   namespace: default
   resourceVersion: \"1\"
 spec:
-  routingKey: {SANDBOX_KEY}
+  routingKey: {key}
   fallback: {fallback}
   forks:
-  - service: frontend
-    selector:
-      app: frontend
-      redirect.dev/sandbox: {SANDBOX_KEY}
-  - service: checkout
-    selector:
-      app: checkout
-      redirect.dev/sandbox: {SANDBOX_KEY}
 "
-    )
+    );
+    for service in services {
+        yaml.push_str(&format!(
+            "  - service: {service}
+    selector:
+      app: {service}
+      redirect.dev/sandbox: {key}
+"
+        ));
+    }
+    yaml
+}
+
+/// SIGINT and SIGTERM set a flag instead of killing the process, so a long run (a benchmark)
+/// stops after its current step and still cleans up.
+pub mod stop {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use anyhow::{Context, Result};
+    use nix::sys::signal::{SigHandler, Signal, signal};
+
+    static STOP: AtomicBool = AtomicBool::new(false);
+
+    extern "C" fn on_signal(_: libc::c_int) {
+        STOP.store(true, Ordering::Relaxed);
+    }
+
+    pub fn install() -> Result<()> {
+        for sig in [Signal::SIGINT, Signal::SIGTERM] {
+            // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+            unsafe { signal(sig, SigHandler::Handler(on_signal)) }
+                .context("installing a signal handler")?;
+        }
+        Ok(())
+    }
+
+    pub fn requested() -> bool {
+        STOP.load(Ordering::Relaxed)
+    }
 }
 
 /// The shop on a mini-cluster. Fields drop in reverse order: agent, servers, pods.

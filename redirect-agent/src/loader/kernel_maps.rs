@@ -196,11 +196,6 @@ impl RouterSocks {
         Ok(ConnsTaker { fd })
     }
 
-    /// Number of recorded connections not yet picked up by the router.
-    pub fn pending(&self) -> usize {
-        self.conns.keys().count()
-    }
-
     /// Removes records older than `max_age` (connections that failed before reaching the
     /// router); returns how many.
     pub fn sweep(&mut self, max_age: std::time::Duration) -> usize {

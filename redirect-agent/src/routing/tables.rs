@@ -47,18 +47,3 @@ pub struct Tables {
     pub service_names: BTreeMap<u32, ServiceName>,
     pub keys: BTreeMap<u32, KeyInfo>,
 }
-
-impl Tables {
-    /// The id of a routing key as it appears in requests.
-    pub fn key_id(&self, key: &str) -> Option<u32> {
-        self.keys
-            .iter()
-            .find(|(_, k)| k.key == key)
-            .map(|(id, _)| *id)
-    }
-
-    /// Ready fork endpoints of `service_id` under routing key `key_id`.
-    pub fn fork(&self, key_id: u32, service_id: u32) -> Option<&ForkEndpoints> {
-        self.forks.get(&ForkKey { key_id, service_id })
-    }
-}

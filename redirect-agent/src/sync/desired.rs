@@ -542,6 +542,12 @@ mod tests {
 
     use super::*;
     use crate::crd::{Fork, RouteGroup, RouteGroupSpec, SandboxSpec};
+    use crate::routing::RouteView;
+
+    /// A routing key's id, looked up as the router does.
+    fn key_of(t: &Tables, key: &str) -> Option<u32> {
+        RouteView::new(t.clone()).key_id(key)
+    }
 
     const NS: &str = "shop";
     const VIP: &str = "10.200.128.10";
@@ -911,7 +917,9 @@ mod tests {
             .cgroup("uid-checkout-fx", 4242)
             .sandbox("fx", "feature-x", &[("checkout", "checkout-fx")])
             .desired();
-        let key_id = d.tables.key_id("feature-x").unwrap();
+        let key_id = RouteView::new(d.tables.clone())
+            .key_id("feature-x")
+            .unwrap();
         assert_eq!(d.tables.workloads[&4242].key_id, key_id);
     }
 
@@ -931,7 +939,9 @@ mod tests {
             // checkout-fx-3 has no cgroup yet
             .sandbox("fx", "feature-x", &[("checkout", "checkout-fx")])
             .desired();
-        let key_id = d.tables.key_id("feature-x").unwrap();
+        let key_id = RouteView::new(d.tables.clone())
+            .key_id("feature-x")
+            .unwrap();
         assert_eq!(
             d.tables.workloads,
             BTreeMap::from([(4242, WorkloadValue { key_id, _pad: 0 })])
@@ -948,7 +958,7 @@ mod tests {
             .sandbox("b", "key-b", &[("cart", "shared")])
             .sandbox("a", "key-a", &[("checkout", "shared")])
             .desired();
-        let key_a = d.tables.key_id("key-a").unwrap();
+        let key_a = key_of(&d.tables, "key-a").unwrap();
         assert_eq!(d.tables.workloads[&7].key_id, key_a);
         assert!(d.warnings.iter().any(|w| w.starts_with(
             "Pod shop/shared is selected by forks of Sandbox shop/a and Sandbox shop/b"
@@ -963,7 +973,9 @@ mod tests {
             .sandbox("z-late", "feature-x", &[("cart", "cart-fx")])
             .sandbox("a-early", "feature-x", &[("checkout", "checkout-fx")])
             .desired();
-        let key_id = d.tables.key_id("feature-x").unwrap();
+        let key_id = RouteView::new(d.tables.clone())
+            .key_id("feature-x")
+            .unwrap();
         assert_eq!(d.tables.keys[&key_id].owners, ["shop/a-early"]);
         assert_eq!(
             only_fork(&d).0.service_id,
@@ -988,7 +1000,9 @@ mod tests {
             .sandbox("fy", "feature-y", &[("cart", "cart-fy")])
             .route_group("release", "release-1", "payments")
             .desired();
-        let group = d.tables.key_id("release-1").unwrap();
+        let group = RouteView::new(d.tables.clone())
+            .key_id("release-1")
+            .unwrap();
         let forks: Vec<_> = d
             .tables
             .forks
@@ -1029,7 +1043,9 @@ mod tests {
             .sandbox("fx", "feature-x", &[("checkout", "checkout-fx")])
             .route_group("release", "release-1", "payments")
             .desired();
-        let group = d.tables.key_id("release-1").unwrap();
+        let group = RouteView::new(d.tables.clone())
+            .key_id("release-1")
+            .unwrap();
         let fork = d
             .tables
             .forks
@@ -1053,7 +1069,9 @@ mod tests {
             .sandbox("fx", "feature-x", &[("checkout", "checkout-fx")])
             .route_group("release", "release-1", "nobody")
             .desired();
-        let group = d.tables.key_id("release-1").unwrap();
+        let group = RouteView::new(d.tables.clone())
+            .key_id("release-1")
+            .unwrap();
         assert!(d.tables.forks.keys().all(|k| k.key_id != group));
         assert!(!d.tables.keys[&group].fallback_to_baseline);
         assert_eq!(
@@ -1070,7 +1088,7 @@ mod tests {
             .sandbox("fy", "feature-y", &[("checkout", "checkout-fx")]);
         scene.store.sandboxes[0].spec.fallback = Some(Fallback::Baseline);
         let d = scene.desired();
-        let info = |k| &d.tables.keys[&d.tables.key_id(k).unwrap()];
+        let info = |k| &d.tables.keys[&key_of(&d.tables, k).unwrap()];
         assert!(info("feature-x").fallback_to_baseline);
         assert!(!info("feature-y").fallback_to_baseline);
     }
@@ -1098,8 +1116,8 @@ mod tests {
         let id_of = |d: &Desired| d.tables.services[&v4(VIP, 80)].service_id;
         assert_eq!(id_of(&before), id_of(&after));
         assert_eq!(
-            before.tables.key_id("feature-x"),
-            after.tables.key_id("feature-x")
+            key_of(&before.tables, "feature-x"),
+            key_of(&after.tables, "feature-x")
         );
         assert_eq!(after.tables.service_names.len(), 2);
     }
@@ -1147,11 +1165,14 @@ mod tests {
         assert!(d.warnings.is_empty(), "{:?}", d.warnings);
 
         let t = &d.tables;
-        let key_id = t.key_id("feature-x").unwrap();
+        let key_id = key_of(t, "feature-x").unwrap();
         let svc = t.services[&v4(VIP, 80)].service_id;
         assert_eq!(t.service_names[&svc].to_string(), "shop/checkout:http");
         assert_eq!(t.services[&v4("10.244.1.5", 8080)].service_id, svc);
-        let fork = t.fork(key_id, svc).unwrap();
+        let fork = t.forks[&ForkKey {
+            key_id,
+            service_id: svc,
+        }];
         assert_eq!(fork.count, 1);
         assert_eq!(fork.endpoints[0], v4("10.244.1.9", 8080));
         assert_eq!(t.workloads[&4242].key_id, key_id);

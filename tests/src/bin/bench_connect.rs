@@ -48,19 +48,15 @@ use std::{
     net::{IpAddr, SocketAddr},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
-    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail, ensure};
 use nix::{
     sched::{CloneFlags, setns},
-    sys::{
-        signal::{SigHandler, Signal, signal},
-        socket::{
-            AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, accept4, bind, connect,
-            listen, setsockopt, socket, sockopt,
-        },
+    sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, accept4, bind, connect,
+        listen, setsockopt, socket, sockopt,
     },
 };
 use redirect_tests::{MiniCluster, Pod, Proc, SetupError, agent::Agent};
@@ -298,19 +294,9 @@ fn options(args: &[String]) -> Result<Options> {
     Ok(o)
 }
 
-/// Set by SIGINT/SIGTERM: the benchmark stops after the current sample and cleans up.
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
-}
-
 fn bench(args: &[String]) -> Result<()> {
     let o = options(args)?;
-    for sig in [Signal::SIGINT, Signal::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe { signal(sig, SigHandler::Handler(on_signal)) }.context("signal handler")?;
-    }
+    redirect_tests::scene::stop::install()?;
     let mc = match MiniCluster::new() {
         Ok(mc) => mc,
         Err(SetupError::Skip(why)) => {
@@ -346,29 +332,6 @@ struct Scene<'c> {
     target_fork: Pod<'c>,
 }
 
-fn sandbox_yaml() -> String {
-    format!(
-        "apiVersion: redirect.dev/v1alpha1
-kind: Sandbox
-metadata:
-  name: {KEY}
-  namespace: default
-  resourceVersion: \"1\"
-spec:
-  routingKey: {KEY}
-  forks:
-  - service: caller
-    selector:
-      app: caller
-      redirect.dev/sandbox: {KEY}
-  - service: target
-    selector:
-      app: target
-      redirect.dev/sandbox: {KEY}
-"
-    )
-}
-
 fn measure(mc: &MiniCluster, o: &Options) -> Result<Samples> {
     let exe = std::env::current_exe().context("own path")?;
     let exe = exe.to_str().context("non-UTF-8 own path")?.to_string();
@@ -398,7 +361,10 @@ fn measure(mc: &MiniCluster, o: &Options) -> Result<Samples> {
     mc.service("caller", CALLER_VIP4, CALLER_VIP6, &ports, &[])?;
     let manifests = mc.workdir().join("manifests");
     mc.write_manifests(&manifests)?;
-    fs::write(manifests.join("sandbox-bench.yaml"), sandbox_yaml())?;
+    fs::write(
+        manifests.join("sandbox-bench.yaml"),
+        redirect_tests::scene::sandbox_manifest(KEY, "Unavailable", &["caller", "target"]),
+    )?;
     let agent = Agent::start(mc, &manifests)?;
     println!(
         "mini-cluster {} ready; agent attached at {}, pinned at {}",
@@ -450,7 +416,7 @@ fn measure(mc: &MiniCluster, o: &Options) -> Result<Samples> {
     for round in 0..o.rounds {
         let mut line = format!("round {}/{}:", round + 1, o.rounds);
         for i in 0..Scenario::ALL.len() {
-            if STOP.load(Ordering::Relaxed) {
+            if redirect_tests::scene::stop::requested() {
                 bail!("interrupted");
             }
             let sc = Scenario::ALL[(i + round) % Scenario::ALL.len()];

@@ -52,12 +52,11 @@ use std::{
     fmt::Write as _,
     fs,
     path::{Path, PathBuf},
-    sync::atomic::{AtomicBool, AtomicU32, Ordering},
+    sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use nix::sys::signal::{SigHandler, Signal, signal};
 use redirect_tests::{MiniCluster, Pod, Proc, ROUTER_IP4, SetupError, agent::Agent};
 
 const VIP4: &str = "10.200.2.40";
@@ -145,13 +144,6 @@ fn options(args: &[String]) -> Result<Options> {
         );
     }
     Ok(o)
-}
-
-/// Set by SIGINT/SIGTERM: the benchmark stops after the current sample and cleans up.
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -263,26 +255,6 @@ struct Scene<'c> {
     log_seq: AtomicU32,
 }
 
-fn sandbox_yaml() -> String {
-    format!(
-        "apiVersion: redirect.dev/v1alpha1
-kind: Sandbox
-metadata:
-  name: {KEY}
-  namespace: default
-  resourceVersion: \"1\"
-spec:
-  routingKey: {KEY}
-  fallback: Unavailable
-  forks:
-  - service: checkout
-    selector:
-      app: checkout
-      redirect.dev/sandbox: {KEY}
-"
-    )
-}
-
 fn haproxy_cfg(base: &str, fork: &str) -> String {
     // req.hdr() yields each comma-separated member of every baggage header: the key is one
     // member `routing-key=feature-x`, optionally with `;properties` (W3C baggage).
@@ -339,10 +311,7 @@ fn benchserver_bin() -> Result<PathBuf> {
 
 fn bench(args: &[String]) -> Result<()> {
     let o = options(args)?;
-    for sig in [Signal::SIGINT, Signal::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe { signal(sig, SigHandler::Handler(on_signal)) }.context("installing a handler")?;
-    }
+    redirect_tests::scene::stop::install()?;
     if !nix::unistd::geteuid().is_root() {
         println!(
             "bench router skipped: needs root (network namespaces, cgroups, eBPF); run it as \
@@ -441,7 +410,10 @@ fn run(mc: &MiniCluster, o: &Options) -> Result<Samples> {
     )?;
     let manifests = mc.workdir().join("manifests");
     mc.write_manifests(&manifests)?;
-    fs::write(manifests.join("sandbox-feature-x.yaml"), sandbox_yaml())?;
+    fs::write(
+        manifests.join("sandbox-feature-x.yaml"),
+        redirect_tests::scene::sandbox_manifest(KEY, "Unavailable", &["checkout"]),
+    )?;
     let agent = Agent::start(mc, &manifests)?;
 
     let cfg = mc.workdir().join("haproxy.cfg");
@@ -535,7 +507,7 @@ fn run(mc: &MiniCluster, o: &Options) -> Result<Samples> {
 }
 
 fn stop_requested() -> Result<()> {
-    if STOP.load(Ordering::Relaxed) {
+    if redirect_tests::scene::stop::requested() {
         bail!("interrupted");
     }
     Ok(())

@@ -919,7 +919,12 @@ fn redirectctl_needs_root_and_says_so_and_says_when_nothing_is_pinned() {
         return;
     };
     let bin = ctl_bin();
-    let mut cmd = std::process::Command::new(&bin);
+    // The unprivileged user may not reach the build tree (a checkout under a 0700 directory):
+    // run a copy from the cluster's work dir, which any user can traverse.
+    let copy = mc.workdir().join("redirectctl");
+    std::fs::copy(&bin, &copy).unwrap();
+    std::fs::set_permissions(&copy, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut cmd = std::process::Command::new(&copy);
     cmd.arg("status");
     std::os::unix::process::CommandExt::uid(&mut cmd, 65534);
     let out = cmd.output().unwrap();

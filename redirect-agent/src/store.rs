@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -13,14 +14,15 @@ use crate::crd::{RouteGroup, Sandbox};
 /// Namespace of objects that do not name one.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
-/// Everything `desired()` needs, as typed objects.
+/// Everything `desired()` needs, as typed objects. Objects are shared (`Arc`) so that a source
+/// with caches (the kube watchers) takes a snapshot without copying them.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Store {
-    pub services: Vec<Service>,
-    pub endpoint_slices: Vec<EndpointSlice>,
-    pub pods: Vec<Pod>,
-    pub sandboxes: Vec<Sandbox>,
-    pub route_groups: Vec<RouteGroup>,
+    pub services: Vec<Arc<Service>>,
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
+    pub pods: Vec<Arc<Pod>>,
+    pub sandboxes: Vec<Arc<Sandbox>>,
+    pub route_groups: Vec<Arc<RouteGroup>>,
     /// Problems that do not invalidate the snapshot (e.g. a fork of a Service that does not
     /// exist: that fork has no effect).
     pub warnings: Vec<String>,
@@ -102,6 +104,7 @@ impl Store {
         self.services
             .iter()
             .find(|s| ns_name(&s.metadata) == (namespace, name))
+            .map(|s| &**s)
     }
 
     /// Owners of each routing key, sandboxes (sorted) before route groups (sorted).
@@ -217,9 +220,9 @@ mod tests {
     fn a_routing_key_used_twice_is_a_conflict_naming_both_owners() {
         let store = Store {
             sandboxes: vec![
-                sandbox("b", "two", "k"),
-                sandbox("a", "one", "k"),
-                sandbox("a", "x", "other"),
+                sandbox("b", "two", "k").into(),
+                sandbox("a", "one", "k").into(),
+                sandbox("a", "x", "other").into(),
             ],
             ..Default::default()
         };
@@ -242,8 +245,8 @@ mod tests {
         );
         rg.metadata.namespace = Some("a".into());
         let store = Store {
-            sandboxes: vec![sandbox("z", "sb", "k")],
-            route_groups: vec![rg],
+            sandboxes: vec![sandbox("z", "sb", "k").into()],
+            route_groups: vec![rg.into()],
             ..Default::default()
         };
         let c = &store.key_conflicts()[0];

@@ -227,6 +227,10 @@ pub struct AgentStatus {
     pub router_connections: std::collections::BTreeMap<String, u64>,
     /// Router requests by outcome label.
     pub router_requests: std::collections::BTreeMap<String, u64>,
+    /// Where the routing state comes from and how its watches are doing (absent from agents
+    /// that predate it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<crate::source::kube::health::SourceStatus>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

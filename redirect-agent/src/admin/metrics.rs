@@ -8,6 +8,7 @@ use redirect_common::Reason;
 use crate::{
     loader::{KernelMaps, inspect},
     router::{Dest, LATENCY_BUCKETS, Outcome, RequestOutcome, RouterStats},
+    source::kube::health::{SourceStatus, WatchStatus},
 };
 
 /// Upper bounds (seconds) of the sync duration histogram.
@@ -101,6 +102,75 @@ impl SyncMetrics {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SyncCounts> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The source's watches: one series per watched kind.
+pub fn render_source(out: &mut String, source: &SourceStatus) {
+    type Field = fn(&WatchStatus) -> u64;
+    let series: [(&str, &str, &str, Field); 7] = [
+        (
+            "redirect_source_watch_synced",
+            "gauge",
+            "1 once the watch's first list arrived.",
+            |w| u64::from(w.synced),
+        ),
+        (
+            "redirect_source_watch_connected",
+            "gauge",
+            "1 while the watch's last call succeeded; 0 while the API server fails or cannot be reached (the last good state stays in force).",
+            |w| u64::from(w.connected),
+        ),
+        (
+            "redirect_source_watch_crd_missing",
+            "gauge",
+            "1 while the kind is not served (its CRD is not installed).",
+            |w| u64::from(w.crd_missing),
+        ),
+        (
+            "redirect_source_watch_objects",
+            "gauge",
+            "Objects held by the watch's cache.",
+            |w| w.objects,
+        ),
+        (
+            "redirect_source_watch_events_total",
+            "counter",
+            "Add, update and delete events received.",
+            |w| w.events_total,
+        ),
+        (
+            "redirect_source_watch_lists_total",
+            "counter",
+            "Complete lists (the first, and relists after 410 Gone or errors).",
+            |w| w.lists_total,
+        ),
+        (
+            "redirect_source_watch_errors_total",
+            "counter",
+            "Failed list or watch calls (each retried with backoff).",
+            |w| w.errors_total,
+        ),
+    ];
+    for (name, kind, help, field) in series {
+        header(out, name, kind, help);
+        for w in &source.watches {
+            let _ = writeln!(out, "{name}{{kind=\"{}\"}} {}", w.kind, field(w));
+        }
+    }
+    header(
+        out,
+        "redirect_source_objects_skipped",
+        "gauge",
+        "Objects left out of routing because they cannot be read (named in /status and the log).",
+    );
+    for w in &source.watches {
+        let _ = writeln!(
+            out,
+            "redirect_source_objects_skipped{{kind=\"{}\"}} {}",
+            w.kind,
+            w.skipped.len()
+        );
     }
 }
 

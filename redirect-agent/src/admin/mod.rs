@@ -38,7 +38,15 @@ pub use metrics::SyncMetrics;
 use crate::{
     router::{Dest, Outcome, RequestOutcome, RouterStats, Shared},
     routing::Tables,
+    source::kube::health::{Health, SourceStatus},
 };
+
+/// The source the agent reads (`/status`, `/metrics`).
+#[derive(Default)]
+struct SourceInfo {
+    kind: String,
+    health: Option<Arc<Health>>,
+}
 
 /// Default address of the admin endpoint.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:9967";
@@ -57,6 +65,7 @@ pub struct AdminState {
     last_sync: Mutex<Option<api::SyncInfo>>,
     pub sync: SyncMetrics,
     router: Mutex<Option<Arc<Shared>>>,
+    source: Mutex<SourceInfo>,
     log: Option<LogControl>,
     log_filter: Mutex<String>,
 }
@@ -81,6 +90,7 @@ impl AdminState {
             last_sync: Mutex::new(None),
             sync: SyncMetrics::default(),
             router: Mutex::new(None),
+            source: Mutex::new(SourceInfo::default()),
             log,
             log_filter: Mutex::new(log_filter.to_string()),
         }
@@ -89,6 +99,29 @@ impl AdminState {
     /// The router whose stats `/metrics` shows.
     pub fn set_router(&self, shared: Arc<Shared>) {
         *lock(&self.router) = Some(shared);
+    }
+
+    /// The source the agent reads, and its watches' health when it has watches.
+    pub fn set_source(&self, kind: &str, health: Option<Arc<Health>>) {
+        *lock(&self.source) = SourceInfo {
+            kind: kind.to_string(),
+            health,
+        };
+    }
+
+    /// The source's part of `/status`.
+    pub fn source_status(&self) -> Option<SourceStatus> {
+        let info = lock(&self.source);
+        match &info.health {
+            Some(h) => Some(h.status()),
+            None if info.kind.is_empty() => None,
+            None => Some(SourceStatus {
+                kind: info.kind.clone(),
+                healthy: true,
+                message: String::new(),
+                watches: Vec::new(),
+            }),
+        }
     }
 
     fn router_stats(&self) -> Option<Arc<Shared>> {
@@ -152,6 +185,7 @@ impl AdminState {
                 })
                 .unwrap_or_default(),
             router_requests: stats.map(request_counts).unwrap_or_default(),
+            source: self.source_status(),
         }
     }
 
@@ -160,14 +194,18 @@ impl AdminState {
         let last = lock(&self.last_sync)
             .as_ref()
             .map(|s| s.at_unix_ms as f64 / 1000.0);
-        metrics::render(
+        let mut out = metrics::render(
             &self.pin_dir,
             router.as_ref().map(|r| &r.stats),
             &self.sync.snapshot(),
             self.is_ready(),
             self.generation.load(Ordering::Relaxed),
             last,
-        )
+        );
+        if let Some(source) = self.source_status() {
+            metrics::render_source(&mut out, &source);
+        }
+        out
     }
 
     fn set_log_filter(&self, filter: &str) -> Result<(), String> {

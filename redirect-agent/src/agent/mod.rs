@@ -1,6 +1,8 @@
 //! The node agent's main loop: attach the programs, start the router, and keep the kernel maps
-//! equal to the desired state of the current sources.
+//! equal to the desired state of the current source.
 
+pub mod run_loop;
 mod sync_loop;
 
+pub use run_loop::{LoopContext, LoopError, run};
 pub use sync_loop::{SyncOutcome, Syncer};

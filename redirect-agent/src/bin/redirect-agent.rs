@@ -1,24 +1,19 @@
 //! redirect-agent: the node agent. `redirect-agent --help` lists the commands.
 
-use std::{
-    io::IsTerminal,
-    net::SocketAddr,
-    path::PathBuf,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{io::IsTerminal, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use redirect_agent::{
-    admin::{self, AdminState, LogControl, api::PodEntry},
-    agent::Syncer,
+    admin::{self, AdminState, LogControl},
+    agent::{self, LoopContext, Syncer},
     cgroup::{PodCgroups, cgroup2_mount},
     loader::{self, KernelMaps, LoaderConfig, RouterSocks},
     router::{Router, RouterSettings, key::KeyConfig, to_sockaddr},
-    routing::RouteView,
-    source::manifest::{DEFAULT_POLL_INTERVAL, watch_dir},
-    store::{Store, ns_name},
+    source::{
+        DEFAULT_POLL_INTERVAL, ManifestSource, SourceKind,
+        kube::{DEFAULT_DEBOUNCE, KubeSource, KubeSourceConfig},
+    },
 };
 use redirect_common::{PIN_SUBDIR, RouterConfig};
 use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, reload, util::SubscriberInitExt};
@@ -72,10 +67,23 @@ impl PinArgs {
 struct RunArgs {
     #[command(flatten)]
     pins: PinArgs,
+    /// Where the routing state comes from: `kube` (the Kubernetes API: in-cluster config, or
+    /// the KUBECONFIG file) or `manifests` (a directory, `--manifests`) [default: kube inside a
+    /// pod (KUBERNETES_SERVICE_HOST is set), else manifests].
+    #[arg(long, env = "REDIRECT_SOURCE", value_enum)]
+    source: Option<SourceKind>,
     /// Directory of Kubernetes YAML manifests (Service, EndpointSlice, Pod, Sandbox,
-    /// RouteGroup), watched for changes.
+    /// RouteGroup), watched for changes (with `--source manifests`).
     #[arg(long, env = "REDIRECT_MANIFESTS")]
-    manifests: PathBuf,
+    manifests: Option<PathBuf>,
+    /// With `--source kube`: changes that arrive within this many milliseconds of the previous
+    /// sync are coalesced into one sync at the end of the window; a change after a quiet
+    /// window is synced at once.
+    #[arg(long, env = "REDIRECT_DEBOUNCE_MS", default_value_t = DEFAULT_DEBOUNCE.as_millis() as u64)]
+    debounce_ms: u64,
+    /// With `--source kube`: objects per list page (initial lists and relists).
+    #[arg(long, env = "REDIRECT_KUBE_PAGE_SIZE", default_value_t = 500)]
+    kube_page_size: u32,
     /// cgroup v2 directory to attach at; every pod cgroup must be below it [default: the
     /// cgroup2 mount found in /proc/self/mountinfo].
     #[arg(long, env = "REDIRECT_CGROUP_ROOT")]
@@ -134,10 +142,13 @@ struct RunArgs {
     /// Largest request head accepted; larger gets 431.
     #[arg(long, env = "REDIRECT_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
     max_header_bytes: usize,
-    /// Only pods with this spec.nodeName count as local workloads [default: all pods].
+    /// This node's name (the DaemonSet sets it from spec.nodeName): only its pods count as
+    /// local workloads, and the kube source watches only its pods. Required with `--source
+    /// kube` [default with manifests: all pods].
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
-    /// How often the manifest directory is checked for changes, in milliseconds.
+    /// How often the manifest directory is checked for changes, in milliseconds (with
+    /// `--source manifests`).
     #[arg(long, env = "REDIRECT_POLL_MS", default_value_t = DEFAULT_POLL_INTERVAL.as_millis() as u64)]
     poll_ms: u64,
     /// How often the last good state is re-applied (pods whose cgroup appeared late), in
@@ -217,6 +228,20 @@ fn main() -> Result<()> {
 
 #[tokio::main]
 async fn run(a: RunArgs, log_control: LogControl, log_filter: String) -> Result<()> {
+    let source_kind = a.source.unwrap_or_else(|| {
+        SourceKind::default_for_env(std::env::var("KUBERNETES_SERVICE_HOST").ok().as_deref())
+    });
+    // Check the source's own flags before anything is attached.
+    let kube_node_name = match source_kind {
+        SourceKind::Manifests if a.manifests.is_none() => {
+            anyhow::bail!("--source manifests needs --manifests DIR (REDIRECT_MANIFESTS)")
+        }
+        SourceKind::Manifests => None,
+        SourceKind::Kube => Some(a.node_name.clone().filter(|n| !n.is_empty()).context(
+            "--source kube needs --node-name (NODE_NAME; the DaemonSet sets it from spec.nodeName)",
+        )?),
+    };
+    tracing::info!(source = ?source_kind, "starting");
     let cgroup_root = match a.cgroup_root {
         Some(p) => p,
         None => cgroup2_mount()
@@ -281,113 +306,59 @@ async fn run(a: RunArgs, log_control: LogControl, log_filter: String) -> Result<
     )?;
     let shared = router.shared.clone();
     admin.set_router(shared.clone());
-    shared
-        .view
-        .store(Arc::new(RouteView::new(syncer.last.clone())));
     tokio::spawn(router.serve());
 
-    let mut updates = watch_dir(&a.manifests, Duration::from_millis(a.poll_ms));
-    let mut resync = tokio::time::interval(Duration::from_millis(a.resync_ms.max(100)));
-    let mut last_good: Option<Store> = None;
-    let mut generation = 0u64;
-    loop {
-        tokio::select! {
-            update = updates.recv() => match update {
-                None => anyhow::bail!("the manifest watcher stopped"),
-                Some(Ok(store)) => {
-                    generation += 1;
-                    sync(&mut syncer, &store, generation, true, &admin);
-                    shared.view.store(Arc::new(RouteView::new(syncer.last.clone())));
-                    last_good = Some(store);
-                }
-                Some(Err(errors)) => {
-                    admin.sync.record_manifest_rejected(errors.len());
-                    for error in &errors {
-                        tracing::error!(%error, "manifest rejected");
-                    }
-                    tracing::error!(
-                        errors = errors.len(),
-                        dir = %a.manifests.display(),
-                        "manifests rejected: the last good state stays in force"
-                    );
-                }
-            },
-            _ = resync.tick() => {
-                if let Some(store) = &last_good
-                    && sync(&mut syncer, store, generation, false, &admin)
-                {
-                    shared.view.store(Arc::new(RouteView::new(syncer.last.clone())));
-                }
-                // A tracer killed before it could switch tracing off leaves it on: switch it off.
-                if let Ok(Some(stale)) = loader::inspect::clear_stale_trace(&pin_dir) {
-                    admin.sync.record_stale_trace_cleared();
-                    tracing::info!(tracer_pid = stale.pid, "switched off a trace whose tracer is gone");
-                }
-            }
-            _ = tokio::signal::ctrl_c() => {
-                tracing::info!("stopping; pinned programs and routes stay in place");
-                return Ok(());
+    let ctx = LoopContext {
+        admin: admin.clone(),
+        router: Some(shared),
+        pin_dir,
+        resync: Duration::from_millis(a.resync_ms),
+    };
+    let stop = shutdown_signal();
+    let end = match source_kind {
+        SourceKind::Manifests => {
+            let dir = a
+                .manifests
+                .context("--source manifests needs --manifests DIR")?;
+            admin.set_source("manifests", None);
+            let mut source = ManifestSource::new(dir, Duration::from_millis(a.poll_ms));
+            agent::run(&mut syncer, &mut source, &ctx, stop).await
+        }
+        SourceKind::Kube => {
+            let node_name = kube_node_name.context("unreachable: checked above")?;
+            let client = kube::Client::try_default().await.context(
+                "no Kubernetes client configuration (in-cluster service account, or KUBECONFIG)",
+            )?;
+            let mut source = KubeSource::start(
+                client,
+                &KubeSourceConfig {
+                    node_name,
+                    debounce: Duration::from_millis(a.debounce_ms),
+                    page_size: a.kube_page_size,
+                },
+            );
+            admin.set_source("kube", Some(source.health()));
+            agent::run(&mut syncer, &mut source, &ctx, stop).await
+        }
+    };
+    end?;
+    tracing::info!("stopping; pinned programs and routes stay in place");
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
             }
         }
+        Err(error) => {
+            tracing::warn!(%error, "cannot watch SIGTERM; stopping on SIGINT only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
-}
-
-/// Applies `store`; logs `synced` for every new generation, and for resyncs that changed
-/// something.
-/// Returns whether anything changed.
-fn sync<M, C>(
-    syncer: &mut Syncer<M, C>,
-    store: &Store,
-    generation: u64,
-    new_generation: bool,
-    admin: &AdminState,
-) -> bool
-where
-    M: redirect_agent::sync::RedirectMaps,
-    C: redirect_agent::cgroup::CgroupResolver,
-{
-    let start = Instant::now();
-    let out = syncer.sync(store);
-    admin.synced(
-        &syncer.last,
-        pods(store),
-        generation,
-        start.elapsed(),
-        out.applied,
-        &out.failed,
-    );
-    for w in &out.warnings {
-        tracing::warn!(warning = %w, "sync");
-    }
-    for f in &out.failed {
-        tracing::error!(failure = %f, "map update failed");
-    }
-    if new_generation || out.applied > 0 || !out.failed.is_empty() {
-        tracing::info!(
-            generation,
-            applied = out.applied,
-            failed = out.failed.len(),
-            services = syncer.last.services.len(),
-            forks = syncer.last.forks.len(),
-            workloads = syncer.last.workloads.len(),
-            "synced"
-        );
-    }
-    out.applied > 0
-}
-
-/// The pods of the store by uid, so `redirectctl` can name cgroups.
-fn pods(store: &Store) -> Vec<PodEntry> {
-    store
-        .pods
-        .iter()
-        .filter_map(|p| {
-            let (namespace, name) = ns_name(&p.metadata);
-            Some(PodEntry {
-                uid: p.metadata.uid.clone()?,
-                namespace: namespace.to_string(),
-                name: name.to_string(),
-            })
-        })
-        .collect()
 }

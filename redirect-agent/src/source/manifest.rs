@@ -21,6 +21,7 @@ use serde_yaml::Value;
 use tokio::sync::mpsc;
 
 use crate::crd::{API_VERSION, RouteGroup, Sandbox, SpecError};
+use crate::source::{Rejection, Source, Update};
 use crate::store::{DEFAULT_NAMESPACE, ObjectName, Store};
 
 /// How often [`watch_dir`] looks at the directory by default.
@@ -236,6 +237,42 @@ pub fn watch_dir(
         tracing::error!(%error, "cannot start the manifest watcher thread");
     }
     rx
+}
+
+/// The manifest directory as a [`Source`]: polls it, and yields a snapshot whenever what it
+/// holds changed (or the rejection of every error found, all or nothing).
+pub struct ManifestSource {
+    rx: mpsc::Receiver<Result<Store, Vec<ManifestError>>>,
+}
+
+impl ManifestSource {
+    /// Watches `dir`, looking every `interval` (clamped to 10 ms..60 s).
+    pub fn new(dir: impl Into<PathBuf>, interval: Duration) -> Self {
+        ManifestSource {
+            rx: watch_dir(dir, interval),
+        }
+    }
+}
+
+impl Source for ManifestSource {
+    fn name(&self) -> &'static str {
+        "manifests"
+    }
+
+    async fn next(&mut self) -> Option<Update> {
+        Some(match self.rx.recv().await? {
+            Ok(store) => Update::Snapshot(store),
+            Err(errors) => Update::Rejected(
+                errors
+                    .iter()
+                    .map(|e| Rejection {
+                        message: e.to_string(),
+                        label: e.metric_label(),
+                    })
+                    .collect(),
+            ),
+        })
+    }
 }
 
 /// A hash of the directory listing and contents (and of read errors).
@@ -468,31 +505,31 @@ impl Loader {
                         );
                     }
                 }
-                self.store.services.push(svc);
+                self.store.services.push(svc.into());
             }
             ("discovery.k8s.io/v1", "EndpointSlice") => {
                 let mut eps: EndpointSlice = doc.parse()?;
                 self.register(doc, "EndpointSlice", &mut eps.metadata)?;
-                self.store.endpoint_slices.push(eps);
+                self.store.endpoint_slices.push(eps.into());
             }
             ("v1", "Pod") => {
                 let mut pod: Pod = doc.parse()?;
                 self.register(doc, "Pod", &mut pod.metadata)?;
-                self.store.pods.push(pod);
+                self.store.pods.push(pod.into());
             }
             (API_VERSION, "Sandbox") => {
                 let mut sb: Sandbox = doc.parse()?;
                 self.check_fields(doc, value, &sb.spec)?;
                 self.register(doc, "Sandbox", &mut sb.metadata)?;
                 self.spec_errors(doc, sb.spec.validate())?;
-                self.store.sandboxes.push(sb);
+                self.store.sandboxes.push(sb.into());
             }
             (API_VERSION, "RouteGroup") => {
                 let mut rg: RouteGroup = doc.parse()?;
                 self.check_fields(doc, value, &rg.spec)?;
                 self.register(doc, "RouteGroup", &mut rg.metadata)?;
                 self.spec_errors(doc, rg.spec.validate())?;
-                self.store.route_groups.push(rg);
+                self.store.route_groups.push(rg.into());
             }
             _ => {
                 return Err(Box::new(ManifestError::UnknownKind {

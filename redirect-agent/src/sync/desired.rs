@@ -69,7 +69,7 @@ pub fn desired(store: &Store, node: &mut NodeContext<'_>, ids: &mut IdAllocator)
     };
     b.out.tables.router = node.router;
 
-    let mut sandboxes: Vec<&Sandbox> = store.sandboxes.iter().collect();
+    let mut sandboxes: Vec<&Sandbox> = store.sandboxes.iter().map(|s| &**s).collect();
     sandboxes.sort_by(|a, b| ns_name(&a.metadata).cmp(&ns_name(&b.metadata)));
     let resolved: Vec<ResolvedSandbox<'_>> = sandboxes.iter().map(|sb| b.resolve(sb)).collect();
 
@@ -224,6 +224,7 @@ impl<'s> Builder<'s, '_> {
                 .store
                 .pods
                 .iter()
+                .map(|p| &**p)
                 .filter(|p| {
                     ns_name(&p.metadata).0 == ns
                         && labels_match(&fork.selector, p.metadata.labels.as_ref())
@@ -537,6 +538,7 @@ pub fn display_addr(a: &SockAddr) -> String {
 mod tests {
     use std::collections::HashMap;
     use std::path::Path;
+    use std::sync::Arc;
 
     use serde_json::json;
 
@@ -578,13 +580,13 @@ mod tests {
         }
 
         fn service(mut self, name: &str, cluster_ips: &[&str], ports: serde_json::Value) -> Self {
-            self.store.services.push(
+            self.store.services.push(Arc::new(
                 serde_json::from_value(json!({
                     "metadata": {"name": name, "namespace": NS},
                     "spec": {"clusterIP": cluster_ips[0], "clusterIPs": cluster_ips, "ports": ports},
                 }))
                 .unwrap(),
-            );
+            ));
             self
         }
 
@@ -594,7 +596,7 @@ mod tests {
 
         fn slice(mut self, service: &str, port: (&str, u16), addresses: &[&str]) -> Self {
             let name = format!("{service}-{}", self.store.endpoint_slices.len());
-            self.store.endpoint_slices.push(
+            self.store.endpoint_slices.push(Arc::new(
                 serde_json::from_value(json!({
                     "metadata": {"name": name, "namespace": NS,
                                  "labels": {SERVICE_NAME_LABEL: service}},
@@ -603,12 +605,14 @@ mod tests {
                     "endpoints": addresses.iter().map(|a| json!({"addresses": [a]})).collect::<Vec<_>>(),
                 }))
                 .unwrap(),
-            );
+            ));
             self
         }
 
         fn pod_json(mut self, pod: serde_json::Value) -> Self {
-            self.store.pods.push(serde_json::from_value(pod).unwrap());
+            self.store
+                .pods
+                .push(Arc::new(serde_json::from_value(pod).unwrap()));
             self
         }
 
@@ -636,7 +640,7 @@ mod tests {
             );
             sb.metadata.namespace = Some(NS.into());
             sb.metadata.labels = Some([("team".to_string(), "payments".to_string())].into());
-            self.store.sandboxes.push(sb);
+            self.store.sandboxes.push(sb.into());
             self
         }
 
@@ -649,7 +653,7 @@ mod tests {
                 },
             );
             rg.metadata.namespace = Some("groups".into());
-            self.store.route_groups.push(rg);
+            self.store.route_groups.push(rg.into());
             self
         }
 
@@ -1086,7 +1090,7 @@ mod tests {
             .checkout()
             .sandbox("fx", "feature-x", &[("checkout", "checkout-fx")])
             .sandbox("fy", "feature-y", &[("checkout", "checkout-fx")]);
-        scene.store.sandboxes[0].spec.fallback = Some(Fallback::Baseline);
+        Arc::make_mut(&mut scene.store.sandboxes[0]).spec.fallback = Some(Fallback::Baseline);
         let d = scene.desired();
         let info = |k| &d.tables.keys[&key_of(&d.tables, k).unwrap()];
         assert!(info("feature-x").fallback_to_baseline);

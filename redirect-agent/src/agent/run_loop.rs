@@ -1,0 +1,287 @@
+//! The agent's main loop: every snapshot of the source becomes a new generation that is synced
+//! to the maps and published to the router and the admin endpoint; a resync timer re-applies
+//! the last good snapshot (pods whose cgroup appeared late, maps changed behind our back).
+
+use std::{future::Future, path::PathBuf, sync::Arc, time::Duration, time::Instant};
+
+use crate::{
+    admin::{AdminState, api::PodEntry},
+    cgroup::CgroupResolver,
+    loader,
+    router::Shared,
+    routing::RouteView,
+    source::{Source, Update},
+    store::{Store, ns_name},
+    sync::RedirectMaps,
+};
+
+use super::Syncer;
+
+/// Why the loop ended other than by the shutdown signal.
+#[derive(Debug, thiserror::Error)]
+pub enum LoopError {
+    #[error("the {0} source stopped")]
+    SourceStopped(&'static str),
+}
+
+/// What the loop drives besides the maps.
+pub struct LoopContext {
+    pub admin: Arc<AdminState>,
+    /// The router's shared state, whose route view is swapped after every change.
+    pub router: Option<Arc<Shared>>,
+    /// Where the pins are (stale trace switch-off).
+    pub pin_dir: PathBuf,
+    /// How often the last good snapshot is re-applied.
+    pub resync: Duration,
+}
+
+/// Runs until `shutdown` completes (`Ok`) or the source stops (`Err`). The last good state
+/// stays in force in between: a rejected update changes nothing.
+pub async fn run<M, C, S>(
+    syncer: &mut Syncer<M, C>,
+    source: &mut S,
+    ctx: &LoopContext,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), LoopError>
+where
+    M: RedirectMaps,
+    C: CgroupResolver,
+    S: Source,
+{
+    publish(syncer, ctx);
+    let mut resync = tokio::time::interval(ctx.resync.max(Duration::from_millis(100)));
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_good: Option<Store> = None;
+    let mut generation = 0u64;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            update = source.next() => match update {
+                None => return Err(LoopError::SourceStopped(source.name())),
+                Some(Update::Snapshot(store)) => {
+                    generation += 1;
+                    sync(syncer, &store, generation, true, &ctx.admin);
+                    publish(syncer, ctx);
+                    last_good = Some(store);
+                }
+                Some(Update::Rejected(errors)) => {
+                    ctx.admin.sync.record_manifest_rejected(errors.len());
+                    for error in &errors {
+                        tracing::error!(error = %error.message, label = error.label, "{} rejected", source.name());
+                    }
+                    tracing::error!(
+                        errors = errors.len(),
+                        "{} rejected: the last good state stays in force",
+                        source.name()
+                    );
+                }
+            },
+            _ = resync.tick() => {
+                if let Some(store) = &last_good
+                    && sync(syncer, store, generation, false, &ctx.admin)
+                {
+                    publish(syncer, ctx);
+                }
+                // A tracer killed before it could switch tracing off leaves it on: switch it off.
+                if let Ok(Some(stale)) = loader::inspect::clear_stale_trace(&ctx.pin_dir) {
+                    ctx.admin.sync.record_stale_trace_cleared();
+                    tracing::info!(tracer_pid = stale.pid, "switched off a trace whose tracer is gone");
+                }
+            }
+            _ = &mut shutdown => return Ok(()),
+        }
+    }
+}
+
+/// Hands the syncer's current tables to the router.
+fn publish<M: RedirectMaps, C: CgroupResolver>(syncer: &Syncer<M, C>, ctx: &LoopContext) {
+    if let Some(router) = &ctx.router {
+        router
+            .view
+            .store(Arc::new(RouteView::new(syncer.last.clone())));
+    }
+}
+
+/// Applies `store`; logs `synced` for every new generation, and for resyncs that changed
+/// something. Returns whether anything changed.
+pub fn sync<M, C>(
+    syncer: &mut Syncer<M, C>,
+    store: &Store,
+    generation: u64,
+    new_generation: bool,
+    admin: &AdminState,
+) -> bool
+where
+    M: RedirectMaps,
+    C: CgroupResolver,
+{
+    let start = Instant::now();
+    let out = syncer.sync(store);
+    admin.synced(
+        &syncer.last,
+        pods(store),
+        generation,
+        start.elapsed(),
+        out.applied,
+        &out.failed,
+    );
+    for w in &out.warnings {
+        tracing::warn!(warning = %w, "sync");
+    }
+    for f in &out.failed {
+        tracing::error!(failure = %f, "map update failed");
+    }
+    if new_generation || out.applied > 0 || !out.failed.is_empty() {
+        tracing::info!(
+            generation,
+            applied = out.applied,
+            failed = out.failed.len(),
+            services = syncer.last.services.len(),
+            forks = syncer.last.forks.len(),
+            workloads = syncer.last.workloads.len(),
+            "synced"
+        );
+    }
+    out.applied > 0
+}
+
+/// The pods of the store by uid, so `redirectctl` can name cgroups.
+fn pods(store: &Store) -> Vec<PodEntry> {
+    store
+        .pods
+        .iter()
+        .filter_map(|p| {
+            let (namespace, name) = ns_name(&p.metadata);
+            Some(PodEntry {
+                uid: p.metadata.uid.clone()?,
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{HashMap, VecDeque};
+
+    use redirect_common::RouterConfig;
+
+    use super::*;
+    use crate::source::{Rejection, load_texts};
+    use crate::sync::MemoryMaps;
+
+    /// A source that yields scripted updates, then stays silent (or stops when `stop`).
+    struct Scripted {
+        updates: VecDeque<Update>,
+        stop: bool,
+    }
+
+    impl Source for Scripted {
+        fn name(&self) -> &'static str {
+            "scripted"
+        }
+        async fn next(&mut self) -> Option<Update> {
+            match self.updates.pop_front() {
+                Some(u) => Some(u),
+                None if self.stop => None,
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    fn store_with_sandbox() -> Store {
+        let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: checkout, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: redirect.dev/v1alpha1
+kind: Sandbox
+metadata: {name: fx, namespace: default}
+spec:
+  routingKey: fx
+  forks: [{service: checkout, selector: {app: checkout-fx}}]
+"#;
+        load_texts(&[("scene.yaml".into(), yaml.into())]).expect("the scene loads")
+    }
+
+    fn ctx() -> LoopContext {
+        LoopContext {
+            admin: Arc::new(AdminState::new(
+                "/nonexistent".into(),
+                "/nonexistent".into(),
+                None,
+                "info",
+            )),
+            router: None,
+            pin_dir: "/nonexistent".into(),
+            resync: Duration::from_secs(3600),
+        }
+    }
+
+    fn syncer() -> Syncer<MemoryMaps, HashMap<String, u64>> {
+        Syncer::new(
+            MemoryMaps::default(),
+            HashMap::new(),
+            None,
+            RouterConfig::default(),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_rejected_update_keeps_the_last_good_state_and_counts_the_errors() {
+        let mut syncer = syncer();
+        let ctx = ctx();
+        let mut source = Scripted {
+            updates: VecDeque::from([
+                Update::Snapshot(store_with_sandbox()),
+                Update::Rejected(vec![Rejection {
+                    message: "zz.yaml:3: bad".into(),
+                    label: "invalid_object",
+                }]),
+            ]),
+            stop: true,
+        };
+        let end = run(&mut syncer, &mut source, &ctx, std::future::pending()).await;
+        assert!(matches!(end, Err(LoopError::SourceStopped("scripted"))));
+        assert_eq!(syncer.last.keys.len(), 1, "the sandbox key stays");
+        assert_eq!(
+            syncer.maps.read().unwrap().forks.len(),
+            1,
+            "the fork is in the maps"
+        );
+        assert_eq!(ctx.admin.sync.snapshot().manifest_errors, 1);
+        assert_eq!(ctx.admin.status().generation, 1);
+        assert!(ctx.admin.is_ready());
+    }
+
+    #[tokio::test]
+    async fn shutdown_ends_the_loop_with_the_maps_as_last_synced() {
+        let mut syncer = syncer();
+        let ctx = ctx();
+        let mut source = Scripted {
+            updates: VecDeque::from([Update::Snapshot(store_with_sandbox())]),
+            stop: false,
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let stop = async move {
+            let _ = rx.await;
+        };
+        let handle = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = tx.send(());
+        };
+        let (end, ()) = tokio::join!(run(&mut syncer, &mut source, &ctx, stop), handle);
+        assert!(end.is_ok());
+        assert_eq!(
+            syncer.maps.read().unwrap().forks.len(),
+            1,
+            "the fork is in the maps"
+        );
+    }
+}

@@ -16,6 +16,7 @@ use super::{
 use crate::{
     admin::api::AgentStatus,
     loader::{inspect, monotonic_ns},
+    source::kube::health::SourceStatus,
 };
 
 #[derive(Debug, Serialize)]
@@ -289,6 +290,9 @@ pub fn render(doc: &StatusDoc) -> String {
                 )),
                 None => out.push_str("last sync: none yet\n"),
             }
+            if let Some(src) = &s.source {
+                render_source(&mut out, src);
+            }
         }
         None => out.push_str(&format!(
             "agent: UNREACHABLE {}{}\n",
@@ -303,8 +307,102 @@ pub fn render(doc: &StatusDoc) -> String {
     out
 }
 
+/// The source line and, for the kube source, one row per watch.
+fn render_source(out: &mut String, src: &SourceStatus) {
+    out.push_str(&format!(
+        "source: {}{}\n",
+        src.kind,
+        if src.message.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " ({}{})",
+                if src.healthy { "" } else { "PROBLEM: " },
+                src.message
+            )
+        }
+    ));
+    if src.watches.is_empty() {
+        return;
+    }
+    let mut t = Table::new(&[
+        "WATCH",
+        "SCOPE",
+        "SYNCED",
+        "CONNECTED",
+        "OBJECTS",
+        "EVENTS",
+        "LISTS",
+        "ERRORS",
+        "SKIPPED",
+        "LAST ERROR",
+    ]);
+    for w in &src.watches {
+        let yes_no = |b: bool| if b { "yes" } else { "NO" }.to_string();
+        t.row(vec![
+            w.kind.clone(),
+            w.scope.clone(),
+            if w.crd_missing {
+                "NO CRD".into()
+            } else {
+                yes_no(w.synced)
+            },
+            yes_no(w.connected),
+            w.objects.to_string(),
+            w.events_total.to_string(),
+            w.lists_total.to_string(),
+            w.errors_total.to_string(),
+            w.skipped.len().to_string(),
+            w.last_error.clone().unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    out.push('\n');
+    out.push_str(&t.render());
+    for w in &src.watches {
+        for (name, reason) in &w.skipped {
+            out.push_str(&format!("skipped {} {name}: {reason}\n", w.kind));
+        }
+    }
+}
+
 pub fn run(ctx: &Ctx) -> Result<(), CtlError> {
     let doc = collect(ctx)?;
     ctx.print(&doc, || render(&doc));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::kube::health::WatchStatus;
+
+    #[test]
+    fn a_failing_watch_and_a_skipped_object_are_shown_with_the_reason() {
+        let src = SourceStatus {
+            kind: "kube".into(),
+            healthy: false,
+            message: "the API server cannot be reached or fails for Pod".into(),
+            watches: vec![WatchStatus {
+                kind: "Pod".into(),
+                scope: "spec.nodeName=n1".into(),
+                synced: true,
+                connected: false,
+                errors_total: 3,
+                last_error: Some("connection refused".into()),
+                skipped: [("shop/odd".to_string(), "bad".to_string())].into(),
+                ..WatchStatus::default()
+            }],
+        };
+        let mut out = String::new();
+        render_source(&mut out, &src);
+        assert!(
+            out.starts_with("source: kube (PROBLEM: the API server cannot be reached"),
+            "{out}"
+        );
+        let row = out.lines().find(|l| l.starts_with("Pod")).unwrap();
+        for cell in ["spec.nodeName=n1", "yes", "NO", "3", "connection refused"] {
+            assert!(row.contains(cell), "{cell} missing from {row:?}");
+        }
+        assert!(out.contains("skipped Pod shop/odd: bad"), "{out}");
+    }
 }

@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use redirect_common::{
     ForkEndpoints, ForkKey, MAX_FORK_ENDPOINTS, RouterConfig, ServiceValue, SockAddr, WorkloadValue,
@@ -24,6 +25,7 @@ use redirect_common::{
 pub use super::ids::IdAllocator;
 use crate::cgroup::CgroupResolver;
 use crate::crd::{Fallback, Sandbox, validate_routing_key};
+use crate::forkslice::{ForkSliceRef, parse_fork_slice};
 use crate::routing::{KeyInfo, ServiceName, Tables};
 use crate::store::{ObjectName, Store, labels_match, ns_name};
 
@@ -66,6 +68,7 @@ pub fn desired(store: &Store, node: &mut NodeContext<'_>, ids: &mut IdAllocator)
         ids,
         out: Desired::default(),
         forked: BTreeMap::new(),
+        fork_slices: fork_slice_index(store),
     };
     b.out.tables.router = node.router;
 
@@ -177,6 +180,19 @@ struct Builder<'s, 'i> {
     out: Desired,
     /// Service id → its name and (Service, port), for every service port some fork names.
     forked: BTreeMap<u32, (ServiceName, &'s Service, &'s ServicePort)>,
+    /// The controller's fork slices (fork pods on every node) by sandbox and service.
+    fork_slices: BTreeMap<ForkSliceRef, Vec<&'s EndpointSlice>>,
+}
+
+/// The fork slices of the store, by what they are about.
+fn fork_slice_index(store: &Store) -> BTreeMap<ForkSliceRef, Vec<&EndpointSlice>> {
+    let mut index: BTreeMap<ForkSliceRef, Vec<&EndpointSlice>> = BTreeMap::new();
+    for slice in &store.endpoint_slices {
+        if let Some(r) = parse_fork_slice(slice) {
+            index.entry(r).or_default().push(slice);
+        }
+    }
+    index
 }
 
 impl<'s> Builder<'s, '_> {
@@ -267,7 +283,8 @@ impl<'s> Builder<'s, '_> {
         }
     }
 
-    /// Ready endpoints of the selected pods (sorted by name) for one service port.
+    /// Ready endpoints of the selected pods (sorted by name) for one service port, then those
+    /// of the controller's fork slices that are not among them (fork pods on other nodes).
     fn fork_endpoints(
         &mut self,
         sandbox: &ObjectName,
@@ -285,6 +302,22 @@ impl<'s> Builder<'s, '_> {
                 continue;
             };
             all.extend(pod_ips(pod).into_iter().map(|ip| sockaddr(ip, target)));
+        }
+        let slice_key = ForkSliceRef {
+            sandbox_namespace: sandbox.namespace.clone(),
+            sandbox_name: sandbox.name.clone(),
+            service_namespace: service.namespace.clone(),
+            service: service.name.clone(),
+        };
+        let mut published = Vec::new();
+        for slice in self.fork_slices.get(&slice_key).into_iter().flatten() {
+            published.extend(slice_endpoints(slice, port.name.as_deref().unwrap_or("")));
+        }
+        published.sort();
+        for a in published {
+            if !all.contains(&a) {
+                all.push(a);
+            }
         }
         let (eps, dropped) = ForkEndpoints::from_endpoints(&all);
         if dropped > 0 {
@@ -425,6 +458,40 @@ impl<'s> Builder<'s, '_> {
         out.dedup();
         out
     }
+}
+
+/// Ready, not terminating addresses of an EndpointSlice on its port named `port_name` (TCP).
+fn slice_endpoints(slice: &EndpointSlice, port_name: &str) -> Vec<SockAddr> {
+    let number = slice
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| {
+            p.name.as_deref().unwrap_or("") == port_name
+                && p.protocol.as_deref().is_none_or(|p| p == "TCP")
+        })
+        .and_then(|p| p.port)
+        .and_then(|p| u16::try_from(p).ok());
+    let Some(number) = number else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for ep in &slice.endpoints {
+        let c = ep.conditions.as_ref();
+        // A missing `ready` means ready (EndpointSlice API).
+        let ready = c.and_then(|c| c.ready).unwrap_or(true);
+        let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+        if !ready || terminating {
+            continue;
+        }
+        out.extend(
+            ep.addresses
+                .iter()
+                .filter_map(|a| a.parse::<IpAddr>().ok())
+                .map(|ip| sockaddr(ip, number)),
+        );
+    }
+    out
 }
 
 fn tcp_ports(svc: &Service) -> Vec<&ServicePort> {
@@ -824,6 +891,64 @@ mod tests {
         let (key, eps) = only_fork(&d);
         assert_eq!(d.tables.keys[&key.key_id].key, "feature-x");
         assert_eq!(eps, [v4("10.244.1.9", 8080)]);
+    }
+
+    #[test]
+    fn fork_pods_on_other_nodes_come_from_the_controllers_fork_slices() {
+        use crate::forkslice::{
+            FORK_OF_LABEL, MANAGED_BY, MANAGED_BY_LABEL, SANDBOX_LABEL, SANDBOX_NAMESPACE_LABEL,
+        };
+        let fork_slice = |name: &str, sandbox: &str, endpoints: serde_json::Value| {
+            json!({
+                "metadata": {"name": name, "namespace": NS, "labels": {
+                    MANAGED_BY_LABEL: MANAGED_BY, SANDBOX_LABEL: sandbox,
+                    SANDBOX_NAMESPACE_LABEL: NS, FORK_OF_LABEL: "checkout"}},
+                "addressType": "IPv4",
+                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+                "endpoints": endpoints,
+            })
+        };
+        let mut scene = Scene::new()
+            .checkout()
+            .pod("checkout-fx", "checkout-fx", "10.244.1.9")
+            .sandbox("fx", "feature-x", &[("checkout", "checkout-fx")]);
+        for slice in [
+            fork_slice(
+                "fx-checkout-a",
+                "fx",
+                json!([
+                    // The local pod again (published too): listed once.
+                    {"addresses": ["10.244.1.9"], "conditions": {"ready": true}, "nodeName": NODE},
+                    {"addresses": ["10.244.2.7"], "conditions": {"ready": true}, "nodeName": "other"},
+                    {"addresses": ["10.244.2.8"], "nodeName": "other"},
+                    {"addresses": ["10.244.2.9"], "conditions": {"ready": false}},
+                    {"addresses": ["10.244.2.10"], "conditions": {"ready": true, "terminating": true}},
+                ]),
+            ),
+            // Another sandbox's fork of the same service: not ours.
+            fork_slice(
+                "other-checkout-a",
+                "other",
+                json!([{"addresses": ["10.244.3.1"]}]),
+            ),
+        ] {
+            scene
+                .store
+                .endpoint_slices
+                .push(Arc::new(serde_json::from_value(slice).unwrap()));
+        }
+        let d = scene.desired();
+        let (_, eps) = only_fork(&d);
+        assert_eq!(
+            eps,
+            [
+                v4("10.244.1.9", 8080),
+                v4("10.244.2.7", 8080),
+                v4("10.244.2.8", 8080)
+            ]
+        );
+        // A fork slice is never a baseline backend of the service.
+        assert!(!d.tables.services.contains_key(&v4("10.244.2.7", 8080)));
     }
 
     #[test]

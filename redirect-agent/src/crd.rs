@@ -39,8 +39,37 @@ pub const TTL_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$";
     shortname = "sbx",
     category = "redirect",
     doc = "A routing key plus the forks that stand in for baseline services when a request carries it.",
-    printcolumn(name = "Key", type_ = "string", json_path = ".spec.routingKey"),
-    printcolumn(name = "TTL", type_ = "string", json_path = ".spec.ttl"),
+    printcolumn(
+        name = "Key",
+        type_ = "string",
+        description = "The routing key requests carry.",
+        json_path = ".spec.routingKey"
+    ),
+    printcolumn(
+        name = "Forks",
+        type_ = "integer",
+        description = "Number of forks (from the controller's last status).",
+        json_path = ".status.forkCount"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        description = "Valid, and every fork has a ready endpoint.",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Endpoints",
+        type_ = "integer",
+        description = "Ready fork endpoints, over all forks.",
+        json_path = ".status.readyEndpoints"
+    ),
+    printcolumn(
+        name = "TTL",
+        type_ = "string",
+        description = "Lifetime after creation.",
+        json_path = ".spec.ttl",
+        priority = 1
+    ),
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -48,13 +77,24 @@ pub const TTL_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$";
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.forks) || self.forks.all(f, self.forks.exists_one(g, g.service == f.service && (has(g.__namespace__) ? g.__namespace__ : '') == (has(f.__namespace__) ? f.__namespace__ : '')))",
+        "message": "each service may be forked once per sandbox"
+    },
+    {
+        "rule": "!has(self.ttl) || duration(self.ttl) > duration('0s')",
+        "message": "ttl must be positive"
+    }
+]))]
 pub struct SandboxSpec {
     /// The key requests carry (`baggage: routing-key=<key>`): 1 to 128 characters of
     /// `[A-Za-z0-9._~-]`, unique among sandboxes and route groups.
     #[schemars(length(min = 1, max = 128), regex(pattern = ROUTING_KEY_PATTERN))]
     pub routing_key: String,
-    /// The services this sandbox replaces.
+    /// The services this sandbox replaces, each at most once (at most 64).
     #[serde(default)]
+    #[schemars(length(max = 64))]
     pub forks: Vec<Fork>,
     /// What a request for a fork with no ready endpoint gets (default `Unavailable`: a 503,
     /// so a broken fork is never hidden by a silent fallback).
@@ -70,12 +110,21 @@ pub struct SandboxSpec {
 /// Pods that stand in for a baseline Service inside a sandbox.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "size(self.selector) > 0",
+        "message": "selector must not be empty: it would select every pod of the namespace"
+    }
+]))]
 pub struct Fork {
-    /// Name of the baseline Service.
-    #[schemars(length(min = 1))]
+    /// Name of the baseline Service (in the sandbox's namespace).
+    #[schemars(length(min = 1, max = 63))]
     pub service: String,
-    /// Namespace of the baseline Service and of the fork pods (default: the sandbox's).
+    /// Namespace of the baseline Service and of the fork pods. Optional, and when set it must
+    /// be the sandbox's own: the controller marks a fork of another namespace's Service
+    /// invalid (`CrossNamespaceFork`), since a tenant must not fork someone else's service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
     pub namespace: Option<String>,
     /// Labels (matchLabels) of the fork pods, in the Service's namespace. Must not be empty.
     #[schemars(extend("minProperties" = 1))]
@@ -92,28 +141,99 @@ pub enum Fallback {
     Unavailable,
 }
 
-/// Written by the controller.
+/// What the controller (`redirect-agent controller`) observed; written only by it, through the
+/// status subresource.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SandboxStatus {
-    /// `Ready`, `KeyConflict`, `Expired`... as standard conditions.
+    /// `Valid` (the spec is usable: key syntax and uniqueness, TTL, forks of existing Services
+    /// of the sandbox's namespace; reasons `Validated`, `InvalidSpec`, `InvalidRoutingKey`,
+    /// `InvalidTtl`, `EmptyForkService`, `EmptyForkSelector`, `DuplicateFork`,
+    /// `CrossNamespaceFork`, `UnknownService`, `KeyConflict`) and `Ready` (valid, and every
+    /// fork has a ready endpoint; reasons `ForksReady`, `Invalid`, `NoMatchingPods`,
+    /// `NoReadyEndpoints`), as standard conditions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+    /// The `metadata.generation` the conditions were computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Per fork, in the order of `spec.forks`: its Service and how many fork pods are ready.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forks: Vec<ForkStatus>,
+    /// Number of forks in the spec.
+    #[serde(default)]
+    pub fork_count: i32,
+    /// Ready fork endpoints (pods) over all forks.
+    #[serde(default)]
+    pub ready_endpoints: i32,
+}
+
+/// One fork as the controller sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ForkStatus {
+    /// Name of the forked Service.
+    pub service: String,
+    /// Namespace of the forked Service and of its fork pods.
+    pub namespace: String,
+    /// Fork pods that are ready and serve at least one TCP port of the Service (the endpoints
+    /// published for the node agents in the fork's EndpointSlices).
+    #[serde(default)]
+    pub ready_endpoints: i32,
+}
+
+/// What the controller observed of a route group; written only by it.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteGroupStatus {
+    /// `Valid` (key syntax and uniqueness; reasons `Validated`, `InvalidSpec`,
+    /// `InvalidRoutingKey`, `KeyConflict`) and `Ready` (valid and selecting at least one
+    /// sandbox; reasons `SandboxesSelected`, `Invalid`, `NoMatchingSandboxes`), as standard
+    /// conditions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` the conditions were computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Number of sandboxes `sandboxSelector` matches (in every namespace).
+    #[serde(default)]
+    pub sandboxes: i32,
 }
 
 /// One routing key over several sandboxes: a request carrying it goes to the forks of every
 /// sandbox whose labels match `sandboxSelector` (in any namespace).
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Clone, Debug, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[kube(
     group = "redirect.dev",
     version = "v1alpha1",
     kind = "RouteGroup",
     namespaced,
+    status = "RouteGroupStatus",
     derive = "PartialEq",
     shortname = "rg",
     category = "redirect",
     doc = "One routing key whose forks are the union of the forks of the sandboxes it selects.",
-    printcolumn(name = "Key", type_ = "string", json_path = ".spec.routingKey"),
+    printcolumn(
+        name = "Key",
+        type_ = "string",
+        description = "The routing key requests carry.",
+        json_path = ".spec.routingKey"
+    ),
+    printcolumn(
+        name = "Sandboxes",
+        type_ = "integer",
+        description = "Sandboxes the selector matches.",
+        json_path = ".status.sandboxes"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        description = "Valid, and selecting at least one sandbox.",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -125,7 +245,8 @@ pub struct RouteGroupSpec {
     /// The key requests carry; same syntax as a sandbox's, unique among both.
     #[schemars(length(min = 1, max = 128), regex(pattern = ROUTING_KEY_PATTERN))]
     pub routing_key: String,
-    /// Labels (matchLabels) of the member sandboxes, in any namespace; empty selects all.
+    /// Labels (matchLabels) of the member sandboxes, in any namespace; empty selects every
+    /// sandbox.
     #[serde(default)]
     pub sandbox_selector: BTreeMap<String, String>,
 }
@@ -146,6 +267,17 @@ pub enum SpecError {
 }
 
 impl SpecError {
+    /// The reason (CamelCase) of the `Valid=False` condition the controller writes for it.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SpecError::InvalidRoutingKey { .. } => "InvalidRoutingKey",
+            SpecError::InvalidTtl { .. } => "InvalidTtl",
+            SpecError::EmptyForkService { .. } => "EmptyForkService",
+            SpecError::EmptyForkSelector { .. } => "EmptyForkSelector",
+            SpecError::DuplicateFork { .. } => "DuplicateFork",
+        }
+    }
+
     /// Bounded label for metrics.
     pub fn metric_label(&self) -> &'static str {
         match self {
@@ -349,6 +481,106 @@ mod tests {
         assert_eq!(s.fallback(), Fallback::Baseline);
         assert_eq!(s.ttl(), Some(Duration::from_secs(7200)));
         assert_eq!(s.forks[0].namespace_or("team-a"), "team-a");
+    }
+
+    fn crd_docs() -> Vec<serde_yaml::Value> {
+        serde_yaml::Deserializer::from_str(&crd_yaml())
+            .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+            .collect()
+    }
+
+    fn schema(doc: &serde_yaml::Value) -> &serde_yaml::Value {
+        &doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    }
+
+    /// Paths of properties without a description.
+    fn undescribed(schema: &serde_yaml::Value, path: &str, out: &mut Vec<String>) {
+        if let Some(props) = schema["properties"].as_mapping() {
+            for (name, prop) in props {
+                let path = format!("{path}.{}", name.as_str().unwrap());
+                if prop["description"].as_str().is_none_or(str::is_empty) {
+                    out.push(path.clone());
+                }
+                undescribed(prop, &path, out);
+            }
+        }
+        if !schema["items"].is_null() {
+            undescribed(&schema["items"], &format!("{path}[]"), out);
+        }
+    }
+
+    #[test]
+    fn every_field_of_both_crds_has_a_description_for_kubectl_explain() {
+        for doc in crd_docs() {
+            let mut missing = Vec::new();
+            undescribed(schema(&doc), "", &mut missing);
+            assert!(
+                missing.is_empty(),
+                "{}: {missing:?}",
+                doc["metadata"]["name"].as_str().unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn both_crds_have_a_status_subresource_and_printer_columns() {
+        let docs = crd_docs();
+        let columns = |d: &serde_yaml::Value| -> Vec<String> {
+            d["spec"]["versions"][0]["additionalPrinterColumns"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .map(|c| c["name"].as_str().unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(
+            columns(&docs[0]),
+            ["Key", "Forks", "Ready", "Endpoints", "TTL", "Age"]
+        );
+        assert_eq!(columns(&docs[1]), ["Key", "Sandboxes", "Ready", "Age"]);
+        for d in &docs {
+            assert!(d["spec"]["versions"][0]["subresources"]["status"].is_mapping());
+            let conditions = &schema(d)["properties"]["status"]["properties"]["conditions"];
+            assert_eq!(conditions["x-kubernetes-list-type"], "map");
+        }
+        let status = &schema(&docs[0])["properties"]["status"]["properties"];
+        for field in [
+            "conditions",
+            "observedGeneration",
+            "forks",
+            "forkCount",
+            "readyEndpoints",
+        ] {
+            assert!(!status[field].is_null(), "status.{field}");
+        }
+    }
+
+    #[test]
+    fn cel_rules_reject_duplicate_forks_empty_selectors_and_zero_ttls() {
+        let docs = crd_docs();
+        let spec = &schema(&docs[0])["properties"]["spec"];
+        let rules = |v: &serde_yaml::Value| -> Vec<String> {
+            v["x-kubernetes-validations"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .map(|r| r["rule"].as_str().unwrap().to_string())
+                .collect()
+        };
+        let spec_rules = rules(spec);
+        assert!(
+            spec_rules.iter().any(|r| r.contains("exists_one")),
+            "{spec_rules:?}"
+        );
+        assert!(spec_rules.iter().any(|r| r.contains("duration(self.ttl)")));
+        // `namespace` is a CEL reserved word: it must be escaped.
+        assert!(spec_rules.iter().all(|r| !r.contains(".namespace")));
+        assert_eq!(
+            rules(&spec["properties"]["forks"]["items"]),
+            ["size(self.selector) > 0"]
+        );
+        // The list and its strings are bounded, so the API server can bound the rules' cost.
+        assert_eq!(spec["properties"]["forks"]["maxItems"], 64);
     }
 
     #[test]

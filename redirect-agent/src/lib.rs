@@ -5,8 +5,11 @@
 pub mod admin;
 pub mod agent;
 pub mod cgroup;
+pub mod controller;
 pub mod crd;
 pub mod ctl;
+pub mod forkslice;
+pub mod k8s;
 pub mod loader;
 pub mod router;
 pub mod routing;

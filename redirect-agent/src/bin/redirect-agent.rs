@@ -8,6 +8,7 @@ use redirect_agent::{
     admin::{self, AdminState, LogControl},
     agent::{self, LoopContext, Syncer},
     cgroup::{PodCgroups, cgroup2_mount},
+    controller::ControllerArgs,
     loader::{self, KernelMaps, LoaderConfig, RouterSocks},
     router::{Router, RouterSettings, key::KeyConfig, to_sockaddr},
     source::{
@@ -43,6 +44,10 @@ enum Command {
     Cleanup(PinArgs),
     /// Print the CustomResourceDefinitions (Sandbox, RouteGroup) as YAML.
     Crd,
+    /// The cluster-wide controller (its own Deployment): validates sandboxes and route groups
+    /// and writes their status, deletes expired sandboxes, publishes fork endpoints as
+    /// EndpointSlices; one leader at a time through a Lease.
+    Controller(ControllerArgs),
 }
 
 #[derive(Args)]
@@ -223,7 +228,18 @@ fn main() -> Result<()> {
             print!("{}", redirect_agent::crd::crd_yaml());
             Ok(())
         }
+        Command::Controller(a) => controller(a),
     }
+}
+
+#[tokio::main]
+async fn controller(a: ControllerArgs) -> Result<()> {
+    let client = kube::Client::try_default().await.context(
+        "no Kubernetes client configuration (in-cluster service account, or KUBECONFIG)",
+    )?;
+    redirect_agent::controller::run(a, client, shutdown_signal()).await?;
+    tracing::info!("controller stopped");
+    Ok(())
 }
 
 #[tokio::main]

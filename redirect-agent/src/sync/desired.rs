@@ -17,7 +17,6 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use redirect_common::{
     ForkEndpoints, ForkKey, MAX_FORK_ENDPOINTS, RouterConfig, ServiceValue, SockAddr, WorkloadValue,
 };
@@ -26,11 +25,11 @@ pub use super::ids::IdAllocator;
 use crate::cgroup::CgroupResolver;
 use crate::crd::{Fallback, Sandbox, validate_routing_key};
 use crate::forkslice::{ForkSliceRef, parse_fork_slice};
+use crate::k8s::{pod_ips, pod_ready, pod_running, target_port, tcp_ports};
 use crate::routing::{KeyInfo, ServiceName, Tables};
 use crate::store::{ObjectName, Store, labels_match, ns_name};
 
-/// Label of an EndpointSlice naming its Service.
-pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+pub use crate::k8s::SERVICE_NAME_LABEL;
 
 /// What `desired` needs to know about the node it runs for.
 pub struct NodeContext<'a> {
@@ -494,14 +493,6 @@ fn slice_endpoints(slice: &EndpointSlice, port_name: &str) -> Vec<SockAddr> {
     out
 }
 
-fn tcp_ports(svc: &Service) -> Vec<&ServicePort> {
-    svc.spec
-        .iter()
-        .flat_map(|s| s.ports.iter().flatten())
-        .filter(|p| p.protocol.as_deref().is_none_or(|p| p == "TCP"))
-        .collect()
-}
-
 /// A service port's name, or its number when unnamed.
 fn port_name(port: &ServicePort) -> String {
     match port.name.as_deref() {
@@ -522,69 +513,6 @@ fn cluster_ips(svc: &Service) -> Vec<IpAddr> {
     let mut out: Vec<IpAddr> = ips.iter().filter_map(|ip| ip.parse().ok()).collect();
     out.dedup();
     out
-}
-
-/// Ready (condition `Ready=True`) and not terminating.
-fn pod_ready(pod: &Pod) -> bool {
-    pod.metadata.deletion_timestamp.is_none()
-        && pod_running(pod)
-        && pod
-            .status
-            .iter()
-            .flat_map(|s| s.conditions.iter().flatten())
-            .any(|c| c.type_ == "Ready" && c.status == "True")
-}
-
-/// Not finished: its cgroup may still make calls.
-fn pod_running(pod: &Pod) -> bool {
-    !matches!(
-        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-        Some("Succeeded" | "Failed")
-    )
-}
-
-/// The pod's IPs (both families), from `status.podIPs`, else `status.podIP`.
-fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
-    let Some(status) = &pod.status else {
-        return Vec::new();
-    };
-    let mut ips: Vec<IpAddr> = status
-        .pod_ips
-        .iter()
-        .flatten()
-        .filter_map(|p| p.ip.parse().ok())
-        .collect();
-    if ips.is_empty() {
-        ips.extend(
-            status
-                .pod_ip
-                .as_deref()
-                .and_then(|ip| ip.parse::<IpAddr>().ok()),
-        );
-    }
-    ips.dedup();
-    ips
-}
-
-/// The port the pod serves a service port on: `targetPort` as a number, or the pod's container
-/// port of that name; the service port itself when `targetPort` is unset.
-fn target_port(pod: &Pod, port: &ServicePort) -> Option<u16> {
-    let number = match &port.target_port {
-        None => port.port,
-        Some(IntOrString::Int(n)) => *n,
-        Some(IntOrString::String(name)) => {
-            pod.spec
-                .iter()
-                .flat_map(|s| s.containers.iter())
-                .flat_map(|c| c.ports.iter().flatten())
-                .find(|p| {
-                    p.name.as_deref() == Some(name.as_str())
-                        && p.protocol.as_deref().is_none_or(|p| p == "TCP")
-                })?
-                .container_port
-        }
-    };
-    u16::try_from(number).ok().filter(|p| *p != 0)
 }
 
 /// `ip:port` of a map address, for messages.

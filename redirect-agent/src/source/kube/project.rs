@@ -10,12 +10,10 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use crate::sync::desired::SERVICE_NAME_LABEL;
+use crate::k8s::{MANAGED_BY_LABEL, SERVICE_NAME_LABEL};
 
 /// Label prefix of redirect's own labels (kept on EndpointSlices: fork slices carry them).
 const REDIRECT_LABEL_PREFIX: &str = "redirect.dev/";
-/// Label naming the controller of an EndpointSlice (kept: fork slices are told apart by it).
-const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
 
 /// Identity fields only (plus labels when `keep_labels` says which to keep).
 fn meta(m: ObjectMeta, keep_label: impl Fn(&str) -> bool) -> ObjectMeta {

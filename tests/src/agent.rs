@@ -11,7 +11,7 @@ use nix::sys::signal::Signal;
 use redirect_agent::loader::{self, KernelMaps};
 use redirect_common::Reason;
 
-use crate::{MiniCluster, Proc, ROUTER_IP4, ROUTER_IP6};
+use crate::{MiniCluster, NODE_NAME, Proc, ROUTER_IP4, ROUTER_IP6, kubeapi::KubeApi};
 
 /// Port the node router listens on in the mini-cluster.
 pub const ROUTER_PORT: u16 = 15001;
@@ -27,12 +27,25 @@ pub fn agent_bin() -> PathBuf {
         })
 }
 
+/// Where a test agent reads the routing state from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceMode {
+    /// `--source manifests`: the scene's manifest directory.
+    Manifests,
+    /// `--source kube`: an API server stand-in in the node netns that mirrors the directory.
+    Kube,
+    /// `Kube`, with the redirect.dev CRDs not installed yet (`ApiServer::install_crds`).
+    KubeWithoutCrds,
+}
+
 /// A running agent (in the node netns, attached at the cluster's cgroup root, pinned in its own
 /// directory). Dropping it kills the agent and removes every link and pin it made.
 pub struct Agent {
     proc: Option<Proc>,
     pub pin_dir: PathBuf,
     manifests: PathBuf,
+    /// The API the agent watches (kube source only).
+    pub kube: Option<KubeApi>,
     /// Logs of agents that ran before a restart.
     earlier_logs: String,
     /// Extra `run` flags.
@@ -47,6 +60,17 @@ impl Agent {
 
     /// `start` with extra `redirect-agent run` flags.
     pub fn start_with(mc: &MiniCluster, manifests: &Path, extra: &[&str]) -> Result<Agent> {
+        Agent::start_on(mc, manifests, extra, SourceMode::Manifests)
+    }
+
+    /// `start_with` reading from `source`: the manifest directory itself, or an API server
+    /// that mirrors it.
+    pub fn start_on(
+        mc: &MiniCluster,
+        manifests: &Path,
+        extra: &[&str],
+        source: SourceMode,
+    ) -> Result<Agent> {
         let bin = agent_bin();
         if !bin.exists() {
             bail!(
@@ -58,6 +82,11 @@ impl Agent {
             proc: None,
             pin_dir: Path::new(BPFFS).join(mc.id()),
             manifests: manifests.to_path_buf(),
+            kube: match source {
+                SourceMode::Manifests => None,
+                SourceMode::Kube => Some(KubeApi::start(mc, manifests, true)?),
+                SourceMode::KubeWithoutCrds => Some(KubeApi::start(mc, manifests, false)?),
+            },
             earlier_logs: String::new(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
@@ -70,11 +99,37 @@ impl Agent {
         let bin = agent_bin();
         let router4 = format!("{ROUTER_IP4}:{ROUTER_PORT}");
         let router6 = format!("[{ROUTER_IP6}]:{ROUTER_PORT}");
-        let mut argv = vec![
-            bin.to_str().context("agent path")?,
-            "run",
-            "--manifests",
-            self.manifests.to_str().context("manifest path")?,
+        let kubeconfig_env;
+        let mut argv = vec![];
+        match &self.kube {
+            None => argv.extend([
+                bin.to_str().context("agent path")?,
+                "run",
+                "--source",
+                "manifests",
+                "--manifests",
+                self.manifests.to_str().context("manifest path")?,
+                "--poll-ms",
+                "50",
+            ]),
+            Some(kube) => {
+                kubeconfig_env = format!(
+                    "KUBECONFIG={}",
+                    kube.kubeconfig.to_str().context("kubeconfig path")?
+                );
+                argv.extend([
+                    "/usr/bin/env",
+                    &kubeconfig_env,
+                    bin.to_str().context("agent path")?,
+                    "run",
+                    "--source",
+                    "kube",
+                    "--node-name",
+                    NODE_NAME,
+                ]);
+            }
+        }
+        argv.extend([
             "--cgroup-root",
             mc.cgroup_root().to_str().context("cgroup path")?,
             "--pin-dir",
@@ -83,13 +138,11 @@ impl Agent {
             &router4,
             "--router-v6",
             &router6,
-            "--poll-ms",
-            "50",
             "--resync-ms",
             "500",
             "--log",
             "info",
-        ];
+        ]);
         argv.extend(self.extra.iter().map(String::as_str));
         self.proc = Some(mc.node().spawn(&argv)?);
         Ok(())

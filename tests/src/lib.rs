@@ -47,9 +47,11 @@
 //! the harness never does); one node.
 
 pub mod agent;
+pub mod apiserver;
 mod cgroup;
 mod exec;
 pub mod kernel;
+pub mod kubeapi;
 mod manifests;
 mod names;
 mod netns;

@@ -19,7 +19,10 @@ use std::{
 
 use anyhow::{Context, Result};
 
-use crate::{MiniCluster, Pod, Proc, Service, agent::Agent};
+use crate::{
+    MiniCluster, Pod, Proc, Service,
+    agent::{Agent, SourceMode},
+};
 
 pub const CHECKOUT_VIP4: &str = "10.200.2.10";
 pub const CHECKOUT_VIP6: &str = "fd00:200::2:10";
@@ -203,6 +206,18 @@ impl<'c> Shop<'c> {
     ) -> Result<Shop<'c>> {
         let mut shop = Shop::build(mc, with_sandbox)?;
         shop.agent = Some(Agent::start_with(mc, &shop.manifests, agent_args)?);
+        Ok(shop)
+    }
+
+    /// `with_agent` reading from `source` (with `SourceMode::Kube`, an API server mirrors the
+    /// scene's manifests, so the same steps change what the agent sees).
+    pub fn with_agent_on(
+        mc: &'c MiniCluster,
+        with_sandbox: bool,
+        source: SourceMode,
+    ) -> Result<Shop<'c>> {
+        let mut shop = Shop::build(mc, with_sandbox)?;
+        shop.agent = Some(Agent::start_on(mc, &shop.manifests, &[], source)?);
         Ok(shop)
     }
 

@@ -11,12 +11,39 @@ use anyhow::Result;
 use redirect_common::Reason;
 use redirect_tests::{
     MiniCluster, ROUTER_IP4, ROUTER_IP6,
-    agent::{ROUTER_PORT, read_counters},
+    agent::{ROUTER_PORT, SourceMode, read_counters},
     kernel::{delta, expect_kernel_agrees, predict},
     scene::*,
 };
 
 const TOOLS: &[&str] = &["curl", "bpftool", "python3"];
+
+/// The same scenario with the agent on each source: the manifest directory, and the Kubernetes
+/// API (a stand-in server mirroring the directory); the outcomes must be the same.
+macro_rules! on_both_sources {
+    ($($name:ident),* $(,)?) => {
+        mod manifests {
+            $(#[test]
+            fn $name() {
+                super::$name(redirect_tests::agent::SourceMode::Manifests)
+            })*
+        }
+        mod kube {
+            $(#[test]
+            fn $name() {
+                super::$name(redirect_tests::agent::SourceMode::Kube)
+            })*
+        }
+    };
+}
+
+on_both_sources!(
+    without_a_sandbox_traffic_reaches_baseline_untouched,
+    fork_pod_reaches_the_fork_in_the_kernel_and_baseline_for_unforked_services,
+    baseline_pod_reaches_a_forked_service_through_the_router_which_recovers_the_destination,
+    agent_sigkill_fails_open_and_a_restart_restores_routes_from_pins_then_reconciles,
+    removing_the_sandbox_removes_its_routes,
+);
 
 fn sa(ip: &str, port: u16) -> SocketAddr {
     let ip: std::net::IpAddr = ip.parse().unwrap();
@@ -40,12 +67,11 @@ fn get_checked(
     (body, d.reason)
 }
 
-#[test]
-fn without_a_sandbox_traffic_reaches_baseline_untouched() {
-    let Some(mc) = MiniCluster::new_or_skip("without_a_sandbox", TOOLS) else {
+fn without_a_sandbox_traffic_reaches_baseline_untouched(source: SourceMode) {
+    let Some(mc) = MiniCluster::new_or_skip(&format!("without_a_sandbox_{source:?}"), TOOLS) else {
         return;
     };
-    let shop = Shop::with_agent(&mc, false).unwrap();
+    let shop = Shop::with_agent_on(&mc, false, source).unwrap();
     for ip in [CHECKOUT_VIP4, CHECKOUT_VIP6] {
         let (body, reason) = get_checked(&shop, &shop.client, ip, "");
         assert_eq!(body, "checkout-base\n");
@@ -62,12 +88,12 @@ fn without_a_sandbox_traffic_reaches_baseline_untouched() {
     assert_eq!(c["to_router"] + c["origin_fork"], 0, "{c:?}");
 }
 
-#[test]
-fn fork_pod_reaches_the_fork_in_the_kernel_and_baseline_for_unforked_services() {
-    let Some(mc) = MiniCluster::new_or_skip("fork_pod_origin_routing", TOOLS) else {
+fn fork_pod_reaches_the_fork_in_the_kernel_and_baseline_for_unforked_services(source: SourceMode) {
+    let Some(mc) = MiniCluster::new_or_skip(&format!("fork_pod_origin_routing_{source:?}"), TOOLS)
+    else {
         return;
     };
-    let shop = Shop::with_agent(&mc, true).unwrap();
+    let shop = Shop::with_agent_on(&mc, true, source).unwrap();
     for (checkout, catalog) in [(CHECKOUT_VIP4, CATALOG_VIP4), (CHECKOUT_VIP6, CATALOG_VIP6)] {
         let (body, reason) = get_checked(&shop, &shop.frontend_fork, checkout, "");
         assert_eq!(
@@ -90,12 +116,14 @@ fn fork_pod_reaches_the_fork_in_the_kernel_and_baseline_for_unforked_services() 
     }
 }
 
-#[test]
-fn baseline_pod_reaches_a_forked_service_through_the_router_which_recovers_the_destination() {
-    let Some(mc) = MiniCluster::new_or_skip("baseline_pod_via_router", TOOLS) else {
+fn baseline_pod_reaches_a_forked_service_through_the_router_which_recovers_the_destination(
+    source: SourceMode,
+) {
+    let Some(mc) = MiniCluster::new_or_skip(&format!("baseline_pod_via_router_{source:?}"), TOOLS)
+    else {
         return;
     };
-    let shop = Shop::with_agent(&mc, true).unwrap();
+    let shop = Shop::with_agent_on(&mc, true, source).unwrap();
     for (ip, router) in [
         (CHECKOUT_VIP4, ROUTER_IP4.to_string()),
         (CHECKOUT_VIP6, format!("[{ROUTER_IP6}]")),
@@ -193,12 +221,14 @@ while time.monotonic() - start < seconds:
 print(json.dumps(res))
 "#;
 
-#[test]
-fn agent_sigkill_fails_open_and_a_restart_restores_routes_from_pins_then_reconciles() {
-    let Some(mc) = MiniCluster::new_or_skip("agent_sigkill_fails_open", TOOLS) else {
+fn agent_sigkill_fails_open_and_a_restart_restores_routes_from_pins_then_reconciles(
+    source: SourceMode,
+) {
+    let Some(mc) = MiniCluster::new_or_skip(&format!("agent_sigkill_fails_open_{source:?}"), TOOLS)
+    else {
         return;
     };
-    let mut shop = Shop::with_agent(&mc, true).unwrap();
+    let mut shop = Shop::with_agent_on(&mc, true, source).unwrap();
     let script = mc.workdir().join("loop_client.py");
     std::fs::write(&script, LOOP_CLIENT).unwrap();
     let pin_dir = shop.agent().pin_dir.clone();
@@ -305,12 +335,11 @@ fn agent_sigkill_fails_open_and_a_restart_restores_routes_from_pins_then_reconci
     );
 }
 
-#[test]
-fn removing_the_sandbox_removes_its_routes() {
-    let Some(mc) = MiniCluster::new_or_skip("sandbox_removed", TOOLS) else {
+fn removing_the_sandbox_removes_its_routes(source: SourceMode) {
+    let Some(mc) = MiniCluster::new_or_skip(&format!("sandbox_removed_{source:?}"), TOOLS) else {
         return;
     };
-    let mut shop = Shop::with_agent(&mc, true).unwrap();
+    let mut shop = Shop::with_agent_on(&mc, true, source).unwrap();
     assert_eq!(
         get(&shop.frontend_fork, CHECKOUT_VIP6, "").unwrap(),
         "checkout-fork\n"

@@ -3,11 +3,15 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
 use crate::admin::unix_ms;
+
+/// Longest wait between two retries of a failing watch (kube-runtime's default backoff caps at
+/// 30 s), plus a margin: a watch that had no error for this long is established again.
+pub const RECONNECT_PROOF: Duration = Duration::from_secs(35);
 
 /// The state of one watch, as `/status` shows it (schema: fields may be added, never renamed).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -18,7 +22,10 @@ pub struct WatchStatus {
     pub scope: String,
     /// The first complete list arrived (readiness waits for every watch's).
     pub synced: bool,
-    /// The last call succeeded; false while the API server cannot be reached or answers errors.
+    /// The watch is established: an event arrived after its last error, or no error came for
+    /// longer than the longest retry backoff (a watcher that still failed would have retried
+    /// and failed again by then). False while the API server cannot be reached or answers
+    /// errors.
     pub connected: bool,
     /// The kind is not served (its CRD is not installed); the watch retries.
     pub crd_missing: bool,
@@ -99,8 +106,19 @@ impl Health {
         self.lock().iter().all(|w| w.synced || w.crd_missing)
     }
 
+    /// Every watch's state now (connectivity inferred as of now).
     pub fn watches(&self) -> Vec<WatchStatus> {
-        self.lock().clone()
+        let now = unix_ms(SystemTime::now());
+        let mut watches = self.lock().clone();
+        for w in &mut watches {
+            if !w.connected
+                && w.last_error_at_unix_ms
+                    .is_some_and(|e| now.saturating_sub(e) > RECONNECT_PROOF.as_millis() as u64)
+            {
+                w.connected = true;
+            }
+        }
+        watches
     }
 
     /// The `/status` summary.
@@ -175,6 +193,19 @@ mod tests {
             st.message
         );
         assert_eq!(st.watches[1].errors_total, 1);
+    }
+
+    #[test]
+    fn a_watch_without_errors_for_longer_than_the_longest_backoff_is_connected_again() {
+        let h = Health::default();
+        let svc = h.register("Service", "cluster-wide");
+        h.update(svc, |w| w.synced = true);
+        h.error(svc, "connection refused", false);
+        assert!(!h.watches()[0].connected);
+        let long_ago = unix_ms(SystemTime::now()) - RECONNECT_PROOF.as_millis() as u64 - 1000;
+        h.update(svc, |w| w.last_error_at_unix_ms = Some(long_ago));
+        assert!(h.watches()[0].connected);
+        assert!(h.status().healthy);
     }
 
     #[test]

@@ -139,7 +139,7 @@ pub async fn run<K, T>(
                 let objects = cache.len();
                 health.update(index, |w| {
                     if !w.synced {
-                        tracing::info!(kind, objects, "watch synced");
+                        tracing::info!(kind, objects, "first list received");
                     }
                     w.synced = true;
                     w.crd_missing = false;
@@ -188,12 +188,12 @@ pub async fn run<K, T>(
                              deploy/crds.yaml` (or `redirect-agent crd | kubectl apply -f -`); \
                              the other kinds are served, and this watch retries"
                         );
+                        // No objects of that kind: the first snapshot need not wait for it.
+                        changed.notify_one();
                     }
                 } else {
                     tracing::warn!(kind, %error, "watch failed; retrying with backoff (the last good state stays in force)");
                 }
-                // A missing CRD means no objects of that kind: let readiness go on without it.
-                changed.notify_one();
             }
         }
     }

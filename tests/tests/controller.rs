@@ -230,6 +230,23 @@ async fn a_routing_key_claimed_twice_is_a_key_conflict_on_the_later_sandbox() {
         );
         let winner = condition(&get_sandbox(&api, "a-first").unwrap(), "Valid").unwrap();
         assert_eq!(winner["status"], "True");
+        // A route group reusing the key loses it to the sandboxes (the node agents' rule).
+        api.apply_json(serde_json::json!({
+            "apiVersion": "redirect.dev/v1alpha1", "kind": "RouteGroup",
+            "metadata": {"name": "group", "namespace": "shop"},
+            "spec": {"routingKey": "shared", "sandboxSelector": {}}
+        }))
+        .unwrap();
+        let group = eventually("the route group's Valid condition", || {
+            let g = api.get("redirect.dev/v1alpha1", "RouteGroup", "shop", "group")?;
+            condition(&g, "Valid")
+        })
+        .await;
+        assert_eq!(
+            (group["status"].as_str(), group["reason"].as_str()),
+            (Some("False"), Some("KeyConflict")),
+            "{group}"
+        );
         eventually("a KeyConflict warning event", || {
             events_about(&api, "b-second")
                 .iter()

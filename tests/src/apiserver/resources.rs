@@ -198,7 +198,7 @@ pub(crate) const RESOURCES: &[Resource] = &[
         singular: "routegroup",
         kind: "RouteGroup",
         namespaced: true,
-        status: false,
+        status: true,
         crd: true,
         unconditional_update: false,
         fields: &[],
@@ -339,6 +339,21 @@ mod tests {
     }
 
     #[test]
+    fn custom_resources_have_a_status_subresource_exactly_when_their_crd_does() {
+        use kube::CustomResourceExt;
+        use redirect_agent::crd::{RouteGroup, Sandbox};
+        for crd in [Sandbox::crd(), RouteGroup::crd()] {
+            let r = &RESOURCES
+                [by_plural("redirect.dev", "v1alpha1", &crd.spec.names.plural).expect("served")];
+            let has_status = crd.spec.versions[0]
+                .subresources
+                .as_ref()
+                .is_some_and(|s| s.status.is_some());
+            assert_eq!(r.status, has_status, "{}", crd.spec.names.plural);
+        }
+    }
+
+    #[test]
     fn redirect_dev_is_discoverable_only_with_crds() {
         let without = api_group_list(false).to_string();
         assert!(!without.contains("redirect.dev"), "{without}");
@@ -351,7 +366,15 @@ mod tests {
             .iter()
             .map(|r| r["name"].as_str().unwrap())
             .collect();
-        assert_eq!(names, ["sandboxes", "sandboxes/status", "routegroups"]);
+        assert_eq!(
+            names,
+            [
+                "sandboxes",
+                "sandboxes/status",
+                "routegroups",
+                "routegroups/status"
+            ]
+        );
         assert!(api_group("redirect.dev", false).is_none());
         let group = api_group("redirect.dev", true).unwrap();
         assert_eq!(group["kind"], "APIGroup");

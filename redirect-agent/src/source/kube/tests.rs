@@ -409,3 +409,47 @@ async fn nothing_is_yielded_before_every_watch_has_listed_once() {
         status.message
     );
 }
+
+#[tokio::test]
+async fn a_paged_list_follows_continue_tokens_and_the_snapshot_holds_every_page() {
+    let lists = |s: &Seen| match (s.path.as_str(), s.query.get("continue").map(String::as_str)) {
+        (SERVICES, None) => Some((
+            StatusCode::OK,
+            json!({"apiVersion": "v1", "kind": "ServiceList",
+                   "metadata": {"resourceVersion": "10", "continue": "page-2"},
+                   "items": [service("a-first", "10.96.0.1")]})
+            .to_string(),
+        )),
+        (SERVICES, Some("page-2")) => {
+            list("Service", "v1", 10, vec![service("b-second", "10.96.0.2")])
+        }
+        (SERVICES, Some(other)) => panic!("unexpected continue token {other}"),
+        _ => standard_lists(vec![])(s),
+    };
+    let (client, api, _task) = Api::start(lists);
+    let mut source = KubeSource::start(
+        client,
+        &KubeSourceConfig {
+            page_size: 1,
+            ..config(Duration::from_millis(20))
+        },
+    );
+    let store = snapshot(&mut source).await;
+    let names: Vec<_> = store
+        .services
+        .iter()
+        .map(|s| s.metadata.name.clone().unwrap())
+        .collect();
+    assert_eq!(names, ["a-first", "b-second"]);
+    let pages: Vec<_> = api
+        .seen()
+        .into_iter()
+        .filter(|s| s.path == SERVICES && !s.is_watch())
+        .collect();
+    assert_eq!(pages.len(), 2, "{pages:?}");
+    assert_eq!(pages[0].query.get("limit").map(String::as_str), Some("1"));
+    assert_eq!(
+        pages[1].query.get("continue").map(String::as_str),
+        Some("page-2")
+    );
+}

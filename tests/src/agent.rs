@@ -91,11 +91,43 @@ impl Agent {
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         agent.spawn(mc)?;
-        agent.wait_synced(1, Duration::from_secs(30))?;
+        agent.wait_started(Duration::from_secs(30))?;
         Ok(agent)
     }
 
     fn spawn(&mut self, mc: &MiniCluster) -> Result<()> {
+        self.proc = Some(self.spawn_process(mc)?);
+        Ok(())
+    }
+
+    /// Rolls the agent the way a DaemonSet with `maxSurge: 1` does: starts a second agent
+    /// (same flags, same pins), waits until its router runs, then stops the first one with
+    /// SIGTERM and waits for it to drain and exit. Returns how long the old one took to exit.
+    pub fn roll(&mut self, mc: &MiniCluster, timeout: Duration) -> Result<Duration> {
+        let mut new = self.spawn_process(mc)?;
+        let deadline = Instant::now() + timeout;
+        while !new.log().contains("router started") {
+            if let Some(status) = new.try_status()? {
+                bail!("the new agent exited ({status}):\n{}", new.log());
+            }
+            if Instant::now() > deadline {
+                bail!("the new agent's router did not start:\n{}", new.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut old = self.proc.replace(new).context("no agent running")?;
+        let stopping = Instant::now();
+        old.signal(Signal::SIGTERM)?;
+        let status = old.wait_timeout(timeout)?;
+        self.earlier_logs.push_str(&old.log());
+        match status {
+            Some(s) if s.success() => Ok(stopping.elapsed()),
+            Some(s) => bail!("the old agent exited with {s} on SIGTERM:\n{}", old.log()),
+            None => bail!("the old agent did not exit within {timeout:?} of SIGTERM"),
+        }
+    }
+
+    fn spawn_process(&self, mc: &MiniCluster) -> Result<Proc> {
         let bin = agent_bin();
         let router4 = format!("{ROUTER_IP4}:{ROUTER_PORT}");
         let router6 = format!("[{ROUTER_IP6}]:{ROUTER_PORT}");
@@ -144,8 +176,7 @@ impl Agent {
             "info",
         ]);
         argv.extend(self.extra.iter().map(String::as_str));
-        self.proc = Some(mc.node().spawn(&argv)?);
-        Ok(())
+        mc.node().spawn(&argv)
     }
 
     /// Everything the agent (and earlier runs of it) logged.
@@ -211,7 +242,27 @@ impl Agent {
     pub fn restart(&mut self, mc: &MiniCluster) -> Result<()> {
         self.kill9()?;
         self.spawn(mc)?;
-        self.wait_synced(1, Duration::from_secs(30))
+        self.wait_started(Duration::from_secs(30))
+    }
+
+    /// Waits for the current process's first sync and for its router, which starts right
+    /// after the first sync that applied without failure.
+    pub fn wait_started(&mut self, timeout: Duration) -> Result<()> {
+        self.wait_synced(1, timeout)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.proc.as_ref().map(Proc::log).unwrap_or_default();
+            if log.contains("router started") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the router did not start within {timeout:?}:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn pid(&self) -> Option<u32> {

@@ -4,5 +4,5 @@
 pub mod run_loop;
 mod sync_loop;
 
-pub use run_loop::{LoopContext, LoopError, run};
+pub use run_loop::{LoopContext, LoopError, RouterHandle, StartRouter, run};
 pub use sync_loop::{SyncOutcome, Syncer};

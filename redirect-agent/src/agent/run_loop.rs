@@ -8,7 +8,7 @@ use crate::{
     admin::{AdminState, api::PodEntry},
     cgroup::CgroupResolver,
     loader,
-    router::Shared,
+    router::{RouterError, Shared},
     routing::RouteView,
     source::{Source, Update},
     store::{Store, ns_name},
@@ -22,13 +22,39 @@ use super::Syncer;
 pub enum LoopError {
     #[error("the {0} source stopped")]
     SourceStopped(&'static str),
+    #[error(transparent)]
+    Router(#[from] RouterError),
+}
+
+/// Binds, registers and starts the router; returns its shared state.
+pub type StartRouter = Box<dyn FnOnce() -> Result<Arc<Shared>, RouterError> + Send>;
+
+/// The node router, as the loop sees it.
+pub enum RouterHandle {
+    /// No router (tests of the loop alone).
+    None,
+    /// Started after the first sync that applied without failure: only then does it know
+    /// every key, so it never takes a connection it would route by a partial table. Until
+    /// then baseline callers go straight to their destination (fail open) and, during an
+    /// upgrade, the previous agent's router keeps serving.
+    Pending(StartRouter),
+    Running(Arc<Shared>),
+}
+
+impl RouterHandle {
+    pub fn running(&self) -> Option<&Arc<Shared>> {
+        match self {
+            RouterHandle::Running(r) => Some(r),
+            _ => None,
+        }
+    }
 }
 
 /// What the loop drives besides the maps.
 pub struct LoopContext {
     pub admin: Arc<AdminState>,
-    /// The router's shared state, whose route view is swapped after every change.
-    pub router: Option<Arc<Shared>>,
+    /// The router, whose route view is swapped after every change.
+    pub router: RouterHandle,
     /// Where the pins are (stale trace switch-off).
     pub pin_dir: PathBuf,
     /// How often the last good snapshot is re-applied.
@@ -40,7 +66,7 @@ pub struct LoopContext {
 pub async fn run<M, C, S>(
     syncer: &mut Syncer<M, C>,
     source: &mut S,
-    ctx: &LoopContext,
+    ctx: &mut LoopContext,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), LoopError>
 where
@@ -48,7 +74,6 @@ where
     C: CgroupResolver,
     S: Source,
 {
-    publish(syncer, ctx);
     let mut resync = tokio::time::interval(ctx.resync.max(Duration::from_millis(100)));
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_good: Option<Store> = None;
@@ -60,7 +85,10 @@ where
                 None => return Err(LoopError::SourceStopped(source.name())),
                 Some(Update::Snapshot(store)) => {
                     generation += 1;
-                    sync(syncer, &store, generation, true, &ctx.admin);
+                    let ok = sync(syncer, &store, generation, true, &ctx.admin).1;
+                    if ok {
+                        start_router(ctx)?;
+                    }
                     publish(syncer, ctx);
                     last_good = Some(store);
                 }
@@ -77,10 +105,14 @@ where
                 }
             },
             _ = resync.tick() => {
-                if let Some(store) = &last_good
-                    && sync(syncer, store, generation, false, &ctx.admin)
-                {
-                    publish(syncer, ctx);
+                if let Some(store) = &last_good {
+                    let (changed, ok) = sync(syncer, store, generation, false, &ctx.admin);
+                    if ok && matches!(ctx.router, RouterHandle::Pending(_)) {
+                        start_router(ctx)?;
+                        publish(syncer, ctx);
+                    } else if changed {
+                        publish(syncer, ctx);
+                    }
                 }
                 // A tracer killed before it could switch tracing off leaves it on: switch it off.
                 if let Ok(Some(stale)) = loader::inspect::clear_stale_trace(&ctx.pin_dir) {
@@ -93,9 +125,23 @@ where
     }
 }
 
+/// Starts a pending router.
+fn start_router(ctx: &mut LoopContext) -> Result<(), RouterError> {
+    if matches!(ctx.router, RouterHandle::Pending(_)) {
+        let RouterHandle::Pending(start) = std::mem::replace(&mut ctx.router, RouterHandle::None)
+        else {
+            unreachable!("checked above");
+        };
+        let shared = start()?;
+        ctx.admin.set_router(shared.clone());
+        ctx.router = RouterHandle::Running(shared);
+    }
+    Ok(())
+}
+
 /// Hands the syncer's current tables to the router.
 fn publish<M: RedirectMaps, C: CgroupResolver>(syncer: &Syncer<M, C>, ctx: &LoopContext) {
-    if let Some(router) = &ctx.router {
+    if let Some(router) = ctx.router.running() {
         router
             .view
             .store(Arc::new(RouteView::new(syncer.last.clone())));
@@ -103,14 +149,14 @@ fn publish<M: RedirectMaps, C: CgroupResolver>(syncer: &Syncer<M, C>, ctx: &Loop
 }
 
 /// Applies `store`; logs `synced` for every new generation, and for resyncs that changed
-/// something. Returns whether anything changed.
+/// something. Returns whether anything changed, and whether every map operation succeeded.
 pub fn sync<M, C>(
     syncer: &mut Syncer<M, C>,
     store: &Store,
     generation: u64,
     new_generation: bool,
     admin: &AdminState,
-) -> bool
+) -> (bool, bool)
 where
     M: RedirectMaps,
     C: CgroupResolver,
@@ -142,7 +188,7 @@ where
             "synced"
         );
     }
-    out.applied > 0
+    (out.applied > 0, out.failed.is_empty())
 }
 
 /// The pods of the store by uid, so `redirectctl` can name cgroups.
@@ -217,7 +263,7 @@ spec:
                 None,
                 "info",
             )),
-            router: None,
+            router: RouterHandle::None,
             pin_dir: "/nonexistent".into(),
             resync: Duration::from_secs(3600),
         }
@@ -236,7 +282,7 @@ spec:
     #[tokio::test]
     async fn a_rejected_update_keeps_the_last_good_state_and_counts_the_errors() {
         let mut syncer = syncer();
-        let ctx = ctx();
+        let mut ctx = ctx();
         let mut source = Scripted {
             updates: VecDeque::from([
                 Update::Snapshot(store_with_sandbox()),
@@ -247,7 +293,7 @@ spec:
             ]),
             stop: true,
         };
-        let end = run(&mut syncer, &mut source, &ctx, std::future::pending()).await;
+        let end = run(&mut syncer, &mut source, &mut ctx, std::future::pending()).await;
         assert!(matches!(end, Err(LoopError::SourceStopped("scripted"))));
         assert_eq!(syncer.last.keys.len(), 1, "the sandbox key stays");
         assert_eq!(
@@ -263,7 +309,7 @@ spec:
     #[tokio::test]
     async fn shutdown_ends_the_loop_with_the_maps_as_last_synced() {
         let mut syncer = syncer();
-        let ctx = ctx();
+        let mut ctx = ctx();
         let mut source = Scripted {
             updates: VecDeque::from([Update::Snapshot(store_with_sandbox())]),
             stop: false,
@@ -276,7 +322,7 @@ spec:
             tokio::time::sleep(Duration::from_millis(50)).await;
             let _ = tx.send(());
         };
-        let (end, ()) = tokio::join!(run(&mut syncer, &mut source, &ctx, stop), handle);
+        let (end, ()) = tokio::join!(run(&mut syncer, &mut source, &mut ctx, stop), handle);
         assert!(end.is_ok());
         assert_eq!(
             syncer.maps.read().unwrap().forks.len(),

@@ -6,11 +6,14 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use redirect_agent::{
     admin::{self, AdminState, LogControl},
-    agent::{self, LoopContext, Syncer},
+    agent::{self, LoopContext, RouterHandle, StartRouter, Syncer},
     cgroup::{PodCgroups, cgroup2_mount},
     controller::ControllerArgs,
     loader::{self, KernelMaps, LoaderConfig, RouterSocks},
-    router::{Router, RouterSettings, key::KeyConfig, to_sockaddr},
+    router::{
+        MIGRATE_REQ_SYSCTL, Router, RouterSettings, enable_request_migration, key::KeyConfig,
+        to_sockaddr,
+    },
     source::{
         DEFAULT_POLL_INTERVAL, ManifestSource, SourceKind,
         kube::{DEFAULT_DEBOUNCE, KubeSource, KubeSourceConfig},
@@ -141,6 +144,12 @@ struct RunArgs {
     /// Longest wait for an upstream's response headers before answering 504, in milliseconds.
     #[arg(long, env = "REDIRECT_RESPONSE_TIMEOUT_MS", default_value_t = 60_000)]
     response_timeout_ms: u64,
+    /// On SIGTERM, how long connections in flight may take to finish (the router stops
+    /// accepting at once: a successor bound to the same address takes new connections, or
+    /// they go straight to their destination), in milliseconds. Keep it below the pod's
+    /// terminationGracePeriodSeconds.
+    #[arg(long, env = "REDIRECT_DRAIN_TIMEOUT_MS", default_value_t = 25_000)]
+    drain_timeout_ms: u64,
     /// Router threads, each with its own runtime and upstream pool [default: one per CPU].
     #[arg(long, env = "REDIRECT_ROUTER_WORKERS")]
     router_workers: Option<usize>,
@@ -298,35 +307,47 @@ async fn run(a: RunArgs, log_control: LogControl, log_filter: String) -> Result<
     let maps = KernelMaps::open(&pin_dir)?;
     let mut syncer = Syncer::new(maps, PodCgroups::new(&cgroup_root), a.node_name, router_cfg)?;
 
-    let router = Router::bind(
-        RouterSettings {
-            v4: a.router_v4,
-            v6: a.router_v6,
-            mark: a.router_mark,
-            keys: KeyConfig {
-                baggage: a.baggage_key,
-                tracestate: a.tracestate_key,
-                headers: a.key_header,
-            },
-            debug_header: a.debug_header,
-            detect_timeout: Duration::from_millis(a.detect_timeout_ms),
-            header_timeout: Duration::from_millis(a.header_timeout_ms),
-            response_timeout: Duration::from_millis(a.response_timeout_ms),
-            max_header_bytes: a.max_header_bytes,
-            workers: a
-                .router_workers
-                .unwrap_or_else(|| RouterSettings::default().workers),
-            ..RouterSettings::default()
+    let settings = RouterSettings {
+        v4: a.router_v4,
+        v6: a.router_v6,
+        mark: a.router_mark,
+        keys: KeyConfig {
+            baggage: a.baggage_key,
+            tracestate: a.tracestate_key,
+            headers: a.key_header,
         },
-        RouterSocks::open(&pin_dir)?,
-    )?;
-    let shared = router.shared.clone();
-    admin.set_router(shared.clone());
-    tokio::spawn(router.serve());
+        debug_header: a.debug_header,
+        detect_timeout: Duration::from_millis(a.detect_timeout_ms),
+        header_timeout: Duration::from_millis(a.header_timeout_ms),
+        response_timeout: Duration::from_millis(a.response_timeout_ms),
+        max_header_bytes: a.max_header_bytes,
+        workers: a
+            .router_workers
+            .unwrap_or_else(|| RouterSettings::default().workers),
+        ..RouterSettings::default()
+    };
+    // Opened now, so a missing pin fails the start; bound after the first sync.
+    let socks = RouterSocks::open(&pin_dir)?;
+    let start_router: StartRouter = Box::new(move || {
+        let router = Router::bind(settings, socks)?;
+        let shared = router.shared.clone();
+        tokio::spawn(router.serve());
+        tracing::info!("router started: the routing tables are complete");
+        Ok(shared)
+    });
+    match enable_request_migration() {
+        Ok(true) => {}
+        Ok(false) | Err(_) => tracing::warn!(
+            sysctl = MIGRATE_REQ_SYSCTL,
+            "cannot turn on tcp_migrate_req: connections queued at this router when it stops \
+             during an upgrade are reset instead of moving to its successor (set \
+             net.ipv4.tcp_migrate_req=1 on the node)"
+        ),
+    }
 
-    let ctx = LoopContext {
+    let mut ctx = LoopContext {
         admin: admin.clone(),
-        router: Some(shared),
+        router: RouterHandle::Pending(start_router),
         pin_dir,
         resync: Duration::from_millis(a.resync_ms),
     };
@@ -338,7 +359,7 @@ async fn run(a: RunArgs, log_control: LogControl, log_filter: String) -> Result<
                 .context("--source manifests needs --manifests DIR")?;
             admin.set_source("manifests", None);
             let mut source = ManifestSource::new(dir, Duration::from_millis(a.poll_ms));
-            agent::run(&mut syncer, &mut source, &ctx, stop).await
+            agent::run(&mut syncer, &mut source, &mut ctx, stop).await
         }
         SourceKind::Kube => {
             let node_name = kube_node_name.context("unreachable: checked above")?;
@@ -354,11 +375,22 @@ async fn run(a: RunArgs, log_control: LogControl, log_filter: String) -> Result<
                 },
             );
             admin.set_source("kube", Some(source.health()));
-            agent::run(&mut syncer, &mut source, &ctx, stop).await
+            agent::run(&mut syncer, &mut source, &mut ctx, stop).await
         }
     };
     end?;
-    tracing::info!("stopping; pinned programs and routes stay in place");
+    let Some(router) = ctx.router.running() else {
+        tracing::info!("stopping; pinned programs and routes stay in place");
+        return Ok(());
+    };
+    let timeout = Duration::from_millis(a.drain_timeout_ms);
+    tracing::info!(
+        active = router.active(),
+        ?timeout,
+        "stopping: draining the router; pinned programs and routes stay in place"
+    );
+    let left = router.drain(timeout).await;
+    tracing::info!(left, "stopped");
     Ok(())
 }
 

@@ -48,17 +48,39 @@ pub fn worker(shared: Arc<Shared>, listeners: Vec<std::net::TcpListener>) {
             }
         }
         while loops.join_next().await.is_some() {}
+        // Draining: the listeners are closed; serve the connections in flight until they end
+        // (the process exits at the drain deadline at the latest).
+        while worker.shared.active() > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     });
 }
 
+/// Completes once the router drains (at once if it already does).
+async fn drained(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    // The guard `wait_for` returns is dropped here, not held across the caller's awaits.
+    let _ = rx.wait_for(|d| *d).await;
+}
+
+/// Accepts until the router drains; returning drops (closes) this worker's listener.
 async fn accept_loop(l: TcpListener, worker: Arc<Worker>) {
     let shared = &worker.shared;
+    let mut drain = shared.drain.subscribe();
     loop {
         // Bounded memory: at most max_connections served at once; the rest wait in the backlog.
-        let Ok(permit) = shared.slots.clone().acquire_owned().await else {
-            return;
+        let accepted = tokio::select! {
+            biased;
+            _ = drained(&mut drain) => return,
+            permit = shared.slots.clone().acquire_owned() => match permit {
+                Ok(p) => tokio::select! {
+                    biased;
+                    _ = drained(&mut drain) => return,
+                    a = l.accept() => a.map(|c| (p, c)),
+                },
+                Err(_) => return,
+            },
         };
-        let (client, peer) = match l.accept().await {
+        let (permit, (client, peer)) = match accepted {
             Ok(c) => c,
             Err(error) => {
                 // EMFILE and friends: back off briefly instead of spinning.
@@ -103,7 +125,18 @@ async fn serve(
                 .header_read_timeout(shared.settings.header_timeout)
                 .max_buf_size(shared.settings.max_header_bytes.max(8192))
                 .preserve_header_case(true);
-            match b.serve_connection(io, svc).with_upgrades().await {
+            let c = b.serve_connection(io, svc).with_upgrades();
+            tokio::pin!(c);
+            let mut drain = shared.drain.subscribe();
+            let ended = tokio::select! {
+                r = c.as_mut() => r,
+                _ = drained(&mut drain) => {
+                    // The request in flight completes, then the connection closes.
+                    c.as_mut().graceful_shutdown();
+                    c.await
+                }
+            };
+            match ended {
                 Ok(()) => Outcome::Forwarded,
                 Err(error) => {
                     tracing::debug!(%peer, %error, "HTTP/1 connection ended with an error");
@@ -118,7 +151,18 @@ async fn serve(
             b.timer(TokioTimer::new())
                 .max_header_list_size(shared.settings.max_header_bytes as u32)
                 .keep_alive_interval(std::time::Duration::from_secs(30));
-            match b.serve_connection(io, svc).await {
+            let c = b.serve_connection(io, svc);
+            tokio::pin!(c);
+            let mut drain = shared.drain.subscribe();
+            let ended = tokio::select! {
+                r = c.as_mut() => r,
+                _ = drained(&mut drain) => {
+                    // GOAWAY: streams in flight complete, the client opens new ones elsewhere.
+                    c.as_mut().graceful_shutdown();
+                    c.await
+                }
+            };
+            match ended {
                 Ok(()) => Outcome::Forwarded,
                 Err(error) => {
                     tracing::debug!(%peer, %error, "HTTP/2 connection ended with an error");

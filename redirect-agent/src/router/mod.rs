@@ -25,6 +25,7 @@ use tokio::sync::Semaphore;
 
 pub use addr::{from_sockaddr, to_sockaddr};
 pub use http::DEBUG_HEADER;
+pub use listener::{MIGRATE_REQ_SYSCTL, enable_request_migration};
 pub use stats::{Dest, LATENCY_BUCKETS, LatencySnapshot, Outcome, RequestOutcome, RouterStats};
 
 use crate::{
@@ -102,6 +103,37 @@ pub struct Shared {
     /// Taking original destinations: one syscall, no lock.
     conns: ConnsTaker,
     slots: Arc<Semaphore>,
+    /// Set once on shutdown: workers stop accepting and close their listeners, connections
+    /// finish their current request (HTTP/1) or streams (HTTP/2 GOAWAY) and close.
+    drain: tokio::sync::watch::Sender<bool>,
+}
+
+impl Shared {
+    /// Connections being served now.
+    pub fn active(&self) -> usize {
+        self.settings
+            .max_connections
+            .saturating_sub(self.slots.available_permits())
+    }
+
+    /// Whether the router is draining.
+    pub fn draining(&self) -> bool {
+        *self.drain.borrow()
+    }
+
+    /// Stops accepting (the listeners close: a successor bound to the same address takes the
+    /// new connections and, with `tcp_migrate_req`, the queued ones; without one, the liveness
+    /// slot empties and connections go straight to their destination), lets the connections
+    /// in flight finish, and waits for them at most `timeout`. Returns how many were still
+    /// open then.
+    pub async fn drain(&self, timeout: Duration) -> usize {
+        self.drain.send_replace(true);
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.active() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.active()
+    }
 }
 
 /// One router thread's state.
@@ -135,13 +167,14 @@ impl Router {
             stats: RouterStats::default(),
             socks: Mutex::new(socks),
             conns,
+            drain: tokio::sync::watch::Sender::new(false),
         });
         Ok(Router { listeners, shared })
     }
 
     /// Starts the router threads, then sweeps the connection table until the task is dropped.
-    /// The threads live as long as the process (they hold the listeners: the kernel redirects
-    /// only while a listener is open).
+    /// Only the threads hold the listeners (the kernel redirects only while a listener is
+    /// open): they close them when they stop accepting, at [`Shared::drain`] or if they die.
     pub async fn serve(self) {
         for i in 0..self.shared.settings.workers.max(1) {
             let listeners: Vec<_> = self
@@ -163,7 +196,9 @@ impl Router {
                 tracing::error!(%error, "cannot start router worker {i}");
             }
         }
-        sweep_loop(self.shared.clone()).await
+        let Router { listeners, shared } = self;
+        drop(listeners);
+        sweep_loop(shared).await
     }
 }
 

@@ -50,7 +50,24 @@ pub struct Agent {
     earlier_logs: String,
     /// Extra `run` flags.
     extra: Vec<String>,
+    /// Run the agent from this container image (podman) instead of the workspace binary.
+    image: Option<String>,
+    /// Names of the containers this agent started (removed on drop).
+    containers: Vec<String>,
 }
+
+/// How containers run on this kind of host: runc (crun rejects hybrid cgroups) and limits the
+/// host allows.
+pub const PODMAN_RUN: &[&str] = &[
+    "run",
+    "--rm",
+    "--runtime",
+    "runc",
+    "--ulimit",
+    "nofile=20000:20000",
+    "--ulimit",
+    "nproc=32768:32768",
+];
 
 impl Agent {
     /// Starts the agent on `manifests` and waits for its first sync.
@@ -89,9 +106,39 @@ impl Agent {
             },
             earlier_logs: String::new(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            image: None,
+            containers: Vec::new(),
         };
         agent.spawn(mc)?;
         agent.wait_started(Duration::from_secs(30))?;
+        Ok(agent)
+    }
+
+    /// `start_on`, running the agent from the container `image` (podman, privileged, in the
+    /// node's network namespace, with bpffs, the cgroup2 mount and the kubeconfig mounted), as
+    /// the DaemonSet runs it on a node.
+    pub fn start_in_container(
+        mc: &MiniCluster,
+        manifests: &Path,
+        source: SourceMode,
+        image: &str,
+    ) -> Result<Agent> {
+        let mut agent = Agent {
+            proc: None,
+            pin_dir: Path::new(BPFFS).join(mc.id()),
+            manifests: manifests.to_path_buf(),
+            kube: match source {
+                SourceMode::Manifests => None,
+                SourceMode::Kube => Some(KubeApi::start(mc, manifests, true)?),
+                SourceMode::KubeWithoutCrds => Some(KubeApi::start(mc, manifests, false)?),
+            },
+            earlier_logs: String::new(),
+            extra: Vec::new(),
+            image: Some(image.to_string()),
+            containers: Vec::new(),
+        };
+        agent.spawn(mc)?;
+        agent.wait_started(Duration::from_secs(60))?;
         Ok(agent)
     }
 
@@ -115,24 +162,72 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let mut old = self.proc.replace(new).context("no agent running")?;
+        let old = self.proc.replace(new).context("no agent running")?;
+        self.terminate_process(old, timeout)
+    }
+
+    /// Stops the agent as Kubernetes does (SIGTERM) and waits for it to drain and exit.
+    /// Returns how long it took.
+    pub fn terminate(&mut self, timeout: Duration) -> Result<Duration> {
+        let p = self.proc.take().context("no agent running")?;
+        self.terminate_process(p, timeout)
+    }
+
+    fn terminate_process(&mut self, mut p: Proc, timeout: Duration) -> Result<Duration> {
         let stopping = Instant::now();
-        old.signal(Signal::SIGTERM)?;
-        let status = old.wait_timeout(timeout)?;
-        self.earlier_logs.push_str(&old.log());
+        p.signal(Signal::SIGTERM)?;
+        let status = p.wait_timeout(timeout)?;
+        self.earlier_logs.push_str(&p.log());
         match status {
             Some(s) if s.success() => Ok(stopping.elapsed()),
-            Some(s) => bail!("the old agent exited with {s} on SIGTERM:\n{}", old.log()),
-            None => bail!("the old agent did not exit within {timeout:?} of SIGTERM"),
+            Some(s) => bail!("the agent exited with {s} on SIGTERM:\n{}", p.log()),
+            None => bail!("the agent did not exit within {timeout:?} of SIGTERM"),
         }
     }
 
-    fn spawn_process(&self, mc: &MiniCluster) -> Result<Proc> {
-        let bin = agent_bin();
+    fn spawn_process(&mut self, mc: &MiniCluster) -> Result<Proc> {
+        let bin = match &self.image {
+            None => agent_bin(),
+            // The image's entry point.
+            Some(_) => PathBuf::from("/usr/local/bin/redirect-agent"),
+        };
+        let container_name = format!("{}-agent-{}", mc.id(), self.containers.len());
+        let cgroup2 = crate::cgroup2_mount()?;
+        let mut prefix: Vec<String> = Vec::new();
+        if let Some(image) = &self.image {
+            prefix.push("podman".into());
+            prefix.extend(PODMAN_RUN.iter().map(|s| s.to_string()));
+            prefix.extend([
+                "--name".into(),
+                container_name.clone(),
+                "--privileged".into(),
+                format!("--network=ns:{}", mc.node_netns_path().display()),
+                "-v".into(),
+                format!("{BPFFS}:{BPFFS}"),
+                "-v".into(),
+                format!("{0}:{0}", cgroup2.display()),
+                "-v".into(),
+                format!("{0}:{0}:ro", self.manifests.display()),
+            ]);
+            if let Some(kube) = &self.kube {
+                prefix.extend([
+                    "-v".into(),
+                    format!("{0}:{0}:ro", kube.kubeconfig.display()),
+                    "-e".into(),
+                    format!("KUBECONFIG={}", kube.kubeconfig.display()),
+                ]);
+            }
+            prefix.extend([
+                "--entrypoint".into(),
+                bin.display().to_string(),
+                image.clone(),
+            ]);
+            self.containers.push(container_name);
+        }
         let router4 = format!("{ROUTER_IP4}:{ROUTER_PORT}");
         let router6 = format!("[{ROUTER_IP6}]:{ROUTER_PORT}");
         let kubeconfig_env;
-        let mut argv = vec![];
+        let mut argv: Vec<&str> = prefix.iter().map(String::as_str).collect();
         match &self.kube {
             None => argv.extend([
                 bin.to_str().context("agent path")?,
@@ -149,9 +244,10 @@ impl Agent {
                     "KUBECONFIG={}",
                     kube.kubeconfig.to_str().context("kubeconfig path")?
                 );
+                if self.image.is_none() {
+                    argv.extend(["/usr/bin/env", &kubeconfig_env]);
+                }
                 argv.extend([
-                    "/usr/bin/env",
-                    &kubeconfig_env,
                     bin.to_str().context("agent path")?,
                     "run",
                     "--source",
@@ -231,6 +327,14 @@ impl Agent {
     /// SIGKILLs the agent (and so its router): no cleanup runs.
     pub fn kill9(&mut self) -> Result<()> {
         if let Some(mut p) = self.proc.take() {
+            if self.image.is_some()
+                && let Some(name) = self.containers.last()
+            {
+                // SIGKILL cannot be proxied: kill the container itself.
+                let _ = std::process::Command::new("podman")
+                    .args(["kill", "--signal", "KILL", name])
+                    .output();
+            }
             p.signal(Signal::SIGKILL)?;
             p.wait_timeout(Duration::from_secs(10))?;
             self.earlier_logs.push_str(&p.log());
@@ -293,6 +397,11 @@ pub fn read_counters(pin_dir: &Path) -> Result<BTreeMap<&'static str, u64>> {
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        for name in &self.containers {
+            let _ = std::process::Command::new("podman")
+                .args(["rm", "--force", "--time", "0", name])
+                .output();
+        }
         if let Err(error) = self.cleanup() {
             eprintln!(
                 "agent cleanup of {} failed: {error:#}",

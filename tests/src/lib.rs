@@ -48,6 +48,7 @@
 
 pub mod agent;
 pub mod apiserver;
+pub mod bpf_objects;
 mod cgroup;
 mod exec;
 pub mod kernel;
@@ -57,6 +58,7 @@ mod names;
 mod netns;
 mod nft;
 pub mod peers;
+pub mod rollout;
 pub mod scene;
 
 use std::fs;

@@ -221,6 +221,23 @@ impl<'c> Shop<'c> {
         Ok(shop)
     }
 
+    /// `with_agent_on`, with the agent running from the container `image`.
+    pub fn with_agent_in_container(
+        mc: &'c MiniCluster,
+        with_sandbox: bool,
+        source: SourceMode,
+        image: &str,
+    ) -> Result<Shop<'c>> {
+        let mut shop = Shop::build(mc, with_sandbox)?;
+        shop.agent = Some(Agent::start_in_container(
+            mc,
+            &shop.manifests,
+            source,
+            image,
+        )?);
+        Ok(shop)
+    }
+
     pub fn agent(&mut self) -> &mut Agent {
         self.agent.as_mut().expect("scene started with an agent")
     }

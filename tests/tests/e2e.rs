@@ -3,15 +3,14 @@
 
 use std::{
     net::SocketAddr,
-    process::Command,
     time::{Duration, Instant},
 };
 
-use anyhow::Result;
 use redirect_common::Reason;
 use redirect_tests::{
     MiniCluster, ROUTER_IP4, ROUTER_IP6,
     agent::{ROUTER_PORT, SourceMode, read_counters},
+    bpf_objects::PinnedObjects,
     kernel::{delta, expect_kernel_agrees, predict},
     scene::*,
 };
@@ -402,16 +401,6 @@ fn an_invalid_manifest_is_reported_with_file_and_reason_and_the_last_good_state_
     );
 }
 
-fn bpftool_json(args: &[&str]) -> Result<serde_json::Value> {
-    let out = Command::new("bpftool").arg("-j").args(args).output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "bpftool {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(serde_json::from_slice(&out.stdout)?)
-}
-
 #[test]
 fn cleanup_removes_every_link_program_and_pin_it_made() {
     let Some(mc) = MiniCluster::new_or_skip("cleanup_complete", TOOLS) else {
@@ -419,71 +408,11 @@ fn cleanup_removes_every_link_program_and_pin_it_made() {
     };
     let mut shop = Shop::with_agent(&mc, true).unwrap();
     let pin_dir = shop.agent().pin_dir.clone();
-    let mut link_ids = Vec::new();
-    let mut prog_ids = Vec::new();
-    for (_, link) in redirect_common::ALL_PROGRAMS {
-        let info = bpftool_json(&[
-            "link",
-            "show",
-            "pinned",
-            pin_dir.join(link).to_str().unwrap(),
-        ])
-        .unwrap();
-        link_ids.push(info["id"].as_u64().unwrap());
-        prog_ids.push(info["prog_id"].as_u64().unwrap());
-    }
-    let mut map_ids = Vec::new();
-    for map in redirect_common::ALL_MAPS {
-        let info =
-            bpftool_json(&["map", "show", "pinned", pin_dir.join(map).to_str().unwrap()]).unwrap();
-        map_ids.push(info["id"].as_u64().unwrap());
-    }
+    let objects = PinnedObjects::of(&pin_dir).unwrap();
     let removed = shop.agent().cleanup().unwrap();
-    assert_eq!(
-        removed.len(),
-        link_ids.len() + map_ids.len() + 1,
-        "{removed:?}"
-    );
+    assert_eq!(removed.len(), objects.count() + 1, "{removed:?}");
     assert!(!pin_dir.exists());
-    // The kernel frees objects asynchronously: poll, bounded.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let links = bpftool_json(&["link", "show"]).unwrap();
-        let progs = bpftool_json(&["prog", "show"]).unwrap();
-        let maps = bpftool_json(&["map", "show"]).unwrap();
-        let ids = |v: &serde_json::Value| -> Vec<u64> {
-            v.as_array()
-                .unwrap()
-                .iter()
-                .filter_map(|o| o["id"].as_u64())
-                .collect()
-        };
-        let left: Vec<String> = link_ids
-            .iter()
-            .filter(|i| ids(&links).contains(i))
-            .map(|i| format!("link {i}"))
-            .chain(
-                prog_ids
-                    .iter()
-                    .filter(|i| ids(&progs).contains(i))
-                    .map(|i| format!("prog {i}")),
-            )
-            .chain(
-                map_ids
-                    .iter()
-                    .filter(|i| ids(&maps).contains(i))
-                    .map(|i| format!("map {i}")),
-            )
-            .collect();
-        if left.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still in the kernel after cleanup: {left:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    objects.wait_gone(Duration::from_secs(10)).unwrap();
     // Traffic is untouched afterwards.
     assert_eq!(
         get(&shop.frontend_fork, CHECKOUT_VIP4, "").unwrap(),

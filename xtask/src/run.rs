@@ -54,9 +54,22 @@ pub fn test(o: &TestOptions) -> Result<()> {
         ]))?;
     }
     build_bins()?;
+    // helm and kubectl for tests/tests/deploy.rs (target/tools/bin; quick when present).
+    crate::tools::install_for_tests()?;
     let mut c = cargo();
     c.args(["test", "--workspace"])
         .env("REDIRECT_AGENT_BIN", agent_bin());
+    // The image the container tests run (tests/tests/container.rs); building it needs root
+    // (buildah), like the tests that run it.
+    if cmd::is_root() {
+        let built = crate::image::build(&crate::image::Options {
+            tag: None,
+            output: None,
+            binaries_only: false,
+        })
+        .context("building the image for the container tests (cargo xtask image)")?;
+        c.env("REDIRECT_AGENT_IMAGE", &built.references[0]);
+    }
     if let Some(f) = &o.filter {
         c.args(["--", f]);
     }

@@ -26,8 +26,9 @@ pub enum LoopError {
     Router(#[from] RouterError),
 }
 
-/// Binds, registers and starts the router; returns its shared state.
-pub type StartRouter = Box<dyn FnOnce() -> Result<Arc<Shared>, RouterError> + Send>;
+/// Binds, registers and starts the router with its first route view (set before the router
+/// accepts anything); returns its shared state.
+pub type StartRouter = Box<dyn FnOnce(Arc<RouteView>) -> Result<Arc<Shared>, RouterError> + Send>;
 
 /// The node router, as the loop sees it.
 pub enum RouterHandle {
@@ -87,7 +88,7 @@ where
                     generation += 1;
                     let ok = sync(syncer, &store, generation, true, &ctx.admin).1;
                     if ok {
-                        start_router(ctx)?;
+                        start_router(syncer, ctx)?;
                     }
                     publish(syncer, ctx);
                     last_good = Some(store);
@@ -108,7 +109,7 @@ where
                 if let Some(store) = &last_good {
                     let (changed, ok) = sync(syncer, store, generation, false, &ctx.admin);
                     if ok && matches!(ctx.router, RouterHandle::Pending(_)) {
-                        start_router(ctx)?;
+                        start_router(syncer, ctx)?;
                         publish(syncer, ctx);
                     } else if changed {
                         publish(syncer, ctx);
@@ -125,14 +126,17 @@ where
     }
 }
 
-/// Starts a pending router.
-fn start_router(ctx: &mut LoopContext) -> Result<(), RouterError> {
+/// Starts a pending router with the syncer's current tables.
+fn start_router<M: RedirectMaps, C: CgroupResolver>(
+    syncer: &Syncer<M, C>,
+    ctx: &mut LoopContext,
+) -> Result<(), RouterError> {
     if matches!(ctx.router, RouterHandle::Pending(_)) {
         let RouterHandle::Pending(start) = std::mem::replace(&mut ctx.router, RouterHandle::None)
         else {
             unreachable!("checked above");
         };
-        let shared = start()?;
+        let shared = start(Arc::new(RouteView::new(syncer.last.clone())))?;
         ctx.admin.set_router(shared.clone());
         ctx.router = RouterHandle::Running(shared);
     }

@@ -328,9 +328,11 @@ async fn run(a: RunArgs, log_control: LogControl, log_filter: String) -> Result<
     };
     // Opened now, so a missing pin fails the start; bound after the first sync.
     let socks = RouterSocks::open(&pin_dir)?;
-    let start_router: StartRouter = Box::new(move || {
+    let start_router: StartRouter = Box::new(move |view| {
         let router = Router::bind(settings, socks)?;
         let shared = router.shared.clone();
+        // Complete tables before the first accept: a keyed request never sees an empty view.
+        shared.view.store(view);
         tokio::spawn(router.serve());
         tracing::info!("router started: the routing tables are complete");
         Ok(shared)

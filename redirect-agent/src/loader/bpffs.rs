@@ -2,12 +2,10 @@
 
 use std::{io, path::Path};
 
-const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-
 /// Whether `path` is on a bpffs mount.
 pub fn is_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path)
-        .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
+        .map(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
         .unwrap_or(false)
 }
 

@@ -57,7 +57,8 @@ pub fn test(o: &TestOptions) -> Result<()> {
     // helm and kubectl for tests/tests/deploy.rs (target/tools/bin; quick when present).
     crate::tools::install_for_tests()?;
     let mut c = cargo();
-    c.args(["test", "--workspace"])
+    // Every test binary runs even when one fails, so one run shows every failure.
+    c.args(["test", "--workspace", "--no-fail-fast"])
         .env("REDIRECT_AGENT_BIN", agent_bin());
     // The image the container tests run (tests/tests/container.rs); building it needs root
     // (buildah), like the tests that run it.

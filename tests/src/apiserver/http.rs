@@ -783,11 +783,17 @@ mod tests {
         )
         .unwrap();
         assert!(t.status && t.resource().kind == "Sandbox");
+        let t = resolve(
+            "/apis/redirect.dev/v1alpha1/namespaces/a/routegroups/r/status",
+            true,
+        )
+        .unwrap();
+        assert!(t.status && t.resource().kind == "RouteGroup");
         for missing in [
             "/api/v1/pods/p",
             "/api/v1/namespaces/a/namespaces",
             "/api/v1/namespaces/a/endpoints",
-            "/apis/redirect.dev/v1alpha1/namespaces/a/routegroups/r/status",
+            "/apis/redirect.dev/v1alpha1/namespaces/a/routegroups/r/scale",
             "/api/v1/namespaces/a/pods/p/log",
         ] {
             assert_eq!(resolve(missing, true).unwrap_err().code, 404, "{missing}");

@@ -95,6 +95,19 @@ impl Agent {
                 bin.display()
             );
         }
+        Agent::launch(mc, manifests, extra, source, None, Duration::from_secs(30))
+    }
+
+    /// Starts an agent (the workspace binary, or `image` with podman) and waits until its
+    /// router runs.
+    fn launch(
+        mc: &MiniCluster,
+        manifests: &Path,
+        extra: &[&str],
+        source: SourceMode,
+        image: Option<&str>,
+        timeout: Duration,
+    ) -> Result<Agent> {
         let mut agent = Agent {
             proc: None,
             pin_dir: Path::new(BPFFS).join(mc.id()),
@@ -106,11 +119,11 @@ impl Agent {
             },
             earlier_logs: String::new(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
-            image: None,
+            image: image.map(str::to_string),
             containers: Vec::new(),
         };
         agent.spawn(mc)?;
-        agent.wait_started(Duration::from_secs(30))?;
+        agent.wait_started(timeout)?;
         Ok(agent)
     }
 
@@ -123,23 +136,14 @@ impl Agent {
         source: SourceMode,
         image: &str,
     ) -> Result<Agent> {
-        let mut agent = Agent {
-            proc: None,
-            pin_dir: Path::new(BPFFS).join(mc.id()),
-            manifests: manifests.to_path_buf(),
-            kube: match source {
-                SourceMode::Manifests => None,
-                SourceMode::Kube => Some(KubeApi::start(mc, manifests, true)?),
-                SourceMode::KubeWithoutCrds => Some(KubeApi::start(mc, manifests, false)?),
-            },
-            earlier_logs: String::new(),
-            extra: Vec::new(),
-            image: Some(image.to_string()),
-            containers: Vec::new(),
-        };
-        agent.spawn(mc)?;
-        agent.wait_started(Duration::from_secs(60))?;
-        Ok(agent)
+        Agent::launch(
+            mc,
+            manifests,
+            &[],
+            source,
+            Some(image),
+            Duration::from_secs(60),
+        )
     }
 
     fn spawn(&mut self, mc: &MiniCluster) -> Result<()> {

@@ -23,6 +23,7 @@ use super::Metrics;
 use super::validate::{BadObject, Snapshot};
 use crate::crd::{RouteGroup, RouteGroupSpec, Sandbox, SandboxSpec};
 use crate::forkslice;
+use crate::source::kube::watch::is_not_found;
 use crate::store::Store;
 
 /// The reflectors' stores, and whether each has listed once.
@@ -232,16 +233,6 @@ where
             }
         }
     })
-}
-
-fn is_not_found(error: &watcher::Error) -> bool {
-    match error {
-        watcher::Error::InitialListFailed(kube::Error::Api(s))
-        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
-        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.is_not_found(),
-        watcher::Error::WatchError(s) => s.is_not_found(),
-        _ => false,
-    }
 }
 
 /// A Sandbox read untyped: the spec must parse; a status that does not is taken as none (the

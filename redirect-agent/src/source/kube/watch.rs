@@ -212,7 +212,7 @@ fn skip(health: &Health, index: usize, kind: &str, key: &ObjectKey, reason: &str
 }
 
 /// The list or watch answered 404: the resource is not served (its CRD is not installed).
-fn is_not_found(error: &watcher::Error) -> bool {
+pub fn is_not_found(error: &watcher::Error) -> bool {
     match error {
         watcher::Error::InitialListFailed(kube::Error::Api(s))
         | watcher::Error::WatchStartFailed(kube::Error::Api(s))

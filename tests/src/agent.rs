@@ -296,13 +296,26 @@ impl Agent {
         format!("{}{now}", self.earlier_logs)
     }
 
-    /// How many syncs the current agent process has logged.
+    /// The newest generation (snapshot of its source) the current agent process has synced.
+    /// Resyncs of the same generation that changed something are logged too; they do not
+    /// count, so a test waiting for generation 2 waits for the source's next change.
     pub fn syncs(&self) -> usize {
         let log = self.proc.as_ref().map(Proc::log).unwrap_or_default();
-        log.lines().filter(|l| l.contains(" synced")).count()
+        log.lines()
+            .filter(|l| l.contains(" synced"))
+            .filter_map(|l| {
+                let rest = l.split("generation=").nth(1)?;
+                rest.split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .max()
+            .unwrap_or(0)
     }
 
-    /// Waits until the current agent process logged at least `n` syncs.
+    /// Waits until the current agent process synced generation `n` (its source's `n`th
+    /// snapshot).
     pub fn wait_synced(&mut self, n: usize, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {

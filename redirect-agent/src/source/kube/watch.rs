@@ -24,12 +24,15 @@ pub struct Cache<T> {
     inner: Mutex<CacheInner<T>>,
 }
 
+/// An object and the `resourceVersion` it arrived with.
+type Versioned<T> = (Option<String>, Arc<T>);
+
 #[derive(Debug)]
 struct CacheInner<T> {
-    objects: BTreeMap<ObjectKey, Arc<T>>,
+    objects: BTreeMap<ObjectKey, Versioned<T>>,
     /// Objects of a relist in progress; they replace `objects` at once when it completes, so
     /// a snapshot never sees half a list.
-    pending: Option<BTreeMap<ObjectKey, Arc<T>>>,
+    pending: Option<BTreeMap<ObjectKey, Versioned<T>>>,
 }
 
 impl<T> Default for Cache<T> {
@@ -43,10 +46,25 @@ impl<T> Default for Cache<T> {
     }
 }
 
+/// Whether two caches hold the same objects at the same versions.
+fn same_versions<T>(
+    a: &BTreeMap<ObjectKey, Versioned<T>>,
+    b: &BTreeMap<ObjectKey, Versioned<T>>,
+) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|((ka, (va, _)), (kb, (vb, _)))| ka == kb && va == vb)
+}
+
 impl<T> Cache<T> {
     /// Every object, sorted by namespace/name.
     pub fn snapshot(&self) -> Vec<Arc<T>> {
-        self.lock().objects.values().cloned().collect()
+        self.lock()
+            .objects
+            .values()
+            .map(|(_, o)| o.clone())
+            .collect()
     }
 
     pub fn len(&self) -> usize {
@@ -61,26 +79,38 @@ impl<T> Cache<T> {
         self.lock().pending = Some(BTreeMap::new());
     }
 
-    fn listed(&self, key: ObjectKey, obj: T) {
+    fn listed(&self, key: ObjectKey, version: Option<String>, obj: T) {
         let mut inner = self.lock();
         if let Some(p) = inner.pending.as_mut() {
-            p.insert(key, Arc::new(obj));
+            p.insert(key, (version, Arc::new(obj)));
         }
     }
 
-    fn end_list(&self) {
+    /// Completes a relist; returns whether it changed anything (a relist after a reconnect
+    /// usually finds what the cache already holds: no new snapshot for it).
+    fn end_list(&self) -> bool {
         let mut inner = self.lock();
-        if let Some(p) = inner.pending.take() {
-            inner.objects = p;
+        match inner.pending.take() {
+            Some(p) => {
+                let changed = !same_versions(&inner.objects, &p);
+                inner.objects = p;
+                changed
+            }
+            None => false,
         }
     }
 
-    fn apply(&self, key: ObjectKey, obj: T) {
-        self.lock().objects.insert(key, Arc::new(obj));
+    /// Adds or replaces an object; returns whether it is new or at another version.
+    fn apply(&self, key: ObjectKey, version: Option<String>, obj: T) -> bool {
+        let mut inner = self.lock();
+        let same = version.is_some() && inner.objects.get(&key).is_some_and(|(v, _)| *v == version);
+        inner.objects.insert(key, (version, Arc::new(obj)));
+        !same
     }
 
-    fn remove(&self, key: &ObjectKey) {
-        self.lock().objects.remove(key);
+    /// Removes an object; returns whether it was there.
+    fn remove(&self, key: &ObjectKey) -> bool {
+        self.lock().objects.remove(key).is_some()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, CacheInner<T>> {
@@ -124,9 +154,10 @@ pub async fn run<K, T>(
             Ok(watcher::Event::Init) => cache.begin_list(),
             Ok(watcher::Event::InitApply(obj)) => {
                 let key = key_of(&obj);
+                let version = obj.resource_version();
                 match convert(obj) {
                     Ok(t) => {
-                        cache.listed(key.clone(), t);
+                        cache.listed(key.clone(), version, t);
                         health.update(index, |w| {
                             w.skipped.remove(&format!("{}/{}", key.0, key.1));
                         });
@@ -135,11 +166,13 @@ pub async fn run<K, T>(
                 }
             }
             Ok(watcher::Event::InitDone) => {
-                cache.end_list();
+                let differs = cache.end_list();
                 let objects = cache.len();
+                let mut first = false;
                 health.update(index, |w| {
                     if !w.synced {
                         tracing::info!(kind, objects, "first list received");
+                        first = true;
                     }
                     w.synced = true;
                     w.crd_missing = false;
@@ -147,34 +180,41 @@ pub async fn run<K, T>(
                 });
                 health.event(index, objects);
                 crd_missing_logged = false;
-                changed.notify_one();
+                if first || differs {
+                    changed.notify_one();
+                }
             }
             Ok(watcher::Event::Apply(obj)) => {
                 let key = key_of(&obj);
-                match convert(obj) {
+                let version = obj.resource_version();
+                let differs = match convert(obj) {
                     Ok(t) => {
-                        cache.apply(key.clone(), t);
                         health.update(index, |w| {
                             w.skipped.remove(&format!("{}/{}", key.0, key.1));
                         });
+                        cache.apply(key.clone(), version, t)
                     }
                     Err(reason) => {
                         // What was routed by the previous version stops: the new one is not valid.
-                        cache.remove(&key);
                         skip(&health, index, kind, &key, &reason);
+                        cache.remove(&key)
                     }
-                }
+                };
                 health.event(index, cache.len());
-                changed.notify_one();
+                if differs {
+                    changed.notify_one();
+                }
             }
             Ok(watcher::Event::Delete(obj)) => {
                 let key = key_of(&obj);
-                cache.remove(&key);
                 health.update(index, |w| {
                     w.skipped.remove(&format!("{}/{}", key.0, key.1));
                 });
+                let differs = cache.remove(&key);
                 health.event(index, cache.len());
-                changed.notify_one();
+                if differs {
+                    changed.notify_one();
+                }
             }
             Err(error) => {
                 let crd_missing = is_not_found(&error);
@@ -232,22 +272,35 @@ mod tests {
 
     #[test]
     fn a_relist_replaces_the_cache_at_once_when_it_completes() {
+        let v = |n: &str| Some(n.to_string());
         let cache = Cache::<u32>::default();
-        cache.apply(key("old"), 1);
+        assert!(cache.apply(key("old"), v("1"), 1));
+        assert!(
+            !cache.apply(key("old"), v("1"), 1),
+            "the same version again"
+        );
         cache.begin_list();
-        cache.listed(key("a"), 2);
+        cache.listed(key("a"), v("2"), 2);
         assert_eq!(
             cache.snapshot().iter().map(|v| **v).collect::<Vec<_>>(),
             [1],
             "half a list is never seen"
         );
-        cache.listed(key("b"), 3);
-        cache.end_list();
+        cache.listed(key("b"), v("3"), 3);
+        assert!(cache.end_list(), "the relist changed the cache");
         assert_eq!(
             cache.snapshot().iter().map(|v| **v).collect::<Vec<_>>(),
             [2, 3]
         );
-        cache.remove(&key("a"));
+        cache.begin_list();
+        cache.listed(key("a"), v("2"), 2);
+        cache.listed(key("b"), v("3"), 3);
+        assert!(
+            !cache.end_list(),
+            "a relist of the same versions changes nothing"
+        );
+        assert!(cache.remove(&key("a")));
+        assert!(!cache.remove(&key("a")));
         assert_eq!(cache.len(), 1);
     }
 }

@@ -29,7 +29,8 @@ pub struct KubeApi {
     pub server: Arc<ApiServer>,
     pub kubeconfig: PathBuf,
     stop: Arc<AtomicBool>,
-    mirror: Option<JoinHandle<()>>,
+    mirror: Arc<Mutex<Mirror>>,
+    thread: Option<JoinHandle<()>>,
     /// Mirror errors (a manifest the API would not take), for test failure messages.
     errors: Arc<Mutex<Vec<String>>>,
 }
@@ -48,29 +49,33 @@ impl KubeApi {
         let kubeconfig = mc.workdir().join("kubeconfig");
         server.write_kubeconfig(&kubeconfig)?;
         let errors = Arc::new(Mutex::new(Vec::new()));
-        let mut mirror = Mirror {
+        let mut first = Mirror {
             dir: manifests.to_path_buf(),
             server: server.clone(),
             applied: BTreeMap::new(),
             errors: errors.clone(),
         };
-        mirror.once().context("first mirror of the manifests")?;
+        first.once().context("first mirror of the manifests")?;
         if !crds_installed {
-            mirror
+            first
                 .errors
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clear();
         }
+        let mirror = Arc::new(Mutex::new(first));
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
+        let looping = mirror.clone();
         let thread = std::thread::Builder::new()
             .name("kube-mirror".into())
             .spawn(move || {
                 while !stopped.load(Ordering::Relaxed) {
-                    if let Err(e) = mirror.once() {
-                        mirror.error(format!("{e:#}"));
+                    let mut m = looping.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Err(e) = m.once() {
+                        m.error(format!("{e:#}"));
                     }
+                    drop(m);
                     std::thread::sleep(MIRROR_INTERVAL);
                 }
             })?;
@@ -78,9 +83,16 @@ impl KubeApi {
             server,
             kubeconfig,
             stop,
-            mirror: Some(thread),
+            mirror,
+            thread: Some(thread),
             errors,
         })
+    }
+
+    /// Mirrors the directory now: a test step that changed it continues once the API server
+    /// has the change, as `kubectl apply` returns after the write.
+    pub fn sync_now(&self) -> Result<()> {
+        self.mirror.lock().unwrap_or_else(|e| e.into_inner()).once()
     }
 
     /// Problems the mirror met (manifests the API server refused).
@@ -95,7 +107,7 @@ impl KubeApi {
 impl Drop for KubeApi {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.mirror.take() {
+        if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }

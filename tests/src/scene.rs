@@ -243,7 +243,8 @@ impl<'c> Shop<'c> {
     }
 
     pub fn add_sandbox(&self) -> Result<()> {
-        write_atomically(&self.manifests.join(SANDBOX_FILE), &sandbox_yaml())
+        write_atomically(&self.manifests.join(SANDBOX_FILE), &sandbox_yaml())?;
+        self.changed()
     }
 
     /// Replaces the sandbox with one whose `spec.fallback` is `fallback`.
@@ -251,22 +252,35 @@ impl<'c> Shop<'c> {
         write_atomically(
             &self.manifests.join(SANDBOX_FILE),
             &sandbox_yaml_with_fallback(fallback),
-        )
+        )?;
+        self.changed()
     }
 
     /// Removes a pod's manifest (as if the pod were deleted): a fork loses its endpoint.
     pub fn remove_pod_manifest(&self, pod: &Pod<'_>) -> Result<()> {
         let path = self.manifests.join(format!("pod-{}.yaml", pod.name()));
-        fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))
+        fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        self.changed()
     }
 
     pub fn remove_sandbox(&self) -> Result<()> {
-        fs::remove_file(self.manifests.join(SANDBOX_FILE)).context("removing the sandbox")
+        fs::remove_file(self.manifests.join(SANDBOX_FILE)).context("removing the sandbox")?;
+        self.changed()
     }
 
     /// Writes a manifest file into the watched directory.
     pub fn write_manifest(&self, name: &str, text: &str) -> Result<()> {
-        write_atomically(&self.manifests.join(name), text)
+        write_atomically(&self.manifests.join(name), text)?;
+        self.changed()
+    }
+
+    /// With an API server, the change is in it when this returns (the mirror ran); the
+    /// manifest source reads the directory itself.
+    fn changed(&self) -> Result<()> {
+        match self.agent.as_ref().and_then(|a| a.kube.as_ref()) {
+            Some(kube) => kube.sync_now(),
+            None => Ok(()),
+        }
     }
 }
 

@@ -24,10 +24,10 @@ use redirect_common::{
 pub use super::ids::IdAllocator;
 use crate::cgroup::CgroupResolver;
 use crate::crd::{Fallback, Sandbox, validate_routing_key};
-use crate::forkslice::{ForkSliceRef, parse_fork_slice};
+use crate::forkslice::ForkSliceRef;
 use crate::k8s::{pod_ips, pod_ready, pod_running, target_port, tcp_ports};
 use crate::routing::{KeyInfo, ServiceName, Tables};
-use crate::store::{ObjectName, Store, labels_match, ns_name};
+use crate::store::{LabelIndex, ObjectName, Store, StoreIndex, labels_match, ns_name};
 
 pub use crate::k8s::SERVICE_NAME_LABEL;
 
@@ -63,11 +63,10 @@ pub fn sockaddr(ip: IpAddr, port: u16) -> SockAddr {
 /// The desired routing state of this node.
 pub fn desired(store: &Store, node: &mut NodeContext<'_>, ids: &mut IdAllocator) -> Desired {
     let mut b = Builder {
-        store,
+        index: store.index(),
         ids,
         out: Desired::default(),
         forked: BTreeMap::new(),
-        fork_slices: fork_slice_index(store),
     };
     b.out.tables.router = node.router;
 
@@ -103,19 +102,20 @@ pub fn desired(store: &Store, node: &mut NodeContext<'_>, ids: &mut IdAllocator)
 
     let mut groups: Vec<_> = store.route_groups.iter().collect();
     groups.sort_by(|a, b| ns_name(&a.metadata).cmp(&ns_name(&b.metadata)));
+    let sandbox_labels = LabelIndex::new(
+        resolved
+            .iter()
+            .map(|sb| sb.sandbox.metadata.labels.as_ref()),
+    );
     for rg in groups {
         let name = ObjectName::new("RouteGroup", &rg.metadata);
         let Some(key_id) = b.claim_key(&mut key_owner, &name, &rg.spec.routing_key) else {
             continue;
         };
-        let members: Vec<&ResolvedSandbox<'_>> = resolved
-            .iter()
-            .filter(|sb| {
-                labels_match(
-                    &rg.spec.sandbox_selector,
-                    sb.sandbox.metadata.labels.as_ref(),
-                )
-            })
+        let members: Vec<&ResolvedSandbox<'_>> = sandbox_labels
+            .matching(&rg.spec.sandbox_selector)
+            .into_iter()
+            .map(|i| &resolved[i])
             .collect();
         if members.is_empty() {
             b.warn(format!("{name}: sandboxSelector matches no Sandbox"));
@@ -174,24 +174,12 @@ struct ResolvedSandbox<'s> {
 }
 
 struct Builder<'s, 'i> {
-    store: &'s Store,
+    /// The store's objects by name.
+    index: StoreIndex<'s>,
     ids: &'i mut IdAllocator,
     out: Desired,
     /// Service id → its name and (Service, port), for every service port some fork names.
     forked: BTreeMap<u32, (ServiceName, &'s Service, &'s ServicePort)>,
-    /// The controller's fork slices (fork pods on every node) by sandbox and service.
-    fork_slices: BTreeMap<ForkSliceRef, Vec<&'s EndpointSlice>>,
-}
-
-/// The fork slices of the store, by what they are about.
-fn fork_slice_index(store: &Store) -> BTreeMap<ForkSliceRef, Vec<&EndpointSlice>> {
-    let mut index: BTreeMap<ForkSliceRef, Vec<&EndpointSlice>> = BTreeMap::new();
-    for slice in &store.endpoint_slices {
-        if let Some(r) = parse_fork_slice(slice) {
-            index.entry(r).or_default().push(slice);
-        }
-    }
-    index
 }
 
 impl<'s> Builder<'s, '_> {
@@ -236,19 +224,16 @@ impl<'s> Builder<'s, '_> {
             // Fork pods belong to the sandbox (and route by its key) even when the Service
             // they stand in for is missing.
             let mut selected: Vec<&'s Pod> = self
-                .store
-                .pods
+                .index
+                .pods_in(ns)
                 .iter()
-                .map(|p| &**p)
-                .filter(|p| {
-                    ns_name(&p.metadata).0 == ns
-                        && labels_match(&fork.selector, p.metadata.labels.as_ref())
-                })
+                .copied()
+                .filter(|p| labels_match(&fork.selector, p.metadata.labels.as_ref()))
                 .collect();
             selected.sort_by(|a, b| ns_name(&a.metadata).cmp(&ns_name(&b.metadata)));
             pods.extend(selected.iter().map(|p| (ns_name(&p.metadata), *p)));
 
-            let Some(svc) = self.store.service(ns, &fork.service) else {
+            let Some(svc) = self.index.service(ns, &fork.service) else {
                 self.warn(format!(
                     "{name}: fork of Service {ns}/{} has no effect: no such Service",
                     fork.service
@@ -309,7 +294,7 @@ impl<'s> Builder<'s, '_> {
             service: service.name.clone(),
         };
         let mut published = Vec::new();
-        for slice in self.fork_slices.get(&slice_key).into_iter().flatten() {
+        for slice in self.index.fork_slices(&slice_key) {
             published.extend(slice_endpoints(slice, port.name.as_deref().unwrap_or("")));
         }
         published.sort();
@@ -424,16 +409,7 @@ impl<'s> Builder<'s, '_> {
     /// Baseline backend addresses of a service port, from its EndpointSlices.
     fn backends(&self, name: &ServiceName, port: &ServicePort) -> Vec<SockAddr> {
         let mut out = Vec::new();
-        for slice in &self.store.endpoint_slices {
-            let (ns, _) = ns_name(&slice.metadata);
-            let owner = slice
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(SERVICE_NAME_LABEL));
-            if ns != name.namespace || owner != Some(&name.name) {
-                continue;
-            }
+        for slice in self.index.service_slices(&name.namespace, &name.name) {
             let want = port.name.as_deref().unwrap_or("");
             let slice_port = slice.ports.iter().flatten().find(|p| {
                 p.name.as_deref().unwrap_or("") == want

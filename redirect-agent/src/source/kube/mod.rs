@@ -67,6 +67,10 @@ pub struct KubeSource {
     caches: Caches,
     health: Arc<Health>,
     changed: Arc<Notify>,
+    /// A change was taken from `changed` and not yet yielded. Kept here, not in `next()`'s
+    /// future, so that a call dropped before it yields (the agent's loop selects between the
+    /// source and its resync timer) leaves the change to the next call instead of losing it.
+    dirty: bool,
     debounce: Duration,
     last_snapshot: Option<Instant>,
     tasks: Vec<JoinHandle<()>>,
@@ -152,6 +156,7 @@ impl KubeSource {
             caches,
             health,
             changed,
+            dirty: false,
             debounce: config.debounce,
             last_snapshot: None,
             tasks,
@@ -191,14 +196,19 @@ impl Source for KubeSource {
 
     async fn next(&mut self) -> Option<Update> {
         loop {
-            self.changed.notified().await;
+            if !self.dirty {
+                self.changed.notified().await;
+                self.dirty = true;
+            }
             if !self.health.all_synced() {
+                self.dirty = false;
                 continue;
             }
             if let Some(last) = self.last_snapshot {
                 // Everything that arrives before the window ends is in this one snapshot.
                 tokio::time::sleep_until(last + self.debounce).await;
             }
+            self.dirty = false;
             self.last_snapshot = Some(Instant::now());
             let mut store = self.snapshot();
             store.warnings = store.dangling_references();

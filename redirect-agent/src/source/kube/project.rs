@@ -1,7 +1,9 @@
 //! What the agent keeps of each watched object: only the fields `desired()` (and `redirectctl`)
 //! read, so that a cluster's worth of Services, EndpointSlices and Pods fits in a node agent's
 //! memory. Everything else (managed fields, annotations, container specs, statuses) is dropped
-//! as the object arrives.
+//! as the object arrives, and every list kept is shrunk to its length: deserialised lists grow
+//! by doubling from 4, so a slice with one endpoint, one address and one port would otherwise
+//! keep room for four of each (about a third of the caches at 50 000 endpoints).
 
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, Pod, PodCondition, PodSpec, PodStatus, Service, ServicePort,
@@ -14,6 +16,12 @@ use crate::k8s::{MANAGED_BY_LABEL, SERVICE_NAME_LABEL};
 
 /// Label prefix of redirect's own labels (kept on EndpointSlices: fork slices carry them).
 const REDIRECT_LABEL_PREFIX: &str = "redirect.dev/";
+
+/// `v` without spare capacity.
+fn shrunk<T>(mut v: Vec<T>) -> Vec<T> {
+    v.shrink_to_fit();
+    v
+}
 
 /// Identity fields only (plus labels when `keep_labels` says which to keep).
 fn meta(m: ObjectMeta, keep_label: impl Fn(&str) -> bool) -> ObjectMeta {
@@ -41,20 +49,22 @@ pub fn service(s: Service) -> Service {
         metadata: meta(s.metadata, |_| false),
         spec: s.spec.map(|spec| ServiceSpec {
             cluster_ip: spec.cluster_ip,
-            cluster_ips: spec.cluster_ips,
+            cluster_ips: spec.cluster_ips.map(shrunk),
             type_: spec.type_,
             ports: spec.ports.map(|ports| {
-                ports
-                    .into_iter()
-                    .map(|p| ServicePort {
-                        name: p.name,
-                        port: p.port,
-                        target_port: p.target_port,
-                        protocol: p.protocol,
-                        app_protocol: p.app_protocol,
-                        ..ServicePort::default()
-                    })
-                    .collect()
+                shrunk(
+                    ports
+                        .into_iter()
+                        .map(|p| ServicePort {
+                            name: p.name,
+                            port: p.port,
+                            target_port: p.target_port,
+                            protocol: p.protocol,
+                            app_protocol: p.app_protocol,
+                            ..ServicePort::default()
+                        })
+                        .collect(),
+                )
             }),
             ..ServiceSpec::default()
         }),
@@ -69,17 +79,18 @@ pub fn endpoint_slice(s: EndpointSlice) -> EndpointSlice {
             k == SERVICE_NAME_LABEL || k == MANAGED_BY_LABEL || k.starts_with(REDIRECT_LABEL_PREFIX)
         }),
         address_type: s.address_type,
-        ports: s.ports,
-        endpoints: s
-            .endpoints
-            .into_iter()
-            .map(|e| Endpoint {
-                addresses: e.addresses,
-                conditions: e.conditions,
-                node_name: e.node_name,
-                ..Endpoint::default()
-            })
-            .collect(),
+        ports: s.ports.map(shrunk),
+        endpoints: shrunk(
+            s.endpoints
+                .into_iter()
+                .map(|e| Endpoint {
+                    addresses: shrunk(e.addresses),
+                    conditions: e.conditions,
+                    node_name: e.node_name,
+                    ..Endpoint::default()
+                })
+                .collect(),
+        ),
     }
 }
 
@@ -90,41 +101,46 @@ pub fn pod(p: Pod) -> Pod {
         metadata: meta(p.metadata, |_| true),
         spec: p.spec.map(|spec| PodSpec {
             node_name: spec.node_name,
-            containers: spec
-                .containers
-                .into_iter()
-                .filter(|c| c.ports.as_ref().is_some_and(|p| !p.is_empty()))
-                .map(|c| Container {
-                    name: c.name,
-                    ports: c.ports.map(|ports| {
-                        ports
-                            .into_iter()
-                            .map(|p| ContainerPort {
-                                name: p.name,
-                                container_port: p.container_port,
-                                protocol: p.protocol,
-                                ..ContainerPort::default()
-                            })
-                            .collect()
-                    }),
-                    ..Container::default()
-                })
-                .collect(),
+            containers: shrunk(
+                spec.containers
+                    .into_iter()
+                    .filter(|c| c.ports.as_ref().is_some_and(|p| !p.is_empty()))
+                    .map(|c| Container {
+                        name: c.name,
+                        ports: c.ports.map(|ports| {
+                            shrunk(
+                                ports
+                                    .into_iter()
+                                    .map(|p| ContainerPort {
+                                        name: p.name,
+                                        container_port: p.container_port,
+                                        protocol: p.protocol,
+                                        ..ContainerPort::default()
+                                    })
+                                    .collect(),
+                            )
+                        }),
+                        ..Container::default()
+                    })
+                    .collect(),
+            ),
             ..PodSpec::default()
         }),
         status: p.status.map(|st| PodStatus {
             phase: st.phase,
             pod_ip: st.pod_ip,
-            pod_ips: st.pod_ips,
+            pod_ips: st.pod_ips.map(shrunk),
             conditions: st.conditions.map(|cs| {
-                cs.into_iter()
-                    .filter(|c| c.type_ == "Ready")
-                    .map(|c| PodCondition {
-                        type_: c.type_,
-                        status: c.status,
-                        ..PodCondition::default()
-                    })
-                    .collect()
+                shrunk(
+                    cs.into_iter()
+                        .filter(|c| c.type_ == "Ready")
+                        .map(|c| PodCondition {
+                            type_: c.type_,
+                            status: c.status,
+                            ..PodCondition::default()
+                        })
+                        .collect(),
+                )
             }),
             ..PodStatus::default()
         }),

@@ -304,6 +304,46 @@ async fn a_burst_of_events_within_the_debounce_window_makes_one_snapshot() {
 }
 
 #[tokio::test]
+async fn a_change_is_kept_when_the_call_waiting_out_its_debounce_window_is_dropped() {
+    // The agent's loop selects between the source and its resync timer, so a call of `next()`
+    // can be dropped while it waits for the end of the debounce window.
+    let (client, api, _task) = Api::start(standard_lists(vec![]));
+    let mut source = KubeSource::start(client, &config(Duration::from_millis(1500)));
+    snapshot(&mut source).await;
+    api.events(
+        SERVICES,
+        &[json!({"type": "ADDED", "object": service("catalog", "10.96.0.11")})],
+    );
+    let arrived = || {
+        source
+            .health()
+            .watches()
+            .iter()
+            .any(|w| w.kind == "Service" && w.objects == 2)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !arrived() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the event never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let dropped = tokio::time::timeout(Duration::from_millis(50), source.next()).await;
+    assert!(
+        dropped.is_err(),
+        "still within the window of the first snapshot"
+    );
+
+    let store = snapshot(&mut source).await;
+    assert_eq!(
+        store.services.len(),
+        2,
+        "the change the dropped call had taken is in the next snapshot"
+    );
+}
+
+#[tokio::test]
 async fn a_410_gone_makes_the_watch_relist_and_the_relist_replaces_the_cache() {
     let (client, api, _task) = Api::start(standard_lists(vec![]));
     let mut source = KubeSource::start(client, &config(Duration::from_millis(20)));

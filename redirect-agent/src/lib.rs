@@ -13,6 +13,7 @@ pub mod k8s;
 pub mod loader;
 pub mod router;
 pub mod routing;
+pub mod slice;
 pub mod source;
 pub mod store;
 pub mod sync;

@@ -1,18 +1,15 @@
 //! A typed snapshot of the objects the node's routing depends on. Sources (kube watchers, a
 //! manifest directory) produce it; `sync::desired` reads it.
 
-use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::crd::{RouteGroup, Sandbox};
-use crate::forkslice::{ForkSliceRef, parse_fork_slice};
-use crate::k8s::SERVICE_NAME_LABEL;
+use crate::slice::Slice;
 
 /// Namespace of objects that do not name one.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -22,7 +19,8 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Store {
     pub services: Vec<Arc<Service>>,
-    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
+    /// EndpointSlices as routing reads them.
+    pub endpoint_slices: Vec<Arc<Slice>>,
     pub pods: Vec<Arc<Pod>>,
     pub sandboxes: Vec<Arc<Sandbox>>,
     pub route_groups: Vec<Arc<RouteGroup>>,
@@ -96,7 +94,8 @@ impl Store {
     /// Sorts every list by namespace/name, so that everything derived is deterministic.
     pub fn sort(&mut self) {
         sort_by_name(&mut self.services, |o| &o.metadata);
-        sort_by_name(&mut self.endpoint_slices, |o| &o.metadata);
+        self.endpoint_slices
+            .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         sort_by_name(&mut self.pods, |o| &o.metadata);
         sort_by_name(&mut self.sandboxes, |o| &o.metadata);
         sort_by_name(&mut self.route_groups, |o| &o.metadata);
@@ -157,11 +156,6 @@ impl Store {
         out
     }
 
-    /// Lookups by name over this store (see [`StoreIndex`]).
-    pub fn index(&self) -> StoreIndex<'_> {
-        StoreIndex::new(self)
-    }
-
     /// Forks that name a Service that does not exist (they have no effect), and route groups
     /// that select no sandbox.
     pub fn dangling_references(&self) -> Vec<String> {
@@ -196,103 +190,6 @@ impl Store {
         }
         out
     }
-}
-
-/// Lookups by name over a [`Store`], built once (per `desired()`) instead of a scan of a whole
-/// list per lookup: Services by namespace/name, EndpointSlices by the Service they belong to
-/// (their `kubernetes.io/service-name` label, in their own namespace), the controller's fork
-/// slices by what they are about, and Pods by namespace. Every list keeps the store's order,
-/// and a name given twice finds the first object, as [`Store::service`] does. One pass over
-/// each list: at cluster scale the cost is reaching each object's fields in memory.
-#[derive(Debug)]
-pub struct StoreIndex<'s> {
-    services: HashMap<(&'s str, &'s str), &'s Service>,
-    service_slices: HashMap<(&'s str, &'s str), Slices<'s>>,
-    fork_slices: BTreeMap<ForkSliceRef, Vec<&'s EndpointSlice>>,
-    pods: HashMap<&'s str, Vec<&'s Pod>>,
-}
-
-impl<'s> StoreIndex<'s> {
-    pub fn new(store: &'s Store) -> Self {
-        let mut services = HashMap::with_capacity(store.services.len());
-        for s in &store.services {
-            services.entry(ns_name(&s.metadata)).or_insert(&**s);
-        }
-        // Sized up front: growing would hash every key again.
-        let mut service_slices: HashMap<_, Slices<'s>> =
-            HashMap::with_capacity(store.endpoint_slices.len());
-        let mut fork_slices: BTreeMap<_, Vec<_>> = BTreeMap::new();
-        for slice in &store.endpoint_slices {
-            let owner = slice
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(SERVICE_NAME_LABEL));
-            if let Some(owner) = owner {
-                let (ns, _) = ns_name(&slice.metadata);
-                match service_slices.entry((ns, owner.as_str())) {
-                    Entry::Occupied(mut e) => e.get_mut().rest.push(&**slice),
-                    Entry::Vacant(e) => {
-                        e.insert(Slices {
-                            first: slice,
-                            rest: Vec::new(),
-                        });
-                    }
-                }
-            }
-            if let Some(r) = parse_fork_slice(slice) {
-                fork_slices.entry(r).or_default().push(&**slice);
-            }
-        }
-        let mut pods: HashMap<_, Vec<_>> = HashMap::new();
-        for p in &store.pods {
-            pods.entry(ns_name(&p.metadata).0).or_default().push(&**p);
-        }
-        StoreIndex {
-            services,
-            service_slices,
-            fork_slices,
-            pods,
-        }
-    }
-
-    /// The Service `namespace/name`.
-    pub fn service(&self, namespace: &str, name: &str) -> Option<&'s Service> {
-        // Keys of a shorter lifetime than 's: the map is covariant in its key type.
-        let services: &HashMap<(&str, &str), &'s Service> = &self.services;
-        services.get(&(namespace, name)).copied()
-    }
-
-    /// The EndpointSlices of the Service `namespace/name` (labelled with its name).
-    pub fn service_slices<'a>(
-        &'a self,
-        namespace: &'a str,
-        name: &'a str,
-    ) -> impl Iterator<Item = &'s EndpointSlice> + 'a {
-        let slices: &HashMap<(&str, &str), Slices<'s>> = &self.service_slices;
-        slices
-            .get(&(namespace, name))
-            .into_iter()
-            .flat_map(|s| std::iter::once(s.first).chain(s.rest.iter().copied()))
-    }
-
-    /// The controller's fork slices about `r` (see [`parse_fork_slice`]).
-    pub fn fork_slices(&self, r: &ForkSliceRef) -> &[&'s EndpointSlice] {
-        self.fork_slices.get(r).map_or(&[], Vec::as_slice)
-    }
-
-    /// The Pods of `namespace`.
-    pub fn pods_in(&self, namespace: &str) -> &[&'s Pod] {
-        self.pods.get(namespace).map_or(&[], Vec::as_slice)
-    }
-}
-
-/// The EndpointSlices of one Service, in store order. Most Services have one: no allocation
-/// for those.
-#[derive(Debug)]
-struct Slices<'s> {
-    first: &'s EndpointSlice,
-    rest: Vec<&'s EndpointSlice>,
 }
 
 /// Objects by their labels, to find those a matchLabels selector selects without testing every
@@ -413,117 +310,6 @@ mod tests {
         let c = &store.key_conflicts()[0];
         assert_eq!(c.first.kind, "Sandbox");
         assert_eq!(c.second.kind, "RouteGroup");
-    }
-
-    fn object<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Arc<T> {
-        Arc::new(serde_json::from_value(v).unwrap())
-    }
-
-    fn slice(ns: Option<&str>, name: &str, labels: serde_json::Value) -> Arc<EndpointSlice> {
-        object(serde_json::json!({
-            "metadata": {"name": name, "namespace": ns, "labels": labels},
-            "addressType": "IPv4", "endpoints": [],
-        }))
-    }
-
-    fn names<'a>(slices: impl IntoIterator<Item = &'a EndpointSlice>) -> Vec<&'a str> {
-        slices.into_iter().map(|s| ns_name(&s.metadata).1).collect()
-    }
-
-    #[test]
-    fn the_index_finds_services_slices_and_pods_by_name_in_store_order() {
-        let service = |ns: &str, name: &str, ip: &str| -> Arc<Service> {
-            object(
-                serde_json::json!({"metadata": {"name": name, "namespace": ns},
-                                      "spec": {"clusterIP": ip}}),
-            )
-        };
-        let pod = |ns: Option<&str>, name: &str| -> Arc<Pod> {
-            object(serde_json::json!({"metadata": {"name": name, "namespace": ns}}))
-        };
-        let fork = serde_json::json!({
-            "endpointslice.kubernetes.io/managed-by": "controller.redirect.dev",
-            "redirect.dev/sandbox": "fx", "redirect.dev/sandbox-namespace": "shop",
-            "redirect.dev/fork-of": "checkout"});
-        let store = Store {
-            services: vec![
-                service("shop", "checkout", "10.0.0.1"),
-                service("other", "checkout", "10.0.0.2"),
-                service("shop", "checkout", "10.0.0.3"),
-            ],
-            endpoint_slices: vec![
-                slice(
-                    Some("shop"),
-                    "c-2",
-                    serde_json::json!({SERVICE_NAME_LABEL: "checkout"}),
-                ),
-                slice(
-                    Some("other"),
-                    "c-x",
-                    serde_json::json!({SERVICE_NAME_LABEL: "checkout"}),
-                ),
-                slice(
-                    Some("shop"),
-                    "unlabelled",
-                    serde_json::json!({"app": "checkout"}),
-                ),
-                slice(Some("shop"), "fx-1", fork),
-                slice(None, "d-1", serde_json::json!({SERVICE_NAME_LABEL: "db"})),
-                slice(
-                    Some("shop"),
-                    "c-1",
-                    serde_json::json!({SERVICE_NAME_LABEL: "checkout"}),
-                ),
-            ],
-            pods: vec![
-                pod(Some("shop"), "b"),
-                pod(None, "x"),
-                pod(Some("shop"), "a"),
-            ],
-            ..Default::default()
-        };
-        let index = store.index();
-
-        let ip = |s: Option<&Service>| s.and_then(|s| s.spec.as_ref()?.cluster_ip.clone());
-        for (ns, name) in [
-            ("shop", "checkout"),
-            ("other", "checkout"),
-            ("shop", "nope"),
-        ] {
-            assert_eq!(
-                ip(index.service(ns, name)),
-                ip(store.service(ns, name)),
-                "{ns}/{name}: the first of the store, as Store::service finds it"
-            );
-        }
-        assert_eq!(
-            ip(index.service("shop", "checkout")).as_deref(),
-            Some("10.0.0.1")
-        );
-        assert_eq!(
-            names(index.service_slices("shop", "checkout")),
-            ["c-2", "c-1"],
-            "its namespace only, in store order, labelled ones only"
-        );
-        assert_eq!(names(index.service_slices("default", "db")), ["d-1"]);
-        assert_eq!(names(index.service_slices("shop", "fx-1")).len(), 0);
-        let r = ForkSliceRef {
-            sandbox_namespace: "shop".into(),
-            sandbox_name: "fx".into(),
-            service_namespace: "shop".into(),
-            service: "checkout".into(),
-        };
-        assert_eq!(names(index.fork_slices(&r).iter().copied()), ["fx-1"]);
-        let pods = |ns| -> Vec<&str> {
-            index
-                .pods_in(ns)
-                .iter()
-                .map(|p| ns_name(&p.metadata).1)
-                .collect()
-        };
-        assert_eq!(pods("shop"), ["b", "a"]);
-        assert_eq!(pods("default"), ["x"]);
-        assert!(pods("other").is_empty());
     }
 
     #[test]

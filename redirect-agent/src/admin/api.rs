@@ -3,6 +3,7 @@
 //! fields may be added, never renamed or removed, without a new `schema` value.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use redirect_common::{ForkEndpoints, ForkKey, RouterConfig, ServiceValue, WorkloadValue};
 use serde::{Deserialize, Serialize};
@@ -160,21 +161,21 @@ impl TablesDoc {
         for n in &self.service_names {
             t.service_names.insert(
                 n.service_id,
-                ServiceName {
+                Arc::new(ServiceName {
                     namespace: n.namespace.clone(),
                     name: n.name.clone(),
                     port: n.port.clone(),
-                },
+                }),
             );
         }
         for k in &self.keys {
             t.keys.insert(
                 k.key_id,
-                KeyInfo {
+                Arc::new(KeyInfo {
                     key: k.key.clone(),
                     owners: k.owners.clone(),
                     fallback_to_baseline: k.fallback_to_baseline,
-                },
+                }),
             );
         }
         for f in &self.forks {
@@ -261,19 +262,19 @@ mod tests {
         );
         t.service_names.insert(
             7,
-            ServiceName {
+            Arc::new(ServiceName {
                 namespace: "default".into(),
                 name: "checkout".into(),
                 port: "http".into(),
-            },
+            }),
         );
         t.keys.insert(
             3,
-            KeyInfo {
+            Arc::new(KeyInfo {
                 key: "feature-x".into(),
                 owners: vec!["default/feature-x".into()],
                 fallback_to_baseline: true,
-            },
+            }),
         );
         let ep6 = SockAddr::v6([u32::from_ne_bytes([0xfd, 0, 2, 0]), 0, 0, 5], 8080);
         let ep4 = SockAddr::v4(u32::from_ne_bytes([10, 200, 1, 4]), 8080);

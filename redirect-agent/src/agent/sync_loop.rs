@@ -1,5 +1,7 @@
 //! One sync: `desired(&Store) -> diff(current, desired) -> apply(RedirectMaps)`.
 
+use std::sync::Arc;
+
 use redirect_common::RouterConfig;
 
 use crate::{
@@ -8,7 +10,7 @@ use crate::{
     store::Store,
     sync::{
         MapError, RedirectMaps,
-        desired::{IdAllocator, NodeContext, desired},
+        desired::{DesiredState, NodeContext},
         diff::{apply, diff},
     },
 };
@@ -21,17 +23,19 @@ pub struct SyncOutcome {
     pub warnings: Vec<String>,
 }
 
-/// Keeps the maps in line with the last good store. Owns the id allocator so ids stay stable.
+/// Keeps the maps in line with the last good store. Owns the desired state (with its id
+/// allocator, so ids stay stable, and what it remembers between syncs).
 pub struct Syncer<M: RedirectMaps, C: CgroupResolver> {
     pub maps: M,
     cgroups: C,
-    ids: IdAllocator,
+    state: DesiredState,
     node_name: Option<String>,
     router: RouterConfig,
-    /// What the maps hold, as far as this syncer knows (read from the kernel at start).
-    current: Tables,
+    /// What the maps hold, as far as this syncer knows (read from the kernel at start). The
+    /// same tables as `last` after a sync without failure.
+    current: Arc<Tables>,
     /// The desired tables of the last sync, names included (the router reads these).
-    pub last: Tables,
+    pub last: Arc<Tables>,
 }
 
 impl<M: RedirectMaps, C: CgroupResolver> Syncer<M, C> {
@@ -43,11 +47,11 @@ impl<M: RedirectMaps, C: CgroupResolver> Syncer<M, C> {
         node_name: Option<String>,
         router: RouterConfig,
     ) -> Result<Self, MapError> {
-        let current = maps.read()?;
+        let current = Arc::new(maps.read()?);
         Ok(Syncer {
             maps,
             cgroups,
-            ids: IdAllocator::default(),
+            state: DesiredState::default(),
             node_name,
             router,
             last: current.clone(),
@@ -61,7 +65,7 @@ impl<M: RedirectMaps, C: CgroupResolver> Syncer<M, C> {
             cgroups: &mut self.cgroups,
             router: self.router,
         };
-        let want = desired(store, &mut node, &mut self.ids);
+        let want = self.state.desired(store, &mut node);
         let ops = diff(&self.current, &want.tables);
         let report = apply(ops, &mut self.maps);
         let failed: Vec<String> = report
@@ -69,13 +73,14 @@ impl<M: RedirectMaps, C: CgroupResolver> Syncer<M, C> {
             .iter()
             .map(|(op, e)| format!("{op:?}: {e}"))
             .collect();
+        let tables = Arc::new(want.tables);
         // Re-read on failure so the next diff starts from the truth.
         self.current = if failed.is_empty() {
-            want.tables.clone()
+            tables.clone()
         } else {
-            self.maps.read().unwrap_or_else(|_| want.tables.clone())
+            Arc::new(self.maps.read().unwrap_or_else(|_| (*tables).clone()))
         };
-        self.last = want.tables;
+        self.last = tables;
         trim_freed_memory();
         SyncOutcome {
             applied: report.applied,

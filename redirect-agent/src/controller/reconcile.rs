@@ -270,7 +270,7 @@ pub async fn reconcile(
         }
     }
 
-    for op in slice_ops(&plan.slices, &snapshot.store.endpoint_slices) {
+    for op in slice_ops(&plan.slices, &snapshot.fork_slices) {
         writer.check()?;
         let object = format!("EndpointSlice {}", op.slice_name());
         let (action, result) = apply_slice(writer, op).await;

@@ -26,6 +26,7 @@
 //! to be deleted.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{ObjectReference, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -92,9 +93,10 @@ pub struct BadObject<S> {
 /// What [`plan`] looks at.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
-    /// Sandboxes, RouteGroups, Services, Pods, and in `endpoint_slices` the fork slices that
-    /// exist now.
+    /// Sandboxes, RouteGroups, Services, Pods.
     pub store: Store,
+    /// The fork slices that exist now, whole (they are compared with the desired ones).
+    pub fork_slices: Vec<Arc<EndpointSlice>>,
     pub bad_sandboxes: Vec<BadObject<SandboxStatus>>,
     pub bad_route_groups: Vec<BadObject<RouteGroupStatus>>,
 }

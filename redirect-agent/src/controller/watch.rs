@@ -144,9 +144,9 @@ impl Caches {
             store: Store {
                 services: self.services.state(),
                 pods: self.pods.state(),
-                endpoint_slices: self.slices.state(),
                 ..Store::default()
             },
+            fork_slices: self.slices.state(),
             ..Snapshot::default()
         };
         for obj in self.sandboxes.state() {

@@ -116,7 +116,8 @@ mod tests {
                 key: "feature-x".into(),
                 owners: vec!["default/feature-x".into()],
                 fallback_to_baseline: fallback,
-            },
+            }
+            .into(),
         );
         t.forks.insert(
             ForkKey {

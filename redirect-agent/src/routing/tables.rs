@@ -1,6 +1,7 @@
 //! The desired routing state of one node.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use redirect_common::{
     ForkEndpoints, ForkKey, RouterConfig, ServiceValue, SockAddr, WorkloadValue,
@@ -44,6 +45,6 @@ pub struct Tables {
     /// `router_v1`: router addresses and mark.
     pub router: RouterConfig,
     /// Names behind the ids, for the router, explain and logs (not in the kernel).
-    pub service_names: BTreeMap<u32, ServiceName>,
-    pub keys: BTreeMap<u32, KeyInfo>,
+    pub service_names: BTreeMap<u32, Arc<ServiceName>>,
+    pub keys: BTreeMap<u32, Arc<KeyInfo>>,
 }

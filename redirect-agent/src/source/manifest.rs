@@ -21,6 +21,7 @@ use serde_yaml::Value;
 use tokio::sync::mpsc;
 
 use crate::crd::{API_VERSION, RouteGroup, Sandbox, SpecError};
+use crate::slice::Slice;
 use crate::source::{Rejection, Source, Update};
 use crate::store::{DEFAULT_NAMESPACE, ObjectName, Store};
 
@@ -510,7 +511,7 @@ impl Loader {
             ("discovery.k8s.io/v1", "EndpointSlice") => {
                 let mut eps: EndpointSlice = doc.parse()?;
                 self.register(doc, "EndpointSlice", &mut eps.metadata)?;
-                self.store.endpoint_slices.push(eps.into());
+                self.store.endpoint_slices.push(Slice::from(eps).into());
             }
             ("v1", "Pod") => {
                 let mut pod: Pod = doc.parse()?;

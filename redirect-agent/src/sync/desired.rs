@@ -11,23 +11,29 @@
 //!
 //! Conflicts never fail the sync: the object that sorts first (namespace/name) wins, and a
 //! warning says what was dropped.
+//!
+//! [`DesiredState`] computes the same from one snapshot to the next while remembering what
+//! each Sandbox resolved to and each forked Service port's backends, so a change costs what it
+//! touches rather than a pass over every object of the cluster.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use redirect_common::{
     ForkEndpoints, ForkKey, MAX_FORK_ENDPOINTS, RouterConfig, ServiceValue, SockAddr, WorkloadValue,
 };
 
 pub use super::ids::IdAllocator;
+use super::index::{Index, StoreChanges};
 use crate::cgroup::CgroupResolver;
-use crate::crd::{Fallback, Sandbox, validate_routing_key};
+use crate::crd::{Fallback, RouteGroup, Sandbox, validate_routing_key};
 use crate::forkslice::ForkSliceRef;
 use crate::k8s::{pod_ips, pod_ready, pod_running, target_port, tcp_ports};
 use crate::routing::{KeyInfo, ServiceName, Tables};
-use crate::store::{LabelIndex, ObjectName, Store, StoreIndex, labels_match, ns_name};
+use crate::slice::Slice;
+use crate::store::{LabelIndex, ObjectName, Store, labels_match, ns_name};
 
 pub use crate::k8s::SERVICE_NAME_LABEL;
 
@@ -60,141 +66,418 @@ pub fn sockaddr(ip: IpAddr, port: u16) -> SockAddr {
     }
 }
 
-/// The desired routing state of this node.
+/// The desired routing state of this node, computed from nothing.
 pub fn desired(store: &Store, node: &mut NodeContext<'_>, ids: &mut IdAllocator) -> Desired {
-    let mut b = Builder {
-        index: store.index(),
-        ids,
-        out: Desired::default(),
-        forked: BTreeMap::new(),
-    };
-    b.out.tables.router = node.router;
+    let mut state = DesiredState::new(std::mem::take(ids));
+    let out = state.desired(store, node);
+    *ids = state.ids;
+    out
+}
 
-    let mut sandboxes: Vec<&Sandbox> = store.sandboxes.iter().map(|s| &**s).collect();
-    sandboxes.sort_by(|a, b| ns_name(&a.metadata).cmp(&ns_name(&b.metadata)));
-    let resolved: Vec<ResolvedSandbox<'_>> = sandboxes.iter().map(|sb| b.resolve(sb)).collect();
+/// [`desired`] with a memory: what each Sandbox resolved to (its forks' service ids and
+/// endpoints, its pods, its warnings) and the baseline backends of each forked Service port are
+/// kept from one call to the next and recomputed only when an object they were made of
+/// changed. Changes are found by object identity (see [`super::index`]): a source hands an
+/// unchanged object over as the same `Arc`. The result is always that of [`desired`] on the
+/// same store.
+#[derive(Debug, Default)]
+pub struct DesiredState {
+    ids: IdAllocator,
+    /// The store of the last call, to tell what changed.
+    seen: Store,
+    index: Index,
+    /// Per Sandbox object (its address: the entry holds the `Arc`, so the address stays its
+    /// own).
+    sandboxes: HashMap<usize, Resolved>,
+    backends: Backends,
+}
 
-    let mut key_owner: BTreeMap<String, ObjectName> = BTreeMap::new();
-    for sb in &resolved {
-        let Some(key_id) = b.claim_key(&mut key_owner, &sb.name, &sb.sandbox.spec.routing_key)
-        else {
-            continue;
-        };
-        for (service_id, eps) in &sb.forks {
-            b.out.tables.forks.insert(
-                ForkKey {
-                    key_id,
-                    service_id: *service_id,
-                },
-                *eps,
-            );
+impl DesiredState {
+    pub fn new(ids: IdAllocator) -> Self {
+        DesiredState {
+            ids,
+            ..Default::default()
         }
-        b.out.tables.keys.insert(
-            key_id,
-            KeyInfo {
-                key: sb.sandbox.spec.routing_key.clone(),
-                owners: vec![sb.name.ns_name()],
-                fallback_to_baseline: sb.sandbox.spec.fallback() == Fallback::Baseline,
-            },
-        );
-        b.workloads(node, sb, key_id);
     }
 
-    let mut groups: Vec<_> = store.route_groups.iter().collect();
-    groups.sort_by(|a, b| ns_name(&a.metadata).cmp(&ns_name(&b.metadata)));
-    let sandbox_labels = LabelIndex::new(
-        resolved
-            .iter()
-            .map(|sb| sb.sandbox.metadata.labels.as_ref()),
-    );
-    for rg in groups {
-        let name = ObjectName::new("RouteGroup", &rg.metadata);
-        let Some(key_id) = b.claim_key(&mut key_owner, &name, &rg.spec.routing_key) else {
-            continue;
-        };
-        let members: Vec<&ResolvedSandbox<'_>> = sandbox_labels
-            .matching(&rg.spec.sandbox_selector)
-            .into_iter()
-            .map(|i| &resolved[i])
-            .collect();
-        if members.is_empty() {
-            b.warn(format!("{name}: sandboxSelector matches no Sandbox"));
-        }
-        let mut union: BTreeMap<u32, (&ObjectName, ForkEndpoints)> = BTreeMap::new();
-        for sb in &members {
-            for (service_id, eps) in &sb.forks {
-                match union.get(service_id) {
-                    Some((first, _)) => {
-                        let service = &b.forked[service_id].0;
-                        let warning = format!(
-                            "{name}: {first} and {} both fork {service}; using {first}",
-                            sb.name
-                        );
-                        b.warn(warning);
-                    }
-                    None => {
-                        union.insert(*service_id, (&sb.name, *eps));
-                    }
-                }
+    /// The desired routing state of this node for `store`.
+    pub fn desired(&mut self, store: &Store, node: &mut NodeContext<'_>) -> Desired {
+        self.take_in(store);
+        let mut sandboxes: Vec<&Arc<Sandbox>> = store.sandboxes.iter().collect();
+        sandboxes.sort_by(|a, b| ns_name(&a.metadata).cmp(&ns_name(&b.metadata)));
+        for sb in &sandboxes {
+            if !self.sandboxes.contains_key(&address(sb)) {
+                let r = resolve(&self.index, &mut self.ids, sb);
+                self.sandboxes.insert(address(sb), r);
             }
         }
-        for (service_id, (_, eps)) in union {
-            b.out
-                .tables
-                .forks
-                .insert(ForkKey { key_id, service_id }, eps);
-        }
-        let mut owners = vec![name.ns_name()];
-        owners.extend(members.iter().map(|sb| sb.name.ns_name()));
-        b.out.tables.keys.insert(
-            key_id,
-            KeyInfo {
-                key: rg.spec.routing_key.clone(),
-                owners,
-                fallback_to_baseline: !members.is_empty()
-                    && members
-                        .iter()
-                        .all(|sb| sb.sandbox.spec.fallback() == Fallback::Baseline),
-            },
-        );
+        let resolved: Vec<&Resolved> = sandboxes
+            .iter()
+            .map(|sb| &self.sandboxes[&address(sb)])
+            .collect();
+        let mut b = Builder {
+            index: &self.index,
+            ids: &mut self.ids,
+            backends: &mut self.backends,
+            out: Desired::default(),
+            forked: HashMap::with_capacity(resolved.len() * 2),
+        };
+        b.build(store, node, &resolved);
+        b.out
     }
 
-    b.services();
-    b.out
+    /// Brings the index up to date with `store` and forgets what depends on objects that
+    /// changed.
+    fn take_in(&mut self, store: &Store) {
+        let changes = StoreChanges::between(&self.seen, store);
+        let objects = |s: &Store| {
+            s.services.len() + s.endpoint_slices.len() + s.pods.len() + s.sandboxes.len()
+        };
+        // Past a quarter of the objects, building anew is the cheaper way.
+        let rebuild = changes.count() * 4 > objects(&self.seen) + objects(store)
+            || self.index.update(&changes).is_err();
+        if rebuild {
+            self.index = Index::new(store);
+            self.sandboxes.clear();
+            self.backends.clear();
+        } else {
+            self.forget(&changes);
+        }
+        self.seen = store.clone();
+        self.seen.warnings = Vec::new();
+    }
+
+    /// Drops the sandboxes and backends `changes` may have made different.
+    fn forget(&mut self, changes: &StoreChanges) {
+        let mut services: HashSet<(&str, &str)> = HashSet::new();
+        let mut namespaces: HashSet<&str> = HashSet::new();
+        // Sandboxes whose fork slices changed, by namespace/name.
+        let mut sandboxes: HashSet<(&str, &str)> = HashSet::new();
+        for s in changes.services.objects() {
+            services.insert(ns_name(&s.metadata));
+        }
+        for s in changes.endpoint_slices.objects() {
+            if let Some(owner) = &s.service
+                && let Some(names) = self.backends.get_mut(&s.namespace)
+            {
+                names.remove(owner);
+            }
+            if let Some(r) = &s.fork {
+                sandboxes.insert((&r.sandbox_namespace, &r.sandbox_name));
+            }
+        }
+        for (ns, name) in &services {
+            if let Some(names) = self.backends.get_mut(*ns) {
+                names.remove(*name);
+            }
+        }
+        for p in changes.pods.objects() {
+            namespaces.insert(ns_name(&p.metadata).0);
+        }
+        for s in &changes.sandboxes.removed {
+            self.sandboxes.remove(&address(s));
+        }
+        self.sandboxes.retain(|_, r| {
+            let (ns, name) = ns_name(&r.sandbox.metadata);
+            let touched = r.sandbox.spec.forks.iter().any(|f| {
+                let fork_ns = f.namespace_or(ns);
+                namespaces.contains(fork_ns) || services.contains(&(fork_ns, f.service.as_str()))
+            });
+            !touched && !sandboxes.contains(&(ns, name))
+        });
+    }
 }
 
-/// A sandbox with its forks resolved to service ids and ready endpoints.
-struct ResolvedSandbox<'s> {
-    sandbox: &'s Sandbox,
+/// Where a sandbox object lives: its identity while an `Arc` of it is held.
+fn address(sb: &Arc<Sandbox>) -> usize {
+    Arc::as_ptr(sb) as usize
+}
+
+/// A sandbox with its forks resolved to service ids and ready endpoints: everything about it
+/// that does not depend on other sandboxes or route groups.
+#[derive(Debug)]
+struct Resolved {
+    sandbox: Arc<Sandbox>,
     name: ObjectName,
+    /// `namespace/name`.
+    owner: String,
+    /// Its key, as the tables show it when it holds it.
+    key: Arc<KeyInfo>,
+    /// Why its routing key cannot be used, if it cannot.
+    key_error: Option<String>,
     /// Per forked service port: the ready fork endpoints.
     forks: Vec<(u32, ForkEndpoints)>,
+    /// Per forked service port: which one it is.
+    forked: Vec<(u32, Forked)>,
     /// Every pod some fork of the sandbox selects (ready or not), sorted by namespace/name.
-    pods: Vec<&'s Pod>,
+    pods: Vec<Arc<Pod>>,
+    warnings: Vec<String>,
 }
 
+/// A forked service port.
+#[derive(Debug)]
+struct Forked {
+    name: Arc<ServiceName>,
+    port: ServicePort,
+    /// Its ClusterIPs on the port.
+    vips: Vec<SockAddr>,
+}
+
+fn resolve(index: &Index, ids: &mut IdAllocator, sandbox: &Arc<Sandbox>) -> Resolved {
+    let name = ObjectName::new("Sandbox", &sandbox.metadata);
+    let mut warnings = Vec::new();
+    let mut forks = Vec::new();
+    let mut forked = Vec::new();
+    let mut pods: BTreeMap<(&str, &str), &Arc<Pod>> = BTreeMap::new();
+    for fork in &sandbox.spec.forks {
+        let ns = fork.namespace_or(&name.namespace);
+        if fork.selector.is_empty() {
+            warnings.push(format!(
+                "{name}: fork of Service {ns}/{} ignored: empty selector",
+                fork.service
+            ));
+            continue;
+        }
+        // Fork pods belong to the sandbox (and route by its key) even when the Service they
+        // stand in for is missing.
+        let mut selected: Vec<&Arc<Pod>> = index
+            .pods_in(ns)
+            .iter()
+            .filter(|p| labels_match(&fork.selector, p.metadata.labels.as_ref()))
+            .collect();
+        selected.sort_by(|a, b| ns_name(&a.metadata).cmp(&ns_name(&b.metadata)));
+        pods.extend(selected.iter().map(|p| (ns_name(&p.metadata), *p)));
+
+        let Some(svc) = index.service(ns, &fork.service) else {
+            warnings.push(format!(
+                "{name}: fork of Service {ns}/{} has no effect: no such Service",
+                fork.service
+            ));
+            continue;
+        };
+        let ports = tcp_ports(svc);
+        if ports.is_empty() {
+            warnings.push(format!(
+                "{name}: fork of Service {ns}/{} has no effect: no TCP port",
+                fork.service
+            ));
+        }
+        for port in ports {
+            let service = ServiceName {
+                namespace: ns.to_string(),
+                name: fork.service.clone(),
+                port: port_name(port),
+            };
+            let service_id = ids.service_id(&service);
+            let eps = fork_endpoints(&mut warnings, index, &name, &service, port, &selected);
+            forks.push((service_id, eps));
+            let vips = match u16::try_from(port.port) {
+                Ok(vip_port) => cluster_ips(svc)
+                    .into_iter()
+                    .map(|ip| sockaddr(ip, vip_port))
+                    .collect(),
+                Err(_) => Vec::new(),
+            };
+            forked.push((
+                service_id,
+                Forked {
+                    name: Arc::new(service),
+                    port: port.clone(),
+                    vips,
+                },
+            ));
+        }
+    }
+    Resolved {
+        sandbox: sandbox.clone(),
+        owner: name.ns_name(),
+        key: Arc::new(KeyInfo {
+            key: sandbox.spec.routing_key.clone(),
+            owners: vec![name.ns_name()],
+            fallback_to_baseline: sandbox.spec.fallback() == Fallback::Baseline,
+        }),
+        key_error: validate_routing_key(&sandbox.spec.routing_key)
+            .err()
+            .map(|e| e.to_string()),
+        name,
+        forks,
+        forked,
+        pods: pods.into_values().cloned().collect(),
+        warnings,
+    }
+}
+
+/// Ready endpoints of the selected pods (sorted by name) for one service port, then those of
+/// the controller's fork slices that are not among them (fork pods on other nodes).
+fn fork_endpoints(
+    warnings: &mut Vec<String>,
+    index: &Index,
+    sandbox: &ObjectName,
+    service: &ServiceName,
+    port: &ServicePort,
+    pods: &[&Arc<Pod>],
+) -> ForkEndpoints {
+    let mut all = Vec::new();
+    for pod in pods.iter().filter(|p| pod_ready(p)) {
+        let Some(target) = target_port(pod, port) else {
+            let (ns, pod_name) = ns_name(&pod.metadata);
+            warnings.push(format!(
+                "{sandbox}: Pod {ns}/{pod_name} has no container port for {service}"
+            ));
+            continue;
+        };
+        all.extend(pod_ips(pod).into_iter().map(|ip| sockaddr(ip, target)));
+    }
+    let slice_key = ForkSliceRef {
+        sandbox_namespace: sandbox.namespace.clone(),
+        sandbox_name: sandbox.name.clone(),
+        service_namespace: service.namespace.clone(),
+        service: service.name.clone(),
+    };
+    let mut published = Vec::new();
+    for slice in index.fork_slices(&slice_key) {
+        published.extend(slice_endpoints(slice, port.name.as_deref().unwrap_or("")));
+    }
+    published.sort();
+    for a in published {
+        if !all.contains(&a) {
+            all.push(a);
+        }
+    }
+    let (eps, dropped) = ForkEndpoints::from_endpoints(&all);
+    if dropped > 0 {
+        warnings.push(format!(
+            "{sandbox}: fork of {service} has {} ready endpoints, only the first {MAX_FORK_ENDPOINTS} are used",
+            all.len()
+        ));
+    }
+    eps
+}
+
+/// Per Service namespace → name → service port id: its baseline backend addresses.
+type Backends = HashMap<String, HashMap<String, HashMap<u32, Arc<[SockAddr]>>>>;
+
 struct Builder<'s, 'i> {
-    /// The store's objects by name.
-    index: StoreIndex<'s>,
+    index: &'s Index,
     ids: &'i mut IdAllocator,
+    backends: &'i mut Backends,
     out: Desired,
-    /// Service id → its name and (Service, port), for every service port some fork names.
-    forked: BTreeMap<u32, (ServiceName, &'s Service, &'s ServicePort)>,
+    /// Every service port some fork names.
+    forked: HashMap<u32, &'s Forked>,
 }
 
 impl<'s> Builder<'s, '_> {
+    fn build(&mut self, store: &Store, node: &mut NodeContext<'_>, resolved: &[&'s Resolved]) {
+        self.out.tables.router = node.router;
+        for sb in resolved {
+            self.out.warnings.extend(sb.warnings.iter().cloned());
+            self.forked.extend(sb.forked.iter().map(|(id, f)| (*id, f)));
+        }
+
+        let groups: Vec<(ObjectName, &RouteGroup)> = {
+            let mut g: Vec<_> = store.route_groups.iter().collect();
+            g.sort_by(|a, b| ns_name(&a.metadata).cmp(&ns_name(&b.metadata)));
+            g.into_iter()
+                .map(|rg| (ObjectName::new("RouteGroup", &rg.metadata), &**rg))
+                .collect()
+        };
+        let mut key_owner: HashMap<&str, &ObjectName> = HashMap::new();
+        for sb in resolved {
+            let key = &sb.sandbox.spec.routing_key;
+            let Some(key_id) = self.claim_key(&mut key_owner, &sb.name, key, &sb.key_error) else {
+                continue;
+            };
+            for (service_id, eps) in &sb.forks {
+                self.out.tables.forks.insert(
+                    ForkKey {
+                        key_id,
+                        service_id: *service_id,
+                    },
+                    *eps,
+                );
+            }
+            self.out.tables.keys.insert(key_id, sb.key.clone());
+            self.workloads(node, sb, key_id);
+        }
+
+        let sandbox_labels = LabelIndex::new(
+            resolved
+                .iter()
+                .map(|sb| sb.sandbox.metadata.labels.as_ref()),
+        );
+        for (name, rg) in &groups {
+            let key_error = validate_routing_key(&rg.spec.routing_key)
+                .err()
+                .map(|e| e.to_string());
+            let Some(key_id) =
+                self.claim_key(&mut key_owner, name, &rg.spec.routing_key, &key_error)
+            else {
+                continue;
+            };
+            let members: Vec<&Resolved> = sandbox_labels
+                .matching(&rg.spec.sandbox_selector)
+                .into_iter()
+                .map(|i| resolved[i])
+                .collect();
+            if members.is_empty() {
+                self.warn(format!("{name}: sandboxSelector matches no Sandbox"));
+            }
+            let mut union: BTreeMap<u32, (&ObjectName, ForkEndpoints)> = BTreeMap::new();
+            for sb in &members {
+                for (service_id, eps) in &sb.forks {
+                    match union.get(service_id) {
+                        Some((first, _)) => {
+                            let service = &self.forked[service_id].name;
+                            let warning = format!(
+                                "{name}: {first} and {} both fork {service}; using {first}",
+                                sb.name
+                            );
+                            self.warn(warning);
+                        }
+                        None => {
+                            union.insert(*service_id, (&sb.name, *eps));
+                        }
+                    }
+                }
+            }
+            for (service_id, (_, eps)) in union {
+                self.out
+                    .tables
+                    .forks
+                    .insert(ForkKey { key_id, service_id }, eps);
+            }
+            let mut owners = vec![name.ns_name()];
+            owners.extend(members.iter().map(|sb| sb.owner.clone()));
+            self.out.tables.keys.insert(
+                key_id,
+                Arc::new(KeyInfo {
+                    key: rg.spec.routing_key.clone(),
+                    owners,
+                    fallback_to_baseline: !members.is_empty()
+                        && members
+                            .iter()
+                            .all(|sb| sb.sandbox.spec.fallback() == Fallback::Baseline),
+                }),
+            );
+        }
+
+        self.services();
+    }
+
     fn warn(&mut self, warning: String) {
         self.out.warnings.push(warning);
     }
 
-    /// The key id of `key` for `owner`, unless the key is invalid or already taken.
-    fn claim_key(
+    /// The key id of `key` for `owner`, unless the key is invalid (`key_error`) or already
+    /// taken.
+    fn claim_key<'k>(
         &mut self,
-        taken: &mut BTreeMap<String, ObjectName>,
-        owner: &ObjectName,
-        key: &str,
+        taken: &mut HashMap<&'k str, &'k ObjectName>,
+        owner: &'k ObjectName,
+        key: &'k str,
+        key_error: &Option<String>,
     ) -> Option<u32> {
-        if let Err(e) = validate_routing_key(key) {
+        if let Some(e) = key_error {
             self.warn(format!("{owner}: ignored: {e}"));
             return None;
         }
@@ -204,117 +487,12 @@ impl<'s> Builder<'s, '_> {
             ));
             return None;
         }
-        taken.insert(key.to_string(), owner.clone());
+        taken.insert(key, owner);
         Some(self.ids.key_id(key))
     }
 
-    fn resolve(&mut self, sandbox: &'s Sandbox) -> ResolvedSandbox<'s> {
-        let name = ObjectName::new("Sandbox", &sandbox.metadata);
-        let mut forks = Vec::new();
-        let mut pods: BTreeMap<(&str, &str), &'s Pod> = BTreeMap::new();
-        for fork in &sandbox.spec.forks {
-            let ns = fork.namespace_or(&name.namespace);
-            if fork.selector.is_empty() {
-                self.warn(format!(
-                    "{name}: fork of Service {ns}/{} ignored: empty selector",
-                    fork.service
-                ));
-                continue;
-            }
-            // Fork pods belong to the sandbox (and route by its key) even when the Service
-            // they stand in for is missing.
-            let mut selected: Vec<&'s Pod> = self
-                .index
-                .pods_in(ns)
-                .iter()
-                .copied()
-                .filter(|p| labels_match(&fork.selector, p.metadata.labels.as_ref()))
-                .collect();
-            selected.sort_by(|a, b| ns_name(&a.metadata).cmp(&ns_name(&b.metadata)));
-            pods.extend(selected.iter().map(|p| (ns_name(&p.metadata), *p)));
-
-            let Some(svc) = self.index.service(ns, &fork.service) else {
-                self.warn(format!(
-                    "{name}: fork of Service {ns}/{} has no effect: no such Service",
-                    fork.service
-                ));
-                continue;
-            };
-            let ports = tcp_ports(svc);
-            if ports.is_empty() {
-                self.warn(format!(
-                    "{name}: fork of Service {ns}/{} has no effect: no TCP port",
-                    fork.service
-                ));
-            }
-            for port in ports {
-                let service = ServiceName {
-                    namespace: ns.to_string(),
-                    name: fork.service.clone(),
-                    port: port_name(port),
-                };
-                let service_id = self.ids.service_id(&service);
-                let eps = self.fork_endpoints(&name, &service, port, &selected);
-                self.forked.insert(service_id, (service, svc, port));
-                forks.push((service_id, eps));
-            }
-        }
-        ResolvedSandbox {
-            sandbox,
-            name,
-            forks,
-            pods: pods.into_values().collect(),
-        }
-    }
-
-    /// Ready endpoints of the selected pods (sorted by name) for one service port, then those
-    /// of the controller's fork slices that are not among them (fork pods on other nodes).
-    fn fork_endpoints(
-        &mut self,
-        sandbox: &ObjectName,
-        service: &ServiceName,
-        port: &ServicePort,
-        pods: &[&Pod],
-    ) -> ForkEndpoints {
-        let mut all = Vec::new();
-        for pod in pods.iter().filter(|p| pod_ready(p)) {
-            let Some(target) = target_port(pod, port) else {
-                let (ns, pod_name) = ns_name(&pod.metadata);
-                self.warn(format!(
-                    "{sandbox}: Pod {ns}/{pod_name} has no container port for {service}"
-                ));
-                continue;
-            };
-            all.extend(pod_ips(pod).into_iter().map(|ip| sockaddr(ip, target)));
-        }
-        let slice_key = ForkSliceRef {
-            sandbox_namespace: sandbox.namespace.clone(),
-            sandbox_name: sandbox.name.clone(),
-            service_namespace: service.namespace.clone(),
-            service: service.name.clone(),
-        };
-        let mut published = Vec::new();
-        for slice in self.index.fork_slices(&slice_key) {
-            published.extend(slice_endpoints(slice, port.name.as_deref().unwrap_or("")));
-        }
-        published.sort();
-        for a in published {
-            if !all.contains(&a) {
-                all.push(a);
-            }
-        }
-        let (eps, dropped) = ForkEndpoints::from_endpoints(&all);
-        if dropped > 0 {
-            self.warn(format!(
-                "{sandbox}: fork of {service} has {} ready endpoints, only the first {MAX_FORK_ENDPOINTS} are used",
-                all.len()
-            ));
-        }
-        eps
-    }
-
     /// Workloads: the sandbox's pods on this node whose cgroup is known.
-    fn workloads(&mut self, node: &mut NodeContext<'_>, sb: &ResolvedSandbox<'_>, key_id: u32) {
+    fn workloads(&mut self, node: &mut NodeContext<'_>, sb: &Resolved, key_id: u32) {
         for pod in &sb.pods {
             let local = match &node.node_name {
                 None => true,
@@ -357,116 +535,114 @@ impl<'s> Builder<'s, '_> {
     }
 
     /// `services` and `service_names` for every service port that some key forks.
+    ///
+    /// Each address goes to the first service port that claims it, ClusterIPs before backend
+    /// addresses (a backend address never shadows a VIP), each pass in service name order.
+    /// Built as one sorted list of claims rather than by inserting claim after claim: at
+    /// 10,000s of addresses, sorting once and building the map from sorted entries is several
+    /// times cheaper.
     fn services(&mut self) {
         let used: BTreeSet<u32> = self.out.tables.forks.keys().map(|k| k.service_id).collect();
-        let mut ports: Vec<_> = used
-            .iter()
-            .map(|id| (*id, self.forked[id].clone()))
-            .collect();
-        ports.sort_by(|a, b| a.1.0.cmp(&b.1.0));
-        // ClusterIPs first, so a backend address never shadows a VIP.
-        for (service_id, (name, svc, port)) in &ports {
-            let Ok(vip_port) = u16::try_from(port.port) else {
-                continue;
-            };
-            for ip in cluster_ips(svc) {
-                self.service_entry(sockaddr(ip, vip_port), *service_id, name);
+        let mut ports: Vec<(u32, &'s Forked)> =
+            used.iter().map(|id| (*id, self.forked[id])).collect();
+        ports.sort_by(|a, b| a.1.name.cmp(&b.1.name));
+        // (address, claim order, service id): the claim order is the position in the passes.
+        let mut claims: Vec<(SockAddr, u32, u32)> = Vec::new();
+        for (service_id, f) in &ports {
+            for vip in &f.vips {
+                claims.push((*vip, claims.len() as u32, *service_id));
             }
         }
-        for (service_id, (name, _svc, port)) in &ports {
-            for addr in self.backends(name, port) {
-                self.service_entry(addr, *service_id, name);
+        for (service_id, f) in &ports {
+            for addr in self.backends(*service_id, f).iter() {
+                claims.push((*addr, claims.len() as u32, *service_id));
             }
-            self.out
-                .tables
-                .service_names
-                .insert(*service_id, name.clone());
         }
-    }
-
-    fn service_entry(&mut self, addr: SockAddr, service_id: u32, name: &ServiceName) {
-        match self.out.tables.services.get(&addr) {
-            Some(v) if v.service_id != service_id => {
-                let first = self.forked[&v.service_id].0.clone();
-                self.warn(format!(
-                    "{} is an address of both {first} and {name}; connections to it count as {first}",
-                    display_addr(&addr)
-                ));
-            }
-            Some(_) => {}
-            None => {
-                self.out.tables.services.insert(
+        claims.sort_unstable();
+        // (claim order, address, first service id, this service id) of each losing claim.
+        let mut conflicts: Vec<(u32, SockAddr, u32, u32)> = Vec::new();
+        let mut entries: Vec<(SockAddr, ServiceValue)> = Vec::with_capacity(claims.len());
+        for (addr, order, service_id) in claims {
+            match entries.last() {
+                Some((a, first)) if *a == addr => {
+                    if first.service_id != service_id {
+                        conflicts.push((order, addr, first.service_id, service_id));
+                    }
+                }
+                _ => entries.push((
                     addr,
                     ServiceValue {
                         service_id,
                         flags: 0,
                     },
-                );
+                )),
             }
         }
+        self.out.tables.services = entries.into_iter().collect();
+        conflicts.sort_unstable();
+        for (_, addr, first, second) in conflicts {
+            let (first, name) = (&self.forked[&first].name, &self.forked[&second].name);
+            let warning = format!(
+                "{} is an address of both {first} and {name}; connections to it count as {first}",
+                display_addr(&addr)
+            );
+            self.warn(warning);
+        }
+        self.out.tables.service_names = ports
+            .iter()
+            .map(|(service_id, f)| (*service_id, f.name.clone()))
+            .collect();
     }
 
-    /// Baseline backend addresses of a service port, from its EndpointSlices.
-    fn backends(&self, name: &ServiceName, port: &ServicePort) -> Vec<SockAddr> {
-        let mut out = Vec::new();
-        for slice in self.index.service_slices(&name.namespace, &name.name) {
-            let want = port.name.as_deref().unwrap_or("");
-            let slice_port = slice.ports.iter().flatten().find(|p| {
-                p.name.as_deref().unwrap_or("") == want
-                    && p.protocol.as_deref().is_none_or(|p| p == "TCP")
-            });
-            let Some(number) = slice_port
-                .and_then(|p| p.port)
-                .and_then(|p| u16::try_from(p).ok())
-            else {
-                continue;
-            };
-            for ep in &slice.endpoints {
-                for a in &ep.addresses {
-                    if let Ok(ip) = a.parse::<IpAddr>() {
-                        out.push(sockaddr(ip, number));
-                    }
-                }
-            }
+    /// Baseline backend addresses of a service port, as computed the last time none of its
+    /// Service's objects changed.
+    fn backends(&mut self, service_id: u32, f: &Forked) -> Arc<[SockAddr]> {
+        let known = self
+            .backends
+            .get(&f.name.namespace)
+            .and_then(|names| names.get(&f.name.name))
+            .and_then(|ports| ports.get(&service_id));
+        if let Some(known) = known {
+            return known.clone();
         }
-        out.sort();
-        out.dedup();
-        out
+        let per_port = self
+            .backends
+            .entry(f.name.namespace.clone())
+            .or_default()
+            .entry(f.name.name.clone())
+            .or_default();
+        per_port
+            .entry(service_id)
+            .or_insert_with(|| backends(self.index, &f.name, &f.port))
+            .clone()
     }
 }
 
+/// Baseline backend addresses of a service port, from its EndpointSlices.
+fn backends(index: &Index, name: &ServiceName, port: &ServicePort) -> Arc<[SockAddr]> {
+    let want = port.name.as_deref().unwrap_or("");
+    let mut out = Vec::new();
+    for slice in index.service_slices(&name.namespace, &name.name) {
+        if let Some(number) = slice.tcp_port(want) {
+            out.extend(slice.endpoints.iter().map(|e| sockaddr(e.ip, number)));
+        }
+    }
+    out.sort();
+    out.dedup();
+    out.into()
+}
+
 /// Ready, not terminating addresses of an EndpointSlice on its port named `port_name` (TCP).
-fn slice_endpoints(slice: &EndpointSlice, port_name: &str) -> Vec<SockAddr> {
-    let number = slice
-        .ports
-        .iter()
-        .flatten()
-        .find(|p| {
-            p.name.as_deref().unwrap_or("") == port_name
-                && p.protocol.as_deref().is_none_or(|p| p == "TCP")
-        })
-        .and_then(|p| p.port)
-        .and_then(|p| u16::try_from(p).ok());
-    let Some(number) = number else {
+fn slice_endpoints(slice: &Slice, port_name: &str) -> Vec<SockAddr> {
+    let Some(number) = slice.tcp_port(port_name) else {
         return Vec::new();
     };
-    let mut out = Vec::new();
-    for ep in &slice.endpoints {
-        let c = ep.conditions.as_ref();
-        // A missing `ready` means ready (EndpointSlice API).
-        let ready = c.and_then(|c| c.ready).unwrap_or(true);
-        let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
-        if !ready || terminating {
-            continue;
-        }
-        out.extend(
-            ep.addresses
-                .iter()
-                .filter_map(|a| a.parse::<IpAddr>().ok())
-                .map(|ip| sockaddr(ip, number)),
-        );
-    }
-    out
+    slice
+        .endpoints
+        .iter()
+        .filter(|e| e.serving)
+        .map(|e| sockaddr(e.ip, number))
+        .collect()
 }
 
 /// A service port's name, or its number when unnamed.
@@ -514,6 +690,8 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+
     use crate::crd::{Fork, RouteGroup, RouteGroupSpec, SandboxSpec};
     use crate::routing::RouteView;
 
@@ -567,16 +745,13 @@ mod tests {
 
         fn slice(mut self, service: &str, port: (&str, u16), addresses: &[&str]) -> Self {
             let name = format!("{service}-{}", self.store.endpoint_slices.len());
-            self.store.endpoint_slices.push(Arc::new(
-                serde_json::from_value(json!({
-                    "metadata": {"name": name, "namespace": NS,
-                                 "labels": {SERVICE_NAME_LABEL: service}},
-                    "addressType": "IPv4",
-                    "ports": [{"name": port.0, "port": port.1, "protocol": "TCP"}],
-                    "endpoints": addresses.iter().map(|a| json!({"addresses": [a]})).collect::<Vec<_>>(),
-                }))
-                .unwrap(),
-            ));
+            self.store.endpoint_slices.push(slice_of(json!({
+                "metadata": {"name": name, "namespace": NS,
+                             "labels": {SERVICE_NAME_LABEL: service}},
+                "addressType": "IPv4",
+                "ports": [{"name": port.0, "port": port.1, "protocol": "TCP"}],
+                "endpoints": addresses.iter().map(|a| json!({"addresses": [a]})).collect::<Vec<_>>(),
+            })));
             self
         }
 
@@ -651,6 +826,12 @@ mod tests {
         }
     }
 
+    /// An EndpointSlice from its JSON, as the store keeps it.
+    fn slice_of(v: serde_json::Value) -> Arc<Slice> {
+        let s: EndpointSlice = serde_json::from_value(v).unwrap();
+        Arc::new(Slice::from(s))
+    }
+
     fn pod(name: &str, app: &str, ips: &[&str], ready: bool) -> serde_json::Value {
         json!({
             "metadata": {"name": name, "namespace": NS, "uid": format!("uid-{name}"),
@@ -711,7 +892,7 @@ mod tests {
             .next()
             .map(|(id, _)| *id)
             .unwrap();
-        assert_eq!(d.tables.service_names[&id], checkout_http());
+        assert_eq!(*d.tables.service_names[&id], checkout_http());
         let keys: BTreeSet<_> = d.tables.services.keys().copied().collect();
         assert_eq!(
             keys,
@@ -836,10 +1017,7 @@ mod tests {
                 json!([{"addresses": ["10.244.3.1"]}]),
             ),
         ] {
-            scene
-                .store
-                .endpoint_slices
-                .push(Arc::new(serde_json::from_value(slice).unwrap()));
+            scene.store.endpoint_slices.push(slice_of(slice));
         }
         let d = scene.desired();
         let (_, eps) = only_fork(&d);
@@ -1210,5 +1388,216 @@ mod tests {
         assert_eq!(fork.endpoints[0], v4("10.244.1.9", 8080));
         assert_eq!(t.workloads[&4242].key_id, key_id);
         assert_eq!(t.keys[&key_id].owners, ["shop/feature-x"]);
+    }
+
+    /// A tiny deterministic generator (xorshift64*), so the equivalence test needs no crate.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n.max(1)
+        }
+
+        fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+            items[self.below(items.len() as u64) as usize]
+        }
+    }
+
+    const NAMESPACES: [&str; 2] = ["a", "b"];
+
+    /// One object of `kind` called `name` in `ns`, drawn at random from a small world where
+    /// names, addresses, selectors and keys collide often.
+    fn random_object(rng: &mut Rng, kind: usize, ns: &str, name: &str) -> serde_json::Value {
+        let ip = |rng: &mut Rng| format!("10.1.0.{}", rng.below(12));
+        let service = |rng: &mut Rng| format!("s{}", rng.below(5));
+        match kind {
+            0 => {
+                let mut ports = vec![json!({"name": "http", "port": 80,
+                    "targetPort": if rng.below(2) == 0 { json!(8080) } else { json!("http") }})];
+                if rng.below(3) == 0 {
+                    ports.push(json!({"name": "grpc", "port": 9000, "targetPort": 9000}));
+                }
+                json!({"metadata": {"name": name, "namespace": ns},
+                       "spec": {"clusterIP": format!("10.96.0.{}", rng.below(8)), "ports": ports}})
+            }
+            1 => {
+                let endpoints: Vec<_> = (0..rng.below(3))
+                    .map(|_| {
+                        json!({"addresses": [ip(rng)],
+                                    "conditions": {"ready": rng.below(4) != 0}})
+                    })
+                    .collect();
+                let labels = if rng.below(3) == 0 {
+                    json!({"endpointslice.kubernetes.io/managed-by": "controller.redirect.dev",
+                           "redirect.dev/sandbox": format!("sb{}", rng.below(4)),
+                           "redirect.dev/sandbox-namespace": rng.pick(&NAMESPACES),
+                           "redirect.dev/fork-of": service(rng)})
+                } else {
+                    json!({SERVICE_NAME_LABEL: service(rng)})
+                };
+                json!({"metadata": {"name": name, "namespace": ns, "labels": labels},
+                       "addressType": "IPv4",
+                       "ports": [{"name": rng.pick(&["http", "grpc"]), "port": 8080, "protocol": "TCP"}],
+                       "endpoints": endpoints})
+            }
+            2 => {
+                let mut p = pod(
+                    name,
+                    &format!("app{}", rng.below(3)),
+                    &[&ip(rng)],
+                    rng.below(4) != 0,
+                );
+                p["metadata"]["namespace"] = json!(ns);
+                p["metadata"]["uid"] = json!(format!("uid-{ns}-{name}"));
+                if rng.below(4) == 0 {
+                    p["spec"]["nodeName"] = json!("node-b");
+                }
+                p
+            }
+            3 => {
+                let forks: Vec<_> = (0..1 + rng.below(2))
+                    .map(|_| {
+                        let mut f = json!({"service": service(rng),
+                                           "selector": {"app": format!("app{}", rng.below(3))}});
+                        if rng.below(4) == 0 {
+                            f["namespace"] = json!(rng.pick(&NAMESPACES));
+                        }
+                        f
+                    })
+                    .collect();
+                json!({"apiVersion": "redirect.dev/v1alpha1", "kind": "Sandbox",
+                       "metadata": {"name": name, "namespace": ns,
+                                    "labels": {"team": rng.pick(&["x", "y"])}},
+                       "spec": {"routingKey": rng.pick(&["k1", "k2", "k3", "k4", "bad key"]),
+                                "forks": forks,
+                                "fallback": rng.pick(&["Baseline", "Unavailable"])}})
+            }
+            _ => json!({"apiVersion": "redirect.dev/v1alpha1", "kind": "RouteGroup",
+                        "metadata": {"name": name, "namespace": ns},
+                        "spec": {"routingKey": rng.pick(&["g1", "k1"]),
+                                 "sandboxSelector": {"team": rng.pick(&["x", "y"])}}}),
+        }
+    }
+
+    type Key = (String, String);
+
+    /// Objects made from JSON, kept while their JSON stays the same.
+    type Made<T> = BTreeMap<Key, (serde_json::Value, Arc<T>)>;
+
+    /// The objects of each kind by `(namespace, name)`, made into stores that share the
+    /// objects that did not change, as a source with caches does.
+    #[derive(Default)]
+    struct World {
+        objects: [BTreeMap<Key, serde_json::Value>; 5],
+        services: Made<Service>,
+        slices: Made<Slice>,
+        pods: Made<Pod>,
+        sandboxes: Made<Sandbox>,
+        route_groups: Made<RouteGroup>,
+    }
+
+    impl World {
+        /// Creates, replaces or deletes one object of a random kind.
+        fn mutate(&mut self, rng: &mut Rng) {
+            let kind = rng.below(5) as usize;
+            let ns = rng.pick(&NAMESPACES).to_string();
+            let name = format!("{}{}", ["s", "e", "p", "sb", "rg"][kind], rng.below(5));
+            let key = (ns.clone(), name.clone());
+            if rng.below(5) == 0 {
+                self.objects[kind].remove(&key);
+            } else {
+                let v = random_object(rng, kind, &ns, &name);
+                self.objects[kind].insert(key, v);
+            }
+        }
+
+        /// A store of the objects; those that did not change since the last one are the same
+        /// `Arc`s, unless `fresh`.
+        fn store(&mut self, fresh: bool) -> Store {
+            fn list<T>(
+                objects: &BTreeMap<Key, serde_json::Value>,
+                made: &mut Made<T>,
+                fresh: bool,
+                make: impl Fn(serde_json::Value) -> T,
+            ) -> Vec<Arc<T>> {
+                if fresh {
+                    made.clear();
+                }
+                made.retain(|k, _| objects.contains_key(k));
+                objects
+                    .iter()
+                    .map(|(k, v)| match made.get(k) {
+                        Some((held, o)) if held == v => o.clone(),
+                        _ => {
+                            let o = Arc::new(make(v.clone()));
+                            made.insert(k.clone(), (v.clone(), o.clone()));
+                            o
+                        }
+                    })
+                    .collect()
+            }
+            fn parse<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
+                serde_json::from_value(v).unwrap()
+            }
+            Store {
+                services: list(&self.objects[0], &mut self.services, fresh, parse),
+                endpoint_slices: list(&self.objects[1], &mut self.slices, fresh, |v| {
+                    Slice::from(parse::<EndpointSlice>(v))
+                }),
+                pods: list(&self.objects[2], &mut self.pods, fresh, parse),
+                sandboxes: list(&self.objects[3], &mut self.sandboxes, fresh, parse),
+                route_groups: list(&self.objects[4], &mut self.route_groups, fresh, parse),
+                warnings: Vec::new(),
+            }
+        }
+    }
+
+    #[test]
+    fn the_remembering_state_computes_what_a_fresh_desired_computes_after_every_change() {
+        for seed in 1..=12u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let mut world = World::default();
+            for _ in 0..25 {
+                world.mutate(&mut rng);
+            }
+            let mut cgroups: HashMap<String, u64> = HashMap::new();
+            for ns in NAMESPACES {
+                for i in 0..5 {
+                    cgroups.insert(format!("uid-{ns}-p{i}"), 1000 + i);
+                }
+            }
+            let mut state = DesiredState::default();
+            let mut fresh_ids = IdAllocator::new();
+            for step in 0..40 {
+                let n = 1 + rng.below(3);
+                for _ in 0..n {
+                    world.mutate(&mut rng);
+                }
+                // Now and then every object is new, as after a relist or a manifest reload.
+                let store = world.store(rng.below(10) == 0);
+                let mut node = |cgroups: &mut HashMap<String, u64>| -> Desired {
+                    let mut ctx = NodeContext {
+                        node_name: Some(NODE.into()),
+                        router: RouterConfig::default(),
+                        cgroups,
+                    };
+                    state.desired(&store, &mut ctx)
+                };
+                let remembered = node(&mut cgroups);
+                let mut ctx = NodeContext {
+                    node_name: Some(NODE.into()),
+                    router: RouterConfig::default(),
+                    cgroups: &mut cgroups,
+                };
+                let computed = desired(&store, &mut ctx, &mut fresh_ids);
+                assert_eq!(
+                    remembered, computed,
+                    "seed {seed}, step {step}: the state differs from a fresh desired()"
+                );
+            }
+        }
     }
 }

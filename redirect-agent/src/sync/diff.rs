@@ -1,6 +1,9 @@
 //! `diff(current, desired) -> Ops` and `apply(ops, maps)`: the smallest set of map writes that
 //! turns the kernel-facing part of one `Tables` into another, in an order that never misroutes.
 
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+
 use redirect_common::{
     ForkEndpoints, ForkKey, RouterConfig, ServiceValue, SockAddr, WorkloadValue,
 };
@@ -34,37 +37,67 @@ pub fn diff(current: &Tables, desired: &Tables) -> Vec<Op> {
     if current.router != desired.router {
         ops.push(Op::SetRouter(desired.router));
     }
-    for (k, v) in &desired.forks {
-        if current.forks.get(k) != Some(v) {
-            ops.push(Op::PutFork(*k, *v));
-        }
-    }
-    for (k, v) in &desired.workloads {
-        if current.workloads.get(k) != Some(v) {
-            ops.push(Op::PutWorkload(*k, *v));
-        }
-    }
-    for (k, v) in &desired.services {
-        if current.services.get(k) != Some(v) {
-            ops.push(Op::PutService(*k, *v));
-        }
-    }
-    for k in current.services.keys() {
-        if !desired.services.contains_key(k) {
-            ops.push(Op::DelService(*k));
-        }
-    }
-    for k in current.forks.keys() {
-        if !desired.forks.contains_key(k) {
-            ops.push(Op::DelFork(*k));
-        }
-    }
-    for k in current.workloads.keys() {
-        if !desired.workloads.contains_key(k) {
-            ops.push(Op::DelWorkload(*k));
-        }
-    }
+    let forks = changes(&current.forks, &desired.forks);
+    let workloads = changes(&current.workloads, &desired.workloads);
+    let services = changes(&current.services, &desired.services);
+    ops.extend(forks.puts.iter().map(|(k, v)| Op::PutFork(*k, *v)));
+    ops.extend(workloads.puts.iter().map(|(k, v)| Op::PutWorkload(*k, *v)));
+    ops.extend(services.puts.iter().map(|(k, v)| Op::PutService(*k, *v)));
+    ops.extend(services.dels.iter().map(|k| Op::DelService(*k)));
+    ops.extend(forks.dels.iter().map(|k| Op::DelFork(*k)));
+    ops.extend(workloads.dels.iter().map(|k| Op::DelWorkload(*k)));
     ops
+}
+
+/// What differs between two maps: entries to put (new or changed) and keys to delete.
+struct Changes<K, V> {
+    puts: Vec<(K, V)>,
+    dels: Vec<K>,
+}
+
+/// One walk over both maps in key order (no lookups: at 10,000s of entries a walk is several
+/// times cheaper than a search per entry).
+fn changes<K: Ord + Copy, V: PartialEq + Copy>(
+    current: &BTreeMap<K, V>,
+    desired: &BTreeMap<K, V>,
+) -> Changes<K, V> {
+    let mut out = Changes {
+        puts: Vec::new(),
+        dels: Vec::new(),
+    };
+    let mut cur = current.iter().peekable();
+    let mut want = desired.iter().peekable();
+    loop {
+        match (cur.peek(), want.peek()) {
+            (None, None) => break,
+            (Some((k, _)), None) => {
+                out.dels.push(**k);
+                cur.next();
+            }
+            (None, Some((k, v))) => {
+                out.puts.push((**k, **v));
+                want.next();
+            }
+            (Some((ck, cv)), Some((wk, wv))) => match ck.cmp(wk) {
+                Ordering::Less => {
+                    out.dels.push(**ck);
+                    cur.next();
+                }
+                Ordering::Greater => {
+                    out.puts.push((**wk, **wv));
+                    want.next();
+                }
+                Ordering::Equal => {
+                    if cv != wv {
+                        out.puts.push((**wk, **wv));
+                    }
+                    cur.next();
+                    want.next();
+                }
+            },
+        }
+    }
+    out
 }
 
 /// What `apply` did.
@@ -168,8 +201,8 @@ mod tests {
     #[test]
     fn names_are_not_compared() {
         let mut named = tables();
-        named.service_names.insert(7, ServiceName::default());
-        named.keys.insert(1, KeyInfo::default());
+        named.service_names.insert(7, ServiceName::default().into());
+        named.keys.insert(1, KeyInfo::default().into());
         assert_eq!(diff(&tables(), &named), []);
     }
 

@@ -4,9 +4,10 @@
 pub mod desired;
 pub mod diff;
 pub mod ids;
+pub mod index;
 pub mod maps;
 
-pub use desired::{Desired, NodeContext, desired, sockaddr};
+pub use desired::{Desired, DesiredState, NodeContext, desired, sockaddr};
 pub use diff::{ApplyReport, Op, apply, diff, reconcile};
 pub use ids::IdAllocator;
 pub use maps::{MapError, MapLimits, MemoryMaps, RedirectMaps};

@@ -18,9 +18,9 @@
 
 use std::net::IpAddr;
 
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use redirect_agent::crd::Sandbox;
 use redirect_agent::routing::Tables;
+use redirect_agent::slice::Slice;
 use redirect_agent::store::{Store, ns_name};
 use redirect_agent::sync::sockaddr;
 use redirect_common::ForkKey;
@@ -421,19 +421,16 @@ fn find_sandbox<'s>(store: &'s Store, ns: &str, name: &str) -> Option<&'s Sandbo
         .map(|s| &**s)
 }
 
-fn find_slice<'s>(store: &'s Store, ns: &str, name: &str) -> Option<&'s EndpointSlice> {
+fn find_slice<'s>(store: &'s Store, ns: &str, name: &str) -> Option<&'s Slice> {
     store
         .endpoint_slices
         .iter()
-        .find(|s| ns_name(&s.metadata) == (ns, name))
+        .find(|s| (s.namespace.as_str(), s.name.as_str()) == (ns, name))
         .map(|s| &**s)
 }
 
-fn slice_has(slice: &EndpointSlice, ip: &str) -> bool {
-    slice
-        .endpoints
-        .iter()
-        .any(|e| e.addresses.iter().any(|a| a == ip))
+fn slice_has(slice: &Slice, ip: &str) -> bool {
+    slice.endpoints.iter().any(|e| e.ip.to_string() == ip)
 }
 
 /// `services_v1` has (or has not) `ip:8080`.

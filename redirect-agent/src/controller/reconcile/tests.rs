@@ -367,7 +367,7 @@ async fn changed_fork_slices_are_replaced_and_stale_ones_deleted() {
     let mut stale = desired[0].clone();
     stale.metadata.name = Some("gone-checkout-0123456789".into());
     stale.metadata.uid = Some("uid-stale".into());
-    snap.store.endpoint_slices = vec![Arc::new(changed), Arc::new(stale)];
+    snap.fork_slices = vec![Arc::new(changed), Arc::new(stale)];
     sb.status = Some(plan(&snap, now()).sandboxes[0].status.clone());
     snap.store.sandboxes = vec![Arc::new(sb)];
     let name = desired[0].metadata.name.clone().unwrap();

@@ -34,6 +34,7 @@ use tokio::time::Instant;
 use self::health::Health;
 use self::watch::{Cache, Convert, WatchSink};
 use crate::crd::{RouteGroup, Sandbox, SpecError};
+use crate::slice::Slice;
 use crate::source::{Source, Update};
 use crate::store::Store;
 
@@ -56,7 +57,7 @@ pub struct KubeSourceConfig {
 #[derive(Debug, Default)]
 struct Caches {
     services: Arc<Cache<Service>>,
-    endpoint_slices: Arc<Cache<EndpointSlice>>,
+    endpoint_slices: Arc<Cache<Slice>>,
     pods: Arc<Cache<Pod>>,
     sandboxes: Arc<Cache<Sandbox>>,
     route_groups: Arc<Cache<RouteGroup>>,
@@ -101,7 +102,7 @@ impl KubeSource {
             base.clone(),
             "EndpointSlice",
             "cluster-wide",
-            Box::new(|s| Ok(project::endpoint_slice(s))),
+            Box::new(|s| Ok(Slice::from(s))),
             &caches.endpoint_slices,
             &health,
             &changed,
@@ -210,9 +211,9 @@ impl Source for KubeSource {
             }
             self.dirty = false;
             self.last_snapshot = Some(Instant::now());
-            let mut store = self.snapshot();
-            store.warnings = store.dangling_references();
-            return Some(Update::Snapshot(store));
+            // Forks of missing Services and empty route groups are for `desired()` to warn
+            // about: it does, and looks only at what changed.
+            return Some(Update::Snapshot(self.snapshot()));
         }
     }
 }

@@ -1,21 +1,15 @@
-//! What the agent keeps of each watched object: only the fields `desired()` (and `redirectctl`)
-//! read, so that a cluster's worth of Services, EndpointSlices and Pods fits in a node agent's
-//! memory. Everything else (managed fields, annotations, container specs, statuses) is dropped
-//! as the object arrives, and every list kept is shrunk to its length: deserialised lists grow
-//! by doubling from 4, so a slice with one endpoint, one address and one port would otherwise
-//! keep room for four of each (about a third of the caches at 50 000 endpoints).
+//! What the agent keeps of each watched Service and Pod: only the fields `desired()` (and
+//! `redirectctl`) read, so that a cluster's worth of them fits in a node agent's memory
+//! (EndpointSlices, the most numerous, become the compact [`crate::slice::Slice`]). Everything
+//! else (managed fields, annotations, container specs, statuses) is dropped as the object
+//! arrives, and every list kept is shrunk to its length: deserialised lists grow by doubling
+//! from 4.
 
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, Pod, PodCondition, PodSpec, PodStatus, Service, ServicePort,
     ServiceSpec,
 };
-use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-
-use crate::k8s::{MANAGED_BY_LABEL, SERVICE_NAME_LABEL};
-
-/// Label prefix of redirect's own labels (kept on EndpointSlices: fork slices carry them).
-const REDIRECT_LABEL_PREFIX: &str = "redirect.dev/";
 
 /// `v` without spare capacity.
 fn shrunk<T>(mut v: Vec<T>) -> Vec<T> {
@@ -69,28 +63,6 @@ pub fn service(s: Service) -> Service {
             ..ServiceSpec::default()
         }),
         status: None,
-    }
-}
-
-/// Addresses, ports and readiness; the service-name, managed-by and redirect labels.
-pub fn endpoint_slice(s: EndpointSlice) -> EndpointSlice {
-    EndpointSlice {
-        metadata: meta(s.metadata, |k| {
-            k == SERVICE_NAME_LABEL || k == MANAGED_BY_LABEL || k.starts_with(REDIRECT_LABEL_PREFIX)
-        }),
-        address_type: s.address_type,
-        ports: s.ports.map(shrunk),
-        endpoints: shrunk(
-            s.endpoints
-                .into_iter()
-                .map(|e| Endpoint {
-                    addresses: shrunk(e.addresses),
-                    conditions: e.conditions,
-                    node_name: e.node_name,
-                    ..Endpoint::default()
-                })
-                .collect(),
-        ),
     }
 }
 
@@ -221,34 +193,6 @@ mod tests {
                     {"name": "app", "ports": [{"name": "web", "containerPort": 8080, "protocol": "TCP"}]}]},
                 "status": {"phase": "Running", "podIP": "10.244.1.5", "podIPs": [{"ip": "10.244.1.5"}],
                            "conditions": [{"type": "Ready", "status": "True"}]}
-            })
-        );
-    }
-
-    #[test]
-    fn an_endpoint_slice_keeps_addresses_and_only_the_labels_routing_reads() {
-        let s: EndpointSlice = serde_json::from_value(json!({
-            "metadata": {"name": "checkout-abc", "namespace": "shop",
-                         "labels": {SERVICE_NAME_LABEL: "checkout", MANAGED_BY_LABEL: "endpointslice-controller.k8s.io",
-                                    "redirect.dev/sandbox": "fx", "app": "checkout"},
-                         "managedFields": managed_fields()},
-            "addressType": "IPv4",
-            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-            "endpoints": [{"addresses": ["10.244.1.5"], "conditions": {"ready": true},
-                           "nodeName": "n1", "zone": "a", "hints": {"forZones": [{"name": "a"}]},
-                           "targetRef": {"kind": "Pod", "name": "checkout-1", "namespace": "shop"}}]
-        }))
-        .unwrap();
-        assert_eq!(
-            serde_json::to_value(endpoint_slice(s)).unwrap(),
-            json!({
-                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-                "metadata": {"name": "checkout-abc", "namespace": "shop",
-                             "labels": {SERVICE_NAME_LABEL: "checkout", MANAGED_BY_LABEL: "endpointslice-controller.k8s.io",
-                                        "redirect.dev/sandbox": "fx"}},
-                "addressType": "IPv4",
-                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-                "endpoints": [{"addresses": ["10.244.1.5"], "conditions": {"ready": true}, "nodeName": "n1"}]
             })
         );
     }

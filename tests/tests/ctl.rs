@@ -957,6 +957,54 @@ fn redirectctl_needs_root_and_says_so_and_says_when_nothing_is_pinned() {
     assert_eq!(s["agent"]["reachable"], false);
 }
 
+#[test]
+fn with_o_json_an_error_is_a_json_document_on_stdout() {
+    let Some(mc) = MiniCluster::new_or_skip("ctl_json_errors", TOOLS) else {
+        return;
+    };
+    let bin = ctl_bin();
+    let pins = Path::new(redirect_tests::agent::BPFFS).join(format!("{}-none", mc.id()));
+    let run = |args: &[&str]| {
+        let mut argv = vec![bin.to_str().unwrap(), "--pin-dir", pins.to_str().unwrap()];
+        argv.extend_from_slice(args);
+        mc.node().run(&argv, CTL_TIMEOUT).unwrap()
+    };
+    for (args, kind, says, code) in [
+        (
+            &["-o", "json", "services"][..],
+            "not_pinned",
+            "nothing pinned at",
+            1,
+        ),
+        (
+            &["routes", "--output=json"],
+            "not_pinned",
+            "nothing pinned at",
+            1,
+        ),
+        (
+            &["-o", "json", "explain", "--from", "x", "--to", "nowhere"],
+            "usage",
+            "invalid value 'nowhere' for '--to <TO>'",
+            2,
+        ),
+    ] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {}", out.stderr);
+        let doc: Value = serde_json::from_str(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: stdout is not JSON ({e}): {:?}", out.stdout));
+        assert_eq!(doc["schema"], "redirectctl.error/v1", "{doc}");
+        assert_eq!(doc["kind"], kind, "{doc}");
+        assert!(str_of(&doc["error"]).contains(says), "{doc}");
+        assert_eq!(out.stderr, "", "{args:?}");
+    }
+    // Without -o json the error stays a line on stderr.
+    let out = run(&["services"]);
+    assert!(!out.success());
+    assert_eq!(out.stdout, "");
+    assert!(out.stderr.contains("nothing pinned at"), "{}", out.stderr);
+}
+
 /// Runs the failure walkthrough of `docs/debugging.md` and writes every command with its real
 /// output to `$REDIRECT_CAPTURE` (markdown blocks). Run by hand:
 /// `REDIRECT_CAPTURE=/tmp/capture.md cargo test -p redirect-tests --test ctl -- --ignored capture`.

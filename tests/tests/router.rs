@@ -171,6 +171,32 @@ print(s.recv(4096).split(b"\r\n")[0].decode())
 }
 
 #[test]
+fn the_503_of_a_fork_without_ready_endpoint_carries_the_debug_header() {
+    let Some(mc) = MiniCluster::new_or_skip("fork_unavailable_debug", TOOLS) else {
+        return;
+    };
+    let mut shop = Shop::with_agent_args(&mc, true, &["--debug-header"]).unwrap();
+    shop.remove_pod_manifest(&shop.checkout_fork).unwrap();
+    shop.agent()
+        .wait_synced(2, Duration::from_secs(20))
+        .unwrap();
+    let url = format!("http://{CHECKOUT_VIP4}/");
+    let (head, _) = curl(
+        &shop,
+        &["-sS", "-D", "-", "-o", "/dev/null", "-H", KEY, &url],
+    );
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    let line = head
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("x-redirect-upstream"))
+        .unwrap_or_else(|| panic!("no debug header on the 503:\n{head}"));
+    assert!(
+        line.contains("unavailable feature-x default/checkout:http"),
+        "{line}"
+    );
+}
+
+#[test]
 fn a_fork_without_ready_endpoint_answers_503_naming_sandbox_and_service_unless_it_falls_back() {
     let Some(mc) = MiniCluster::new_or_skip("fork_unavailable", TOOLS) else {
         return;

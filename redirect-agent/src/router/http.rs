@@ -71,10 +71,15 @@ pub async fn handle(
                 .get(&orig.service_id)
                 .map(|s| s.to_string())
                 .unwrap_or_else(|| format!("service {}", orig.service_id));
-            return Ok(error_response(
+            let mut resp = error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 &format!("sandbox {owners} has no ready endpoint for {service}"),
-            ));
+            );
+            if shared.settings.debug_header {
+                let key = view.tables.keys.get(key_id).map_or("", |k| k.key.as_str());
+                set_debug_header(&mut resp, &format!("unavailable {key} {service}"));
+            }
+            return Ok(resp);
         }
         RequestRoute::Fork { endpoint, key_id } => {
             let addr = from_sockaddr(endpoint);
@@ -131,12 +136,16 @@ pub async fn handle(
             &format!("upstream {upstream}: {reason}"),
         ),
     };
-    if let Some(label) = label
-        && let Ok(v) = HeaderValue::from_str(&label)
-    {
-        resp.headers_mut().insert(DEBUG_HEADER, v);
+    if let Some(label) = label {
+        set_debug_header(&mut resp, &label);
     }
     Ok(resp)
+}
+
+fn set_debug_header(resp: &mut Response<RouterBody>, label: &str) {
+    if let Ok(v) = HeaderValue::from_str(label) {
+        resp.headers_mut().insert(DEBUG_HEADER, v);
+    }
 }
 
 enum Failure {

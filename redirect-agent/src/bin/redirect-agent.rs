@@ -153,9 +153,15 @@ struct RunArgs {
     /// Router threads, each with its own runtime and upstream pool [default: one per CPU].
     #[arg(long, env = "REDIRECT_ROUTER_WORKERS")]
     router_workers: Option<usize>,
-    /// Largest request head accepted; larger gets 431.
+    /// Largest request head accepted (request line and header fields, per request, pipelined
+    /// ones included); larger gets 431. HTTP/2: the largest header list.
     #[arg(long, env = "REDIRECT_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
     max_header_bytes: usize,
+    /// Most header fields in an HTTP/1.1 request head; more gets 431. (HTTP/2 header lists are
+    /// bounded by --max-header-bytes.)
+    #[arg(long, env = "REDIRECT_MAX_HEADERS", default_value_t = 100,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    max_headers: u16,
     /// This node's name (the DaemonSet sets it from spec.nodeName): only its pods count as
     /// local workloads, and the kube source watches only its pods. Required with `--source
     /// kube` [default with manifests: all pods].
@@ -321,6 +327,7 @@ async fn run(a: RunArgs, log_control: LogControl, log_filter: String) -> Result<
         header_timeout: Duration::from_millis(a.header_timeout_ms),
         response_timeout: Duration::from_millis(a.response_timeout_ms),
         max_header_bytes: a.max_header_bytes,
+        max_headers: usize::from(a.max_headers),
         workers: a
             .router_workers
             .unwrap_or_else(|| RouterSettings::default().workers),

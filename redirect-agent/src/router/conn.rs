@@ -124,6 +124,10 @@ async fn serve(
             b.timer(TokioTimer::new())
                 .header_read_timeout(shared.settings.header_timeout)
                 .max_buf_size(shared.settings.max_header_bytes.max(8192))
+                // Per head: the buffer limit alone lets a pipelined head through when it
+                // arrives in one read with the request before it.
+                .max_header_size(shared.settings.max_header_bytes)
+                .max_headers(shared.settings.max_headers)
                 .preserve_header_case(true);
             let c = b.serve_connection(io, svc).with_upgrades();
             tokio::pin!(c);

@@ -52,8 +52,10 @@ pub struct RouterSettings {
     pub connect_timeout: Duration,
     /// Longest wait for an upstream's response headers.
     pub response_timeout: Duration,
-    /// Largest request head accepted (HTTP/1.1: 431 beyond it).
+    /// Largest request head accepted, per request (HTTP/1.1: 431 beyond it).
     pub max_header_bytes: usize,
+    /// Most header fields in an HTTP/1.1 request head (431 beyond it).
+    pub max_headers: usize,
     /// Connections served at once; beyond it new connections wait in the accept queue.
     pub max_connections: usize,
     /// Router threads. Each runs its own single-threaded runtime, accepts on the shared
@@ -75,6 +77,7 @@ impl Default for RouterSettings {
             connect_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(60),
             max_header_bytes: 64 * 1024,
+            max_headers: 100,
             max_connections: 16_384,
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }

@@ -176,9 +176,19 @@ struct RunArgs {
     #[arg(long, env = "REDIRECT_RESYNC_MS", default_value_t = 2000)]
     resync_ms: u64,
     /// Admin endpoint (/healthz, /readyz, /metrics, /tables, /status, /loglevel) address, or
-    /// `off`. Keep it on localhost: it has no authentication.
+    /// `off`. A loopback address unless --admin-allow-remote is given.
     #[arg(long, env = "REDIRECT_ADMIN_ADDR", default_value = admin::DEFAULT_ADDR)]
     admin_addr: AdminAddr,
+    /// Allow a non-loopback --admin-addr (e.g. for a metrics scrape from another host).
+    /// Requires --admin-token-file: /healthz, /readyz and /metrics stay open, every other
+    /// endpoint (PUT /loglevel, /tables, /status) needs the token.
+    #[arg(long, env = "REDIRECT_ADMIN_ALLOW_REMOTE")]
+    admin_allow_remote: bool,
+    /// File holding the admin bearer token (a mounted Secret; surrounding whitespace is
+    /// ignored). When given, every admin endpoint but /healthz, /readyz and /metrics needs
+    /// `Authorization: Bearer <token>`. Read once at start; the token is never logged.
+    #[arg(long, env = "REDIRECT_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
 }
 
 /// `--admin-addr`: an address or `off`.
@@ -272,6 +282,20 @@ async fn run(a: RunArgs, log_control: LogControl, log_filter: String) -> Result<
             "--source kube needs --node-name (NODE_NAME; the DaemonSet sets it from spec.nodeName)",
         )?),
     };
+    let admin_access = match a.admin_addr {
+        AdminAddr(Some(addr)) => {
+            let token = a
+                .admin_token_file
+                .as_deref()
+                .map(admin::access::Token::from_file)
+                .transpose()?;
+            Some((
+                addr,
+                admin::access::Access::for_addr(addr, a.admin_allow_remote, token)?,
+            ))
+        }
+        AdminAddr(None) => None,
+    };
     tracing::info!(source = ?source_kind, "starting");
     let cgroup_root = match a.cgroup_root {
         Some(p) => p,
@@ -296,12 +320,13 @@ async fn run(a: RunArgs, log_control: LogControl, log_filter: String) -> Result<
         Some(log_control),
         &log_filter,
     ));
-    if let AdminAddr(Some(addr)) = a.admin_addr {
+    if let Some((addr, access)) = admin_access {
         let listener = admin::bind(addr)
             .await
             .with_context(|| format!("admin endpoint --admin-addr {addr}"))?;
-        tracing::info!(%addr, "admin endpoint listening");
-        tokio::spawn(admin::serve(listener, admin.clone()));
+        let token = access.needs_token();
+        tracing::info!(%addr, token, "admin endpoint listening");
+        tokio::spawn(admin::serve(listener, admin.clone(), access));
     }
 
     let router_cfg = RouterConfig {

@@ -4,6 +4,7 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
+use redirect_agent::admin::access::Token;
 use redirect_agent::ctl::{
     self, AdminClient, CtlError, Ctx, ErrorDoc, Format, explain::ExplainArgs, trace::TraceArgs,
 };
@@ -40,6 +41,10 @@ struct Cli {
         global = true
     )]
     admin_timeout_ms: u64,
+    /// File holding the agent's admin bearer token, when the agent was started with
+    /// --admin-token-file (the same variable, so inside the agent's pod it is already set).
+    #[arg(long, env = "REDIRECT_ADMIN_TOKEN_FILE", global = true)]
+    admin_token_file: Option<PathBuf>,
     /// Output format.
     #[arg(
         short,
@@ -166,6 +171,11 @@ fn main() -> ExitCode {
     let admin = match AdminClient::new(&cli.admin, Duration::from_millis(cli.admin_timeout_ms)) {
         Ok(a) => a,
         Err(e) => return fail(json, "admin_address", format!("--admin {e}"), 2),
+    };
+    let admin = match cli.admin_token_file.as_deref().map(Token::from_file) {
+        None => admin,
+        Some(Ok(token)) => admin.with_token(token),
+        Some(Err(e)) => return fail(json, "admin_token", e, 2),
     };
     let ctx = Ctx {
         pin_dir: cli.pin_dir,

@@ -79,7 +79,8 @@ pub const ERROR_SCHEMA: &str = "redirectctl.error/v1";
 #[derive(Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct ErrorDoc {
     pub schema: String,
-    /// `usage` (bad arguments), `not_root`, `admin_address`, or a [`CtlError::kind`].
+    /// `usage` (bad arguments), `not_root`, `admin_address`, `admin_token`, or a
+    /// [`CtlError::kind`].
     pub kind: String,
     pub error: String,
 }

@@ -419,12 +419,29 @@ async fn run(a: RunArgs, log_control: LogControl, log_filter: String) -> Result<
     };
     let timeout = Duration::from_millis(a.drain_timeout_ms);
     tracing::info!(
-        active = router.active(),
+        connections = router.connections(),
         ?timeout,
-        "stopping: draining the router; pinned programs and routes stay in place"
+        "stopping: draining the router; it accepts nothing more, pinned programs and routes stay \
+         in place"
     );
-    let left = router.drain(timeout).await;
-    tracing::info!(left, "stopped");
+    let report = router.drain(timeout).await;
+    let took_ms = report.took.as_millis() as u64;
+    if report.left == 0 {
+        tracing::info!(
+            connections = report.connections,
+            left = 0,
+            took_ms,
+            "router drained: every connection open at SIGTERM finished"
+        );
+    } else {
+        tracing::warn!(
+            connections = report.connections,
+            left = report.left,
+            took_ms,
+            "router drained at the deadline (--drain-timeout-ms): the connections left are cut"
+        );
+    }
+    tracing::info!("stopped");
     Ok(())
 }
 

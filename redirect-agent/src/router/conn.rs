@@ -93,6 +93,7 @@ async fn accept_loop(l: TcpListener, worker: Arc<Worker>) {
         let worker = worker.clone();
         tokio::spawn(async move {
             let shared = &worker.shared;
+            let _open = shared.open_connection();
             let Some(orig) = shared.conns.take(&to_sockaddr(peer)) else {
                 // Not redirected by the kernel: the router is no open proxy.
                 shared.stats.count(Outcome::NoOrigDst);

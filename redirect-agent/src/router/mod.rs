@@ -165,8 +165,9 @@ impl Shared {
     /// in flight finish, and waits for them at most `timeout`.
     pub async fn drain(&self, timeout: Duration) -> DrainReport {
         let started = tokio::time::Instant::now();
-        self.drain.send_replace(true);
+        // Counted first: idle connections close the moment the workers see the flag.
         let connections = self.connections();
+        self.drain.send_replace(true);
         let deadline = started + timeout;
         while self.active() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;

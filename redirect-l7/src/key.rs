@@ -20,9 +20,11 @@
 //! [`crate::validate_routing_key`]). Anything wrong is a [`KeyError`]: an invalid key, a
 //! plain header repeated with different values, a baggage or tracestate header that does not
 //! parse, or one over its W3C limits ([`MAX_BAGGAGE_MEMBERS`] list-members or
-//! [`MAX_BAGGAGE_BYTES`] bytes for baggage, [`MAX_TRACESTATE_MEMBERS`] for tracestate). Parsing
-//! is strict: one malformed list-member fails the whole header, even when it is not the member
-//! that carries the key. The router then treats the request as having no key (it goes to
+//! [`MAX_BAGGAGE_BYTES`] bytes for baggage, [`MAX_TRACESTATE_MEMBERS`] for tracestate). In
+//! baggage, a malformed list-member is skipped (as W3C Baggage allows) unless it is the member
+//! that carries the key: another application's bad member neither hides the key nor keeps
+//! tracestate from being read. tracestate is parsed strictly: one malformed list-member fails
+//! the header. The router then treats the request as having no key (it goes to
 //! baseline), counts it (`bad_key`) and logs the error at debug level; [`KeyError::metric_label`]
 //! is a bounded label for finer counts.
 //!
@@ -180,10 +182,14 @@ pub fn extract_key(cfg: &KeyConfig, headers: &HeaderMap) -> Result<Option<String
     if !cfg.baggage.is_empty()
         && let Some(list) = combined(headers, BAGGAGE)
     {
-        let members = parse_baggage_bytes(&list)?;
+        let members = baggage_members_lenient(&list)?;
         for wanted in &cfg.baggage {
-            if let Some(m) = members.iter().find(|m| m.key == *wanted) {
-                return valid(m.value.clone(), || format!("baggage member {wanted}"));
+            match members.iter().find(|m| m.key() == Some(wanted.as_str())) {
+                Some(Lenient::Valid(m)) => {
+                    return valid(m.value.clone(), || format!("baggage member {wanted}"));
+                }
+                Some(Lenient::Malformed { error, .. }) => return Err(error.clone().into()),
+                None => {}
             }
         }
     }
@@ -265,6 +271,38 @@ pub fn parse_baggage(value: &str) -> Result<Vec<BaggageMember>, BaggageError> {
 }
 
 fn parse_baggage_bytes(value: &[u8]) -> Result<Vec<BaggageMember>, BaggageError> {
+    baggage_members_lenient(value)?
+        .into_iter()
+        .map(|m| match m {
+            Lenient::Valid(m) => Ok(m),
+            Lenient::Malformed { error, .. } => Err(error),
+        })
+        .collect()
+}
+
+/// A baggage list-member as the key search sees it: parsed, or malformed with the key it
+/// seems to have (the text before `=`, when that is a token).
+enum Lenient {
+    Valid(BaggageMember),
+    Malformed {
+        key: Option<String>,
+        error: BaggageError,
+    },
+}
+
+impl Lenient {
+    fn key(&self) -> Option<&str> {
+        match self {
+            Lenient::Valid(m) => Some(&m.key),
+            Lenient::Malformed { key, .. } => key.as_deref(),
+        }
+    }
+}
+
+/// The list-members of a baggage header, each parsed on its own: W3C Baggage lets a receiver
+/// skip a member it cannot parse and keep the rest, so another application's malformed member
+/// cannot hide a routing key. The limits still apply to the whole header.
+fn baggage_members_lenient(value: &[u8]) -> Result<Vec<Lenient>, BaggageError> {
     if value.len() > MAX_BAGGAGE_BYTES {
         return Err(BaggageError::TooLong { len: value.len() });
     }
@@ -277,11 +315,17 @@ fn parse_baggage_bytes(value: &[u8]) -> Result<Vec<BaggageMember>, BaggageError>
         if members.len() == MAX_BAGGAGE_MEMBERS {
             return Err(BaggageError::TooManyMembers);
         }
-        let member = baggage_member(raw).map_err(|reason| BaggageError::Malformed {
-            member: index + 1,
-            reason,
-        })?;
-        members.push(member);
+        members.push(match baggage_member(raw) {
+            Ok(m) => Lenient::Valid(m),
+            Err(reason) => Lenient::Malformed {
+                key: split_at_equals(raw.split(|&b| b == b';').next().unwrap_or_default())
+                    .and_then(|(k, _)| token(k)),
+                error: BaggageError::Malformed {
+                    member: index + 1,
+                    reason,
+                },
+            },
+        });
     }
     Ok(members)
 }
@@ -700,10 +744,43 @@ mod tests {
     }
 
     #[test]
-    fn a_malformed_member_anywhere_fails_the_baggage_header() {
-        let err = key(&[("baggage", "routing-key=feat-x,bad member")]).unwrap_err();
-        assert_eq!(err, KeyError::Baggage(malformed(2, "no '=' after the key")));
+    fn a_malformed_unrelated_baggage_member_is_skipped_and_the_key_kept() {
+        for list in [
+            "routing-key=feat-x,bad member",
+            "bad member,routing-key=feat-x",
+            "a=%zz, routing-key=feat-x ;p, b=\"q\"",
+            "=1,routing-key=feat-x",
+        ] {
+            assert_eq!(key(&[("baggage", list)]), some("feat-x"), "{list}");
+        }
+    }
+
+    #[test]
+    fn a_malformed_unrelated_baggage_member_does_not_block_the_tracestate_key() {
+        let lines = [
+            ("baggage", "userId=alice,bad member"),
+            ("tracestate", "routing-key=feat-x"),
+        ];
+        assert_eq!(key(&lines), some("feat-x"));
+    }
+
+    #[test]
+    fn a_malformed_routing_key_member_is_an_error() {
+        let err = key(&[("baggage", "a=1,routing-key=bad value")]).unwrap_err();
+        assert_eq!(
+            err,
+            KeyError::Baggage(malformed(
+                2,
+                "a value has a character outside baggage-octet"
+            ))
+        );
         assert_eq!(err.metric_label(), "baggage_malformed");
+        // It names the key's own member, so tracestate is not consulted.
+        let lines = [
+            ("baggage", "routing-key=%zz"),
+            ("tracestate", "routing-key=feat-x"),
+        ];
+        assert!(key(&lines).is_err());
     }
 
     #[test]

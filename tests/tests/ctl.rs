@@ -913,6 +913,131 @@ fn the_log_level_changes_at_run_time() {
     assert!(body.contains("invalid filter"), "{body}");
 }
 
+/// `curl` from `pod` to `url` with extra curl arguments: (status code, body).
+fn curl_from(pod: &Pod<'_>, method: &str, url: &str, extra: &[&str]) -> (u16, String) {
+    let mut argv = vec![
+        "curl",
+        "-sS",
+        "--max-time",
+        "10",
+        "-X",
+        method,
+        "-w",
+        "\n%{http_code}",
+        url,
+    ];
+    argv.extend_from_slice(extra);
+    let out = pod.run(&argv, CTL_TIMEOUT).unwrap().check().unwrap();
+    let (body, code) = out.rsplit_once('\n').unwrap();
+    (code.trim().parse().unwrap(), body.to_string())
+}
+
+#[test]
+fn a_non_loopback_admin_address_is_refused_unless_allowed_and_then_needs_a_token() {
+    let Some(mc) = MiniCluster::new_or_skip("admin_remote", TOOLS) else {
+        return;
+    };
+    let mut shop = Shop::build(&mc, true).unwrap();
+    let start = |extra: &[&str]| {
+        redirect_tests::agent::Agent::start_with(&mc, &shop.manifests, extra).map(|_| ())
+    };
+    let err = format!(
+        "{:#}",
+        start(&["--admin-addr", "0.0.0.0:9967"]).unwrap_err()
+    );
+    assert!(
+        err.contains("--admin-addr 0.0.0.0:9967 is not a loopback address"),
+        "{err}"
+    );
+    let err = format!(
+        "{:#}",
+        start(&["--admin-addr", "0.0.0.0:9967", "--admin-allow-remote"]).unwrap_err()
+    );
+    assert!(err.contains("needs --admin-token-file"), "{err}");
+
+    const TOKEN: &str = "s3cret-admin-token";
+    let token_file = mc.workdir().join("admin-token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    shop.agent = Some(
+        redirect_tests::agent::Agent::start_with(
+            &mc,
+            &shop.manifests,
+            &[
+                "--admin-addr",
+                "0.0.0.0:9967",
+                "--admin-allow-remote",
+                "--admin-token-file",
+                token_file.to_str().unwrap(),
+            ],
+        )
+        .unwrap(),
+    );
+    // From a pod, through the node's address: probes and metrics answer, the rest needs the
+    // token.
+    let url = |path: &str| format!("http://{ROUTER_IP4}:9967{path}");
+    let pod = &shop.client;
+    assert_eq!(curl_from(pod, "GET", &url("/healthz"), &[]).0, 200);
+    assert_eq!(curl_from(pod, "GET", &url("/readyz"), &[]).0, 200);
+    assert_eq!(curl_from(pod, "GET", &url("/metrics"), &[]).0, 200);
+    let wrong = "Authorization: Bearer not-the-token";
+    let right = format!("Authorization: Bearer {TOKEN}");
+    for (method, path) in [("GET", "/tables"), ("GET", "/status"), ("GET", "/loglevel")] {
+        assert_eq!(curl_from(pod, method, &url(path), &[]).0, 401, "{path}");
+        assert_eq!(
+            curl_from(pod, method, &url(path), &["-H", wrong]).0,
+            401,
+            "{path}"
+        );
+        assert_eq!(
+            curl_from(pod, method, &url(path), &["-H", &right]).0,
+            200,
+            "{path}"
+        );
+    }
+    let put = |auth: &[&str]| {
+        let mut extra = vec!["--data-binary", "debug"];
+        extra.extend_from_slice(auth);
+        curl_from(pod, "PUT", &url("/loglevel"), &extra)
+    };
+    let (code, body) = put(&[]);
+    assert_eq!(code, 401, "{body}");
+    assert!(body.contains("Authorization: Bearer"), "{body}");
+    assert_eq!(put(&["-H", wrong]).0, 401);
+    assert_eq!(
+        curl_from(pod, "GET", &url("/loglevel"), &["-H", &right]).1,
+        "info\n",
+        "an unauthorised PUT changed the filter"
+    );
+    assert_eq!(put(&["-H", &right]).0, 200);
+
+    // redirectctl reads the token file named by the same variable as the agent's.
+    let agent = shop.agent.as_ref().unwrap();
+    let bin = ctl_bin();
+    let admin_url = url("");
+    let out = mc
+        .node()
+        .run(
+            &[
+                bin.to_str().unwrap(),
+                "--pin-dir",
+                agent.pin_dir.to_str().unwrap(),
+                "--admin",
+                &admin_url,
+                "--admin-token-file",
+                token_file.to_str().unwrap(),
+                "-o",
+                "json",
+                "status",
+            ],
+            CTL_TIMEOUT,
+        )
+        .unwrap();
+    let s: Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    assert_eq!(s["agent"]["reachable"], true, "{s}");
+    assert_eq!(s["agent"]["status"]["log_filter"], "debug", "{s}");
+    assert!(!agent.log().contains(TOKEN), "the token was logged");
+}
+
 #[test]
 fn redirectctl_needs_root_and_says_so_and_says_when_nothing_is_pinned() {
     let Some(mc) = MiniCluster::new_or_skip("ctl_preconditions", TOOLS) else {
@@ -955,6 +1080,54 @@ fn redirectctl_needs_root_and_says_so_and_says_when_nothing_is_pinned() {
         assert_eq!(p["error"], "not pinned");
     }
     assert_eq!(s["agent"]["reachable"], false);
+}
+
+#[test]
+fn with_o_json_an_error_is_a_json_document_on_stdout() {
+    let Some(mc) = MiniCluster::new_or_skip("ctl_json_errors", TOOLS) else {
+        return;
+    };
+    let bin = ctl_bin();
+    let pins = Path::new(redirect_tests::agent::BPFFS).join(format!("{}-none", mc.id()));
+    let run = |args: &[&str]| {
+        let mut argv = vec![bin.to_str().unwrap(), "--pin-dir", pins.to_str().unwrap()];
+        argv.extend_from_slice(args);
+        mc.node().run(&argv, CTL_TIMEOUT).unwrap()
+    };
+    for (args, kind, says, code) in [
+        (
+            &["-o", "json", "services"][..],
+            "not_pinned",
+            "nothing pinned at",
+            1,
+        ),
+        (
+            &["routes", "--output=json"],
+            "not_pinned",
+            "nothing pinned at",
+            1,
+        ),
+        (
+            &["-o", "json", "explain", "--from", "x", "--to", "nowhere"],
+            "usage",
+            "invalid value 'nowhere' for '--to <TO>'",
+            2,
+        ),
+    ] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {}", out.stderr);
+        let doc: Value = serde_json::from_str(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: stdout is not JSON ({e}): {:?}", out.stdout));
+        assert_eq!(doc["schema"], "redirectctl.error/v1", "{doc}");
+        assert_eq!(doc["kind"], kind, "{doc}");
+        assert!(str_of(&doc["error"]).contains(says), "{doc}");
+        assert_eq!(out.stderr, "", "{args:?}");
+    }
+    // Without -o json the error stays a line on stderr.
+    let out = run(&["services"]);
+    assert!(!out.success());
+    assert_eq!(out.stdout, "");
+    assert!(out.stderr.contains("nothing pinned at"), "{}", out.stderr);
 }
 
 /// Runs the failure walkthrough of `docs/debugging.md` and writes every command with its real

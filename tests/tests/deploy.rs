@@ -407,6 +407,8 @@ fn every_rendered_field_is_a_kubernetes_api_field() {
                     "agent.privileged=false",
                     "--set",
                     "agent.adminListen=node",
+                    "--set",
+                    "agent.adminTokenSecret=redirect-admin-token",
                 ],
             ),
         ),
@@ -522,8 +524,16 @@ fn agent_probes_reach_the_admin_endpoint_on_the_loopback_only() {
     // No container port: with host network it would be a host port, and the surge pod of a
     // rollout could not be scheduled beside the old one.
     assert!(agent.ports.is_none(), "{:?}", agent.ports);
+    // On loopback the agent needs neither the remote flag nor a token.
+    for name in ["REDIRECT_ADMIN_ALLOW_REMOTE", "REDIRECT_ADMIN_TOKEN_FILE"] {
+        assert!(
+            !agent.env.iter().flatten().any(|e| e.name == name),
+            "{name} set on loopback"
+        );
+    }
 
-    // On the node's address (for a metrics scrape), the probes go to the pod IP = node IP.
+    // On the node's address (for a metrics scrape), the probes go to the pod IP = node IP and
+    // need no token (the agent serves them without); everything else needs the Secret's token.
     let node = helm_template(
         &helm,
         &[
@@ -531,17 +541,42 @@ fn agent_probes_reach_the_admin_endpoint_on_the_loopback_only() {
             "agent.adminListen=node",
             "--set",
             "agent.adminPort=9100",
+            "--set",
+            "agent.adminTokenSecret=redirect-admin-token",
         ],
     );
-    let agent = container(&pod(&node.agent()), "agent");
+    let spec = pod(&node.agent());
+    let agent = container(&spec, "agent");
     assert_eq!(env_value(&agent, "REDIRECT_ADMIN_ADDR"), "$(NODE_IP):9100");
     assert_eq!(
         env_value(&agent, "REDIRECT_ADMIN"),
         "http://$(NODE_IP):9100"
     );
+    assert_eq!(env_value(&agent, "REDIRECT_ADMIN_ALLOW_REMOTE"), "true");
+    let token_file = env_value(&agent, "REDIRECT_ADMIN_TOKEN_FILE");
+    assert_eq!(token_file, "/run/redirect/admin-token/token");
+    let mount = agent
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| token_file.starts_with(&format!("{}/", m.mount_path)))
+        .expect("the token file is on a mount");
+    assert_eq!(mount.read_only, Some(true));
+    let secret = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .and_then(|v| v.secret.clone())
+        .expect("the token mount is a Secret");
+    assert_eq!(secret.secret_name.as_deref(), Some("redirect-admin-token"));
     assert_eq!(
         http_probe(&agent.readiness_probe),
         (None, "/readyz".to_string(), "9100".to_string())
+    );
+    assert_eq!(
+        http_probe(&agent.liveness_probe),
+        (None, "/healthz".to_string(), "9100".to_string())
     );
 }
 
@@ -890,6 +925,10 @@ fn chart_refuses_values_that_cannot_work() {
         (
             "agent.adminListen=everywhere",
             "agent.adminListen must be loopback or node",
+        ),
+        (
+            "agent.adminListen=node",
+            "agent.adminListen=node needs agent.adminTokenSecret",
         ),
     ] {
         let out = Command::new(&helm)

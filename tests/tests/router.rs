@@ -170,6 +170,143 @@ print(s.recv(4096).split(b"\r\n")[0].decode())
     assert!(out.starts_with("HTTP/1.1 400"), "{out}");
 }
 
+/// Sends `payload` (a Python bytes expression) on one connection to checkout, reads until the
+/// router closes it (or 5 s of silence), and returns the status codes of the responses in order.
+fn raw_statuses(shop: &Shop<'_>, payload: &str) -> Vec<u16> {
+    let script = format!(
+        r#"
+import re, socket
+s = socket.create_connection(("{CHECKOUT_VIP4}", 80), timeout=5)
+s.sendall({payload})
+data = b""
+try:
+    while True:
+        c = s.recv(65536)
+        if not c: break
+        data += c
+except (socket.timeout, ConnectionResetError):
+    pass
+print(" ".join(m.decode() for m in re.findall(rb"HTTP/1\.1 (\d\d\d) ", data)))
+"#
+    );
+    let out = shop
+        .client
+        .run(&["python3", "-c", &script], CLIENT_TIMEOUT)
+        .unwrap()
+        .check()
+        .unwrap();
+    out.split_whitespace().map(|c| c.parse().unwrap()).collect()
+}
+
+#[test]
+fn a_pipelined_request_head_over_the_limit_gets_431() {
+    let Some(mc) = MiniCluster::new_or_skip("pipelined_head_limit", TOOLS) else {
+        return;
+    };
+    let shop = Shop::with_agent_args(&mc, true, &["--max-header-bytes", "8192"]).unwrap();
+    // A small request, then one whose head is 1.5 times the limit, in one write: the limit
+    // holds for every head, not for what one read of the connection buffer holds.
+    let small = "b'GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n'";
+    let big = "b'GET / HTTP/1.1\\r\\nHost: x\\r\\nx-big: ' + b'a' * 12000 + b'\\r\\n\\r\\n'";
+    assert_eq!(raw_statuses(&shop, &format!("{small} + {big}")), [200, 431]);
+    // Under the limit, both are served.
+    let fits = "b'GET / HTTP/1.1\\r\\nHost: x\\r\\nx-big: ' + b'a' * 6000 + b'\\r\\n\\r\\n'";
+    let last = "b'GET / HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n'";
+    assert_eq!(
+        raw_statuses(&shop, &format!("{small} + {fits} + {last}")),
+        [200, 200, 200]
+    );
+}
+
+/// A request with `n` headers in all (Host included).
+fn with_headers(n: usize) -> String {
+    format!(
+        "b'GET / HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n' + \
+         b''.join(b'x-h%d: v\\r\\n' % i for i in range({})) + b'\\r\\n'",
+        n - 2
+    )
+}
+
+#[test]
+fn the_header_count_limit_is_a_flag_and_beyond_it_the_answer_is_431() {
+    let Some(mc) = MiniCluster::new_or_skip("header_count_limit", TOOLS) else {
+        return;
+    };
+    let shop = Shop::with_agent_args(&mc, true, &["--max-headers", "150"]).unwrap();
+    assert_eq!(raw_statuses(&shop, &with_headers(150)), [200]);
+    assert_eq!(raw_statuses(&shop, &with_headers(151)), [431]);
+    drop(shop);
+
+    let Some(mc) = MiniCluster::new_or_skip("header_count_default", TOOLS) else {
+        return;
+    };
+    let shop = Shop::with_agent(&mc, true).unwrap();
+    assert_eq!(raw_statuses(&shop, &with_headers(100)), [200]);
+    assert_eq!(raw_statuses(&shop, &with_headers(101)), [431]);
+}
+
+#[test]
+fn a_malformed_chunked_request_body_gets_400_and_is_no_upstream_error() {
+    let Some(mc) = MiniCluster::new_or_skip("malformed_chunked", TOOLS) else {
+        return;
+    };
+    let shop = Shop::with_agent(&mc, true).unwrap();
+    for key in ["", "x-routing-key: feature-x\\r\\n"] {
+        let bad = format!(
+            "b'POST / HTTP/1.1\\r\\nHost: x\\r\\n{key}Transfer-Encoding: chunked\\r\\n\\r\\n\
+             5\\r\\nhello\\r\\nzz\\r\\nworld\\r\\n0\\r\\n\\r\\n'"
+        );
+        assert_eq!(raw_statuses(&shop, &bad), [400], "{key}");
+    }
+    let status = mc
+        .node()
+        .run(
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                "http://127.0.0.1:9967/status",
+            ],
+            CLIENT_TIMEOUT,
+        )
+        .unwrap()
+        .check()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let requests = &status["router_requests"];
+    assert_eq!(requests["baseline/upstream_error"], 0, "{requests}");
+    assert_eq!(requests["fork/upstream_error"], 0, "{requests}");
+    assert_eq!(requests["baseline/bad_request"], 1, "{requests}");
+    assert_eq!(requests["fork/bad_request"], 1, "{requests}");
+}
+
+#[test]
+fn the_503_of_a_fork_without_ready_endpoint_carries_the_debug_header() {
+    let Some(mc) = MiniCluster::new_or_skip("fork_unavailable_debug", TOOLS) else {
+        return;
+    };
+    let mut shop = Shop::with_agent_args(&mc, true, &["--debug-header"]).unwrap();
+    shop.remove_pod_manifest(&shop.checkout_fork).unwrap();
+    shop.agent()
+        .wait_synced(2, Duration::from_secs(20))
+        .unwrap();
+    let url = format!("http://{CHECKOUT_VIP4}/");
+    let (head, _) = curl(
+        &shop,
+        &["-sS", "-D", "-", "-o", "/dev/null", "-H", KEY, &url],
+    );
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    let line = head
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("x-redirect-upstream"))
+        .unwrap_or_else(|| panic!("no debug header on the 503:\n{head}"));
+    assert!(
+        line.contains("unavailable feature-x default/checkout:http"),
+        "{line}"
+    );
+}
+
 #[test]
 fn a_fork_without_ready_endpoint_answers_503_naming_sandbox_and_service_unless_it_falls_back() {
     let Some(mc) = MiniCluster::new_or_skip("fork_unavailable", TOOLS) else {

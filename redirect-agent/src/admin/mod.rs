@@ -9,7 +9,11 @@
 //! | `GET /status` | [`api::AgentStatus`]: process, last sync, log filter |
 //! | `GET /loglevel` | the current log filter |
 //! | `PUT /loglevel` | body: a new filter (`tracing` EnvFilter syntax), applied at once |
+//!
+//! With a token ([`access`]), every path but `/healthz`, `/readyz` and `/metrics` needs
+//! `Authorization: Bearer <token>`; others get 401.
 
+pub mod access;
 pub mod api;
 pub mod metrics;
 
@@ -245,8 +249,9 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(s.into())
 }
 
-/// Serves the admin endpoint until the task is dropped.
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+/// Serves the admin endpoint until the task is dropped, to the clients `access` allows.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, access: access::Access) {
+    let access = Arc::new(access);
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(c) => c,
@@ -257,10 +262,21 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
             }
         };
         let state = state.clone();
+        let access = access.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| {
+            let svc = service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(req, &state).await) }
+                let allowed = access.allows(
+                    req.method(),
+                    req.uri().path(),
+                    req.headers().get(header::AUTHORIZATION),
+                );
+                async move {
+                    if !allowed {
+                        return Ok::<_, Infallible>(unauthorized());
+                    }
+                    Ok(handle(req, &state).await)
+                }
             });
             let _ = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -290,6 +306,19 @@ fn json<T: serde::Serialize>(v: &T) -> Response<Body> {
         Ok(b) => reply(StatusCode::OK, "application/json", b),
         Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
     }
+}
+
+/// 401 for a request without the admin token.
+fn unauthorized() -> Response<Body> {
+    let mut r = text(
+        StatusCode::UNAUTHORIZED,
+        "this endpoint needs Authorization: Bearer <the token of --admin-token-file>\n",
+    );
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        http::HeaderValue::from_static("Bearer"),
+    );
+    r
 }
 
 /// Largest `PUT /loglevel` body.

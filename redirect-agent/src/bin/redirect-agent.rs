@@ -153,9 +153,15 @@ struct RunArgs {
     /// Router threads, each with its own runtime and upstream pool [default: one per CPU].
     #[arg(long, env = "REDIRECT_ROUTER_WORKERS")]
     router_workers: Option<usize>,
-    /// Largest request head accepted; larger gets 431.
+    /// Largest request head accepted (request line and header fields, per request, pipelined
+    /// ones included); larger gets 431. HTTP/2: the largest header list.
     #[arg(long, env = "REDIRECT_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
     max_header_bytes: usize,
+    /// Most header fields in an HTTP/1.1 request head; more gets 431. (HTTP/2 header lists are
+    /// bounded by --max-header-bytes.)
+    #[arg(long, env = "REDIRECT_MAX_HEADERS", default_value_t = 100,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    max_headers: u16,
     /// This node's name (the DaemonSet sets it from spec.nodeName): only its pods count as
     /// local workloads, and the kube source watches only its pods. Required with `--source
     /// kube` [default with manifests: all pods].
@@ -170,9 +176,19 @@ struct RunArgs {
     #[arg(long, env = "REDIRECT_RESYNC_MS", default_value_t = 2000)]
     resync_ms: u64,
     /// Admin endpoint (/healthz, /readyz, /metrics, /tables, /status, /loglevel) address, or
-    /// `off`. Keep it on localhost: it has no authentication.
+    /// `off`. A loopback address unless --admin-allow-remote is given.
     #[arg(long, env = "REDIRECT_ADMIN_ADDR", default_value = admin::DEFAULT_ADDR)]
     admin_addr: AdminAddr,
+    /// Allow a non-loopback --admin-addr (e.g. for a metrics scrape from another host).
+    /// Requires --admin-token-file: /healthz, /readyz and /metrics stay open, every other
+    /// endpoint (PUT /loglevel, /tables, /status) needs the token.
+    #[arg(long, env = "REDIRECT_ADMIN_ALLOW_REMOTE")]
+    admin_allow_remote: bool,
+    /// File holding the admin bearer token (a mounted Secret; surrounding whitespace is
+    /// ignored). When given, every admin endpoint but /healthz, /readyz and /metrics needs
+    /// `Authorization: Bearer <token>`. Read once at start; the token is never logged.
+    #[arg(long, env = "REDIRECT_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
 }
 
 /// `--admin-addr`: an address or `off`.
@@ -266,6 +282,20 @@ async fn run(a: RunArgs, log_control: LogControl, log_filter: String) -> Result<
             "--source kube needs --node-name (NODE_NAME; the DaemonSet sets it from spec.nodeName)",
         )?),
     };
+    let admin_access = match a.admin_addr {
+        AdminAddr(Some(addr)) => {
+            let token = a
+                .admin_token_file
+                .as_deref()
+                .map(admin::access::Token::from_file)
+                .transpose()?;
+            Some((
+                addr,
+                admin::access::Access::for_addr(addr, a.admin_allow_remote, token)?,
+            ))
+        }
+        AdminAddr(None) => None,
+    };
     tracing::info!(source = ?source_kind, "starting");
     let cgroup_root = match a.cgroup_root {
         Some(p) => p,
@@ -290,12 +320,13 @@ async fn run(a: RunArgs, log_control: LogControl, log_filter: String) -> Result<
         Some(log_control),
         &log_filter,
     ));
-    if let AdminAddr(Some(addr)) = a.admin_addr {
+    if let Some((addr, access)) = admin_access {
         let listener = admin::bind(addr)
             .await
             .with_context(|| format!("admin endpoint --admin-addr {addr}"))?;
-        tracing::info!(%addr, "admin endpoint listening");
-        tokio::spawn(admin::serve(listener, admin.clone()));
+        let token = access.needs_token();
+        tracing::info!(%addr, token, "admin endpoint listening");
+        tokio::spawn(admin::serve(listener, admin.clone(), access));
     }
 
     let router_cfg = RouterConfig {
@@ -321,6 +352,7 @@ async fn run(a: RunArgs, log_control: LogControl, log_filter: String) -> Result<
         header_timeout: Duration::from_millis(a.header_timeout_ms),
         response_timeout: Duration::from_millis(a.response_timeout_ms),
         max_header_bytes: a.max_header_bytes,
+        max_headers: usize::from(a.max_headers),
         workers: a
             .router_workers
             .unwrap_or_else(|| RouterSettings::default().workers),
@@ -387,12 +419,29 @@ async fn run(a: RunArgs, log_control: LogControl, log_filter: String) -> Result<
     };
     let timeout = Duration::from_millis(a.drain_timeout_ms);
     tracing::info!(
-        active = router.active(),
+        connections = router.connections(),
         ?timeout,
-        "stopping: draining the router; pinned programs and routes stay in place"
+        "stopping: draining the router; it accepts nothing more, pinned programs and routes stay \
+         in place"
     );
-    let left = router.drain(timeout).await;
-    tracing::info!(left, "stopped");
+    let report = router.drain(timeout).await;
+    let took_ms = report.took.as_millis() as u64;
+    if report.left == 0 {
+        tracing::info!(
+            connections = report.connections,
+            left = 0,
+            took_ms,
+            "router drained: every connection open at SIGTERM finished"
+        );
+    } else {
+        tracing::warn!(
+            connections = report.connections,
+            left = report.left,
+            took_ms,
+            "router drained at the deadline (--drain-timeout-ms): the connections left are cut"
+        );
+    }
+    tracing::info!("stopped");
     Ok(())
 }
 

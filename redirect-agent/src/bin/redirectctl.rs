@@ -4,8 +4,9 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
+use redirect_agent::admin::access::Token;
 use redirect_agent::ctl::{
-    self, AdminClient, CtlError, Ctx, Format, explain::ExplainArgs, trace::TraceArgs,
+    self, AdminClient, CtlError, Ctx, ErrorDoc, Format, explain::ExplainArgs, trace::TraceArgs,
 };
 
 #[derive(Parser)]
@@ -40,6 +41,10 @@ struct Cli {
         global = true
     )]
     admin_timeout_ms: u64,
+    /// File holding the agent's admin bearer token, when the agent was started with
+    /// --admin-token-file (the same variable, so inside the agent's pod it is already set).
+    #[arg(long, env = "REDIRECT_ADMIN_TOKEN_FILE", global = true)]
+    admin_token_file: Option<PathBuf>,
     /// Output format.
     #[arg(
         short,
@@ -124,21 +129,53 @@ fn parse_u32(s: &str) -> Result<u32, String> {
     r.map_err(|e| format!("{s:?} is not a 32-bit number: {e}"))
 }
 
+/// Reports a failure: with `-o json` one [`ErrorDoc`] on stdout, else a line on stderr.
+fn fail(json: bool, kind: &str, error: impl std::fmt::Display, code: u8) -> ExitCode {
+    if json {
+        println!("{}", ErrorDoc::new(kind, error).to_json());
+    } else {
+        eprintln!("redirectctl: {error}");
+    }
+    ExitCode::from(code)
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args: Vec<String> = std::env::args().collect();
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            let usage = !matches!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelp
+                    | clap::error::ErrorKind::DisplayVersion
+                    | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            );
+            let env = std::env::var("REDIRECTCTL_OUTPUT").ok();
+            if usage && ctl::json_requested(&args, env.as_deref()) {
+                // clap's first line says what is wrong; the rest is usage text for a person.
+                let rendered = e.render().to_string();
+                let first = rendered.lines().next().unwrap_or("invalid arguments");
+                return fail(true, "usage", first.trim_start_matches("error: "), 2);
+            }
+            e.exit()
+        }
+    };
+    let json = matches!(cli.output, Output::Json);
     if !nix::unistd::geteuid().is_root() {
-        eprintln!(
-            "redirectctl: must run as root (it reads pinned eBPF maps under {}); try sudo",
+        let e = format!(
+            "must run as root (it reads pinned eBPF maps under {}); try sudo",
             cli.pin_dir.display()
         );
-        return ExitCode::from(2);
+        return fail(json, "not_root", e, 2);
     }
     let admin = match AdminClient::new(&cli.admin, Duration::from_millis(cli.admin_timeout_ms)) {
         Ok(a) => a,
-        Err(e) => {
-            eprintln!("redirectctl: --admin {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return fail(json, "admin_address", format!("--admin {e}"), 2),
+    };
+    let admin = match cli.admin_token_file.as_deref().map(Token::from_file) {
+        None => admin,
+        Some(Ok(token)) => admin.with_token(token),
+        Some(Err(e)) => return fail(json, "admin_token", e, 2),
     };
     let ctx = Ctx {
         pin_dir: cli.pin_dir,
@@ -190,9 +227,6 @@ fn main() -> ExitCode {
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("redirectctl: {e}");
-            ExitCode::FAILURE
-        }
+        Err(e) => fail(json, e.kind(), &e, 1),
     }
 }

@@ -6,7 +6,10 @@ use std::{
     time::Duration,
 };
 
-use crate::admin::api::{AgentStatus, TablesDoc};
+use crate::admin::{
+    access::Token,
+    api::{AgentStatus, TablesDoc},
+};
 
 /// Where the agent's admin endpoint is.
 #[derive(Clone, Debug)]
@@ -15,6 +18,8 @@ pub struct AdminClient {
     pub url: String,
     host_port: String,
     timeout: Duration,
+    /// Sent as `Authorization: Bearer ...` when the agent needs it (`--admin-token-file`).
+    token: Option<Token>,
 }
 
 /// A response: status code and body.
@@ -39,7 +44,14 @@ impl AdminClient {
             url: url.to_string(),
             host_port,
             timeout,
+            token: None,
         })
+    }
+
+    /// Sends `token` with every request.
+    pub fn with_token(mut self, token: Token) -> Self {
+        self.token = Some(token);
+        self
     }
 
     fn addr(&self) -> Result<SocketAddr, String> {
@@ -58,8 +70,13 @@ impl AdminClient {
         s.set_read_timeout(Some(self.timeout)).ok();
         s.set_write_timeout(Some(self.timeout)).ok();
         let body = body.unwrap_or("");
+        let auth = self
+            .token
+            .as_ref()
+            .map(|t| format!("Authorization: {}\r\n", t.authorization()))
+            .unwrap_or_default();
         let req = format!(
-            "{method} {path} HTTP/1.0\r\nHost: {}\r\nContent-Length: {}\r\n\r\n{body}",
+            "{method} {path} HTTP/1.0\r\nHost: {}\r\n{auth}Content-Length: {}\r\n\r\n{body}",
             self.host_port,
             body.len()
         );

@@ -57,6 +57,78 @@ pub enum CtlError {
     Io(#[from] std::io::Error),
 }
 
+impl CtlError {
+    /// Bounded label for the `kind` of an [`ErrorDoc`].
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CtlError::Map(_) => "map",
+            CtlError::Trace(_) => "trace",
+            CtlError::Input(_) => "input",
+            CtlError::NotPinned(_) => "not_pinned",
+            CtlError::Io(_) => "io",
+        }
+    }
+}
+
+/// `schema` of [`ErrorDoc`].
+pub const ERROR_SCHEMA: &str = "redirectctl.error/v1";
+
+/// What a command that fails prints with `-o json`: one document on stdout, where its result
+/// would have gone, so a script reading stdout always gets JSON (the exit status still says it
+/// failed).
+#[derive(Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ErrorDoc {
+    pub schema: String,
+    /// `usage` (bad arguments), `not_root`, `admin_address`, `admin_token`, or a
+    /// [`CtlError::kind`].
+    pub kind: String,
+    pub error: String,
+}
+
+impl ErrorDoc {
+    pub fn new(kind: &str, error: impl std::fmt::Display) -> Self {
+        ErrorDoc {
+            schema: ERROR_SCHEMA.into(),
+            kind: kind.into(),
+            error: error.to_string(),
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_else(|_| {
+            // Only strings inside: serialising cannot fail; keep stdout JSON regardless.
+            format!(
+                "{{\"schema\":\"{ERROR_SCHEMA}\",\"kind\":\"{}\"}}",
+                self.kind
+            )
+        })
+    }
+}
+
+/// Whether the command line (or `REDIRECTCTL_OUTPUT`) asks for JSON, read without the argument
+/// parser: an argument error must be reported in the format asked for, before the arguments
+/// parse. The last `-o`/`--output` wins, as it does in the parser.
+pub fn json_requested(args: &[String], env: Option<&str>) -> bool {
+    let mut json = env.is_some_and(|v| v.eq_ignore_ascii_case("json"));
+    let mut it = args.iter().skip(1);
+    while let Some(a) = it.next() {
+        if a == "--" {
+            break;
+        }
+        let value = match a.as_str() {
+            "-o" | "--output" => it.next().map(String::as_str),
+            _ => a
+                .strip_prefix("--output=")
+                .or_else(|| a.strip_prefix("-o="))
+                .or_else(|| a.strip_prefix("-o").filter(|v| !v.is_empty())),
+        };
+        if let Some(v) = value {
+            json = v.eq_ignore_ascii_case("json");
+        }
+    }
+    json
+}
+
 impl Ctx {
     /// Fails with a clear message when the pin directory is missing.
     pub fn require_pins(&self) -> Result<(), CtlError> {
@@ -142,6 +214,48 @@ pub fn mono_to_system(ns: u64) -> SystemTime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        std::iter::once("redirectctl")
+            .chain(a.iter().copied())
+            .map(String::from)
+            .collect()
+    }
+
+    #[test]
+    fn json_is_requested_by_any_spelling_of_the_output_flag_or_its_env_twin() {
+        for a in [
+            &["-o", "json", "status"][..],
+            &["-ojson", "status"],
+            &["-o=json", "status"],
+            &["status", "--output", "json"],
+            &["--output=json", "explain", "--to", "x"],
+            &["-o", "table", "-o", "json"],
+        ] {
+            assert!(json_requested(&args(a), None), "{a:?}");
+        }
+        assert!(json_requested(&args(&["status"]), Some("json")));
+        for a in [
+            &["status"][..],
+            &["-o", "table"],
+            &["-o", "json", "-o", "table"],
+            &["--", "-o", "json"],
+            &["-o"],
+        ] {
+            assert!(!json_requested(&args(a), None), "{a:?}");
+        }
+        assert!(!json_requested(&args(&["-o", "table"]), Some("json")));
+    }
+
+    #[test]
+    fn an_error_document_names_schema_kind_and_error() {
+        let e = CtlError::NotPinned(PathBuf::from("/sys/fs/bpf/x"));
+        let doc = ErrorDoc::new(e.kind(), &e);
+        let back: ErrorDoc = serde_json::from_str(&doc.to_json()).unwrap();
+        assert_eq!(back.schema, "redirectctl.error/v1");
+        assert_eq!(back.kind, "not_pinned");
+        assert!(back.error.starts_with("nothing pinned at /sys/fs/bpf/x"));
+    }
 
     #[test]
     fn times_print_as_utc_dates() {

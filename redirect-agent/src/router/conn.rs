@@ -93,6 +93,7 @@ async fn accept_loop(l: TcpListener, worker: Arc<Worker>) {
         let worker = worker.clone();
         tokio::spawn(async move {
             let shared = &worker.shared;
+            let _open = shared.open_connection();
             let Some(orig) = shared.conns.take(&to_sockaddr(peer)) else {
                 // Not redirected by the kernel: the router is no open proxy.
                 shared.stats.count(Outcome::NoOrigDst);
@@ -124,6 +125,10 @@ async fn serve(
             b.timer(TokioTimer::new())
                 .header_read_timeout(shared.settings.header_timeout)
                 .max_buf_size(shared.settings.max_header_bytes.max(8192))
+                // Per head: the buffer limit alone lets a pipelined head through when it
+                // arrives in one read with the request before it.
+                .max_header_size(shared.settings.max_header_bytes)
+                .max_headers(shared.settings.max_headers)
                 .preserve_header_case(true);
             let c = b.serve_connection(io, svc).with_upgrades();
             tokio::pin!(c);

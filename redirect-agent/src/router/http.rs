@@ -71,10 +71,15 @@ pub async fn handle(
                 .get(&orig.service_id)
                 .map(|s| s.to_string())
                 .unwrap_or_else(|| format!("service {}", orig.service_id));
-            return Ok(error_response(
+            let mut resp = error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 &format!("sandbox {owners} has no ready endpoint for {service}"),
-            ));
+            );
+            if shared.settings.debug_header {
+                let key = view.tables.keys.get(key_id).map_or("", |k| k.key.as_str());
+                set_debug_header(&mut resp, &format!("unavailable {key} {service}"));
+            }
+            return Ok(resp);
         }
         RequestRoute::Fork { endpoint, key_id } => {
             let addr = from_sockaddr(endpoint);
@@ -112,6 +117,7 @@ pub async fn handle(
         Ok(_) => RequestOutcome::Ok,
         Err(Failure::Timeout(_)) => RequestOutcome::UpstreamTimeout,
         Err(Failure::Upstream(_)) => RequestOutcome::UpstreamError,
+        Err(Failure::BadBody(_)) => RequestOutcome::BadRequest,
     };
     shared.stats.count_request(dest, outcome);
     shared.stats.observe(dest, started.elapsed());
@@ -130,18 +136,27 @@ pub async fn handle(
             StatusCode::BAD_GATEWAY,
             &format!("upstream {upstream}: {reason}"),
         ),
+        Err(Failure::BadBody(reason)) => {
+            error_response(StatusCode::BAD_REQUEST, &format!("request body: {reason}"))
+        }
     };
-    if let Some(label) = label
-        && let Ok(v) = HeaderValue::from_str(&label)
-    {
-        resp.headers_mut().insert(DEBUG_HEADER, v);
+    if let Some(label) = label {
+        set_debug_header(&mut resp, &label);
     }
     Ok(resp)
+}
+
+fn set_debug_header(resp: &mut Response<RouterBody>, label: &str) {
+    if let Ok(v) = HeaderValue::from_str(label) {
+        resp.headers_mut().insert(DEBUG_HEADER, v);
+    }
 }
 
 enum Failure {
     Timeout(Duration),
     Upstream(String),
+    /// The client's own request body failed while it was being sent upstream.
+    BadBody(String),
 }
 
 async fn forward(
@@ -161,11 +176,11 @@ async fn forward(
                 // has been read, and only a ready connection is handed out again.
                 let resp = resp.await;
                 pool.put_h1(upstream, send);
-                resp.map_err(up)
+                resp.map_err(sending)
             }
             Proto::Http2 => {
                 let mut send = pool.h2(upstream).await.map_err(up)?;
-                send.send_request(req).await.map_err(up)
+                send.send_request(req).await.map_err(sending)
             }
         }
     };
@@ -177,6 +192,26 @@ async fn forward(
 
 fn up(e: impl std::fmt::Display) -> Failure {
     Failure::Upstream(e.to_string())
+}
+
+/// A failed exchange: the client's fault when its request body could not be read (hyper's
+/// "user body" error, caused by the server side's parse of that body), else the upstream's.
+fn sending(e: hyper::Error) -> Failure {
+    match client_body_error(&e) {
+        Some(cause) => Failure::BadBody(match std::error::Error::source(cause) {
+            Some(detail) => format!("{cause}: {detail}"),
+            None => cause.to_string(),
+        }),
+        None => Failure::Upstream(e.to_string()),
+    }
+}
+
+fn client_body_error(e: &hyper::Error) -> Option<&hyper::Error> {
+    use std::error::Error;
+    if !e.is_user() {
+        return None;
+    }
+    e.source()?.downcast_ref::<hyper::Error>()
 }
 
 /// Removes hop-by-hop fields (RFC 9110 7.6.1): `Connection` and every field it names,

@@ -15,7 +15,10 @@ mod stats;
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -52,8 +55,10 @@ pub struct RouterSettings {
     pub connect_timeout: Duration,
     /// Longest wait for an upstream's response headers.
     pub response_timeout: Duration,
-    /// Largest request head accepted (HTTP/1.1: 431 beyond it).
+    /// Largest request head accepted, per request (HTTP/1.1: 431 beyond it).
     pub max_header_bytes: usize,
+    /// Most header fields in an HTTP/1.1 request head (431 beyond it).
+    pub max_headers: usize,
     /// Connections served at once; beyond it new connections wait in the accept queue.
     pub max_connections: usize,
     /// Router threads. Each runs its own single-threaded runtime, accepts on the shared
@@ -75,6 +80,7 @@ impl Default for RouterSettings {
             connect_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(60),
             max_header_bytes: 64 * 1024,
+            max_headers: 100,
             max_connections: 16_384,
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
@@ -106,6 +112,27 @@ pub struct Shared {
     /// Set once on shutdown: workers stop accepting and close their listeners, connections
     /// finish their current request (HTTP/1) or streams (HTTP/2 GOAWAY) and close.
     drain: tokio::sync::watch::Sender<bool>,
+    /// Client connections being served. Not `active()`: each waiting accept also holds a slot.
+    open: AtomicUsize,
+}
+
+/// What a drain did, for its log line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Client connections open when the router stopped accepting.
+    pub connections: usize,
+    /// Connections still open at the deadline (cut when the process exits).
+    pub left: usize,
+    pub took: Duration,
+}
+
+/// Counts one client connection while it lives.
+pub(crate) struct OpenConnection<'a>(&'a AtomicUsize);
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Shared {
@@ -121,18 +148,35 @@ impl Shared {
         *self.drain.borrow()
     }
 
+    /// Client connections being served now.
+    pub fn connections(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Counts a client connection until the guard drops.
+    pub(crate) fn open_connection(&self) -> OpenConnection<'_> {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(&self.open)
+    }
+
     /// Stops accepting (the listeners close: a successor bound to the same address takes the
     /// new connections and, with `tcp_migrate_req`, the queued ones; without one, the liveness
     /// slot empties and connections go straight to their destination), lets the connections
-    /// in flight finish, and waits for them at most `timeout`. Returns how many were still
-    /// open then.
-    pub async fn drain(&self, timeout: Duration) -> usize {
+    /// in flight finish, and waits for them at most `timeout`.
+    pub async fn drain(&self, timeout: Duration) -> DrainReport {
+        let started = tokio::time::Instant::now();
+        // Counted first: idle connections close the moment the workers see the flag.
+        let connections = self.connections();
         self.drain.send_replace(true);
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = started + timeout;
         while self.active() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        self.active()
+        DrainReport {
+            connections,
+            left: self.connections(),
+            took: started.elapsed(),
+        }
     }
 }
 
@@ -168,6 +212,7 @@ impl Router {
             socks: Mutex::new(socks),
             conns,
             drain: tokio::sync::watch::Sender::new(false),
+            open: AtomicUsize::new(0),
         });
         Ok(Router { listeners, shared })
     }

@@ -72,15 +72,19 @@ pub enum RequestOutcome {
     UpstreamError,
     /// 504: no response headers in time.
     UpstreamTimeout,
+    /// 400: the client's request body was malformed (an invalid chunk, cut short), so it could
+    /// not be forwarded whole; the upstream is not at fault.
+    BadRequest,
 }
 
 impl RequestOutcome {
-    pub const ALL: [RequestOutcome; 5] = [
+    pub const ALL: [RequestOutcome; 6] = [
         RequestOutcome::Ok,
         RequestOutcome::Upgraded,
         RequestOutcome::Unavailable,
         RequestOutcome::UpstreamError,
         RequestOutcome::UpstreamTimeout,
+        RequestOutcome::BadRequest,
     ];
 
     pub const fn label(self) -> &'static str {
@@ -90,6 +94,7 @@ impl RequestOutcome {
             RequestOutcome::Unavailable => "unavailable",
             RequestOutcome::UpstreamError => "upstream_error",
             RequestOutcome::UpstreamTimeout => "upstream_timeout",
+            RequestOutcome::BadRequest => "bad_request",
         }
     }
 }

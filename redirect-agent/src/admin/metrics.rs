@@ -257,6 +257,17 @@ pub fn render(
         );
         header(
             &mut out,
+            "redirect_router_pool_discards_total",
+            "counter",
+            "Idle upstream connections dropped instead of reused: bytes had arrived on them unasked.",
+        );
+        let _ = writeln!(
+            out,
+            "redirect_router_pool_discards_total {}",
+            stats.pool_discards()
+        );
+        header(
+            &mut out,
             "redirect_router_request_duration_seconds",
             "histogram",
             "Time from a request's arrival at the router to its response headers, by destination kind.",

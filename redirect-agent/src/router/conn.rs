@@ -1,6 +1,10 @@
 //! One redirected connection: original destination, protocol detection, dispatch.
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use hyper::{server::conn, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -38,6 +42,7 @@ pub fn worker(shared: Arc<Shared>, listeners: Vec<std::net::TcpListener>) {
         shared,
     });
     rt.block_on(async move {
+        let sweeper = tokio::spawn(sweep_pool(worker.clone()));
         let mut loops = tokio::task::JoinSet::new();
         for l in listeners {
             match TcpListener::from_std(l) {
@@ -53,7 +58,19 @@ pub fn worker(shared: Arc<Shared>, listeners: Vec<std::net::TcpListener>) {
         while worker.shared.active() > 0 {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
+        sweeper.abort();
     });
+}
+
+/// Upstream connections unused this long are closed: pool keys come and go with client pods.
+const POOL_IDLE: Duration = Duration::from_secs(90);
+
+async fn sweep_pool(worker: Arc<Worker>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tick.tick().await;
+        worker.pool.sweep(POOL_IDLE);
+    }
 }
 
 /// Completes once the router drains (at once if it already does).
@@ -119,7 +136,7 @@ async fn serve(
     match protocol {
         Some(Protocol::Http1) => {
             let w = worker.clone();
-            let svc = service_fn(move |req| handle(req, w.clone(), orig, Proto::Http1));
+            let svc = service_fn(move |req| handle(req, w.clone(), peer.ip(), orig, Proto::Http1));
             let mut b = conn::http1::Builder::new();
             b.timer(TokioTimer::new())
                 .header_read_timeout(shared.settings.header_timeout)
@@ -146,7 +163,7 @@ async fn serve(
         }
         Some(Protocol::Http2) => {
             let w = worker.clone();
-            let svc = service_fn(move |req| handle(req, w.clone(), orig, Proto::Http2));
+            let svc = service_fn(move |req| handle(req, w.clone(), peer.ip(), orig, Proto::Http2));
             let mut b = conn::http2::Builder::new(TokioExecutor::new());
             b.timer(TokioTimer::new())
                 .max_header_list_size(shared.settings.max_header_bytes as u32)

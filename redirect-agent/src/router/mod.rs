@@ -6,9 +6,11 @@
 
 mod addr;
 pub use redirect_l7::{detect, key};
+mod body;
 mod conn;
 mod http;
 mod listener;
+mod peek;
 mod pool;
 mod prefixed;
 mod stats;
@@ -52,6 +54,9 @@ pub struct RouterSettings {
     pub connect_timeout: Duration,
     /// Longest wait for an upstream's response headers.
     pub response_timeout: Duration,
+    /// Longest silence inside a request body before the request is cut (its upstream stream
+    /// reset); `None`: no limit.
+    pub body_idle_timeout: Option<Duration>,
     /// Largest request head accepted (HTTP/1.1: 431 beyond it).
     pub max_header_bytes: usize,
     /// Connections served at once; beyond it new connections wait in the accept queue.
@@ -74,6 +79,7 @@ impl Default for RouterSettings {
             header_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(60),
+            body_idle_timeout: None,
             max_header_bytes: 64 * 1024,
             max_connections: 16_384,
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),

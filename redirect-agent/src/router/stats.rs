@@ -151,6 +151,8 @@ pub struct RouterStats {
     requests: [[AtomicU64; RequestOutcome::ALL.len()]; Dest::ALL.len()],
     /// Requests whose routing key header was malformed (they went to baseline).
     key_errors: AtomicU64,
+    /// Idle upstream connections dropped instead of reused: bytes had arrived on them unasked.
+    pool_discards: AtomicU64,
     /// Time from a request's arrival to its response headers, per destination.
     latency: [Latency; Dest::ALL.len()],
 }
@@ -186,6 +188,16 @@ impl RouterStats {
 
     pub fn key_errors(&self) -> u64 {
         self.key_errors.load(Ordering::Relaxed)
+    }
+
+    pub fn count_pool_discards(&self, n: u64) {
+        if n > 0 {
+            self.pool_discards.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    pub fn pool_discards(&self) -> u64 {
+        self.pool_discards.load(Ordering::Relaxed)
     }
 
     pub fn observe(&self, dest: Dest, d: Duration) {

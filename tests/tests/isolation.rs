@@ -18,8 +18,23 @@ const VIP4: &str = "10.200.2.20";
 const VIP6: &str = "fd00:200::2:20";
 const PORT: u16 = 8080;
 const H2_PORT: u16 = 9090;
+const H2PEER: &str = env!("CARGO_BIN_EXE_h2peer");
+
 fn podserver(pod: &Pod<'_>, name: &str) -> Proc {
     pod.spawn_server(&podserver_bin(), name, PORT).unwrap()
+}
+
+fn h2_server(pod: &Pod<'_>, name: &str) -> Proc {
+    let [l4, l6] = [
+        format!("{}:{H2_PORT}", pod.ip4()),
+        format!("[{}]:{H2_PORT}", pod.ip6()),
+    ];
+    spawn_listening(
+        pod,
+        &[
+            H2PEER, "server", "--name", name, "--listen", &l4, "--listen", &l6,
+        ],
+    )
 }
 
 /// Two baseline client pods (an attacker and a victim), a baseline `shop` service (ports 80 →
@@ -186,4 +201,147 @@ fn an_unrequested_extra_response_from_a_fork_never_reaches_another_request() {
     assert!(wrong.is_empty(), "{} of 24 wrong: {wrong:?}", wrong.len());
     let log = scene.agent().log();
     assert!(!log.contains("panicked"), "{log}");
+}
+
+/// The victim's HTTP/2 figures, printed and checked.
+fn h2_victim(scene: &Scene<'_>, attack: &str) -> serde_json::Value {
+    let target = format!("{VIP4}:{H2_PORT}");
+    let header = format!("baggage: routing-key={KEY}");
+    let out = scene
+        .victim
+        .run(
+            &[
+                H2PEER,
+                "victim",
+                "--target",
+                &target,
+                "--path",
+                "/bytes/1000000",
+                "--count",
+                "10",
+                "--header",
+                &header,
+                "--timeout-ms",
+                "5000",
+            ],
+            Duration::from_secs(90),
+        )
+        .unwrap()
+        .check()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    println!("victim HTTP/2 requests during {attack}: {v}");
+    v
+}
+
+fn h2_scene<'c>(mc: &'c MiniCluster) -> Scene<'c> {
+    Scene::new(
+        mc,
+        |base, fork| vec![h2_server(base, "shop-base"), h2_server(fork, "shop-fork")],
+        // One worker: every connection shares its upstream pool, the case to guard.
+        &["--router-workers", "1"],
+    )
+}
+
+#[test]
+fn a_client_with_a_shut_http2_window_does_not_stall_another_pods_responses() {
+    let Some(mc) = MiniCluster::new_or_skip("h2_window0", TOOLS) else {
+        return;
+    };
+    let scene = h2_scene(&mc);
+    let target = format!("{VIP4}:{H2_PORT}");
+    let header = format!("baggage: routing-key={KEY}");
+    // Ten large responses it never reads: they would fill a shared upstream connection's window.
+    let mut attacker = scene
+        .attacker
+        .spawn(&[
+            H2PEER,
+            "window0",
+            "--target",
+            &target,
+            "--path",
+            "/bytes/8000000",
+            "--streams",
+            "10",
+            "--header",
+            &header,
+        ])
+        .unwrap();
+    attacker
+        .wait_for_log("holding", Duration::from_secs(20))
+        .unwrap();
+    let v = h2_victim(&scene, "a window-0 client");
+    println!("attacker: {}", attacker.log().trim());
+    assert_eq!(v["ok"], 10, "{v}");
+}
+
+#[test]
+fn a_client_holding_every_upstream_http2_stream_does_not_block_another_pod() {
+    let Some(mc) = MiniCluster::new_or_skip("h2_open_bodies", TOOLS) else {
+        return;
+    };
+    let scene = h2_scene(&mc);
+    let target = format!("{VIP4}:{H2_PORT}");
+    let header = format!("baggage: routing-key={KEY}");
+    // The upstream allows 100 streams per connection; these never end their bodies.
+    let mut attacker = scene
+        .attacker
+        .spawn(&[
+            H2PEER,
+            "open-bodies",
+            "--target",
+            &target,
+            "--path",
+            "/upload",
+            "--streams",
+            "100",
+            "--header",
+            &header,
+        ])
+        .unwrap();
+    attacker
+        .wait_for_log("holding", Duration::from_secs(20))
+        .unwrap();
+    let v = h2_victim(&scene, "100 never-ending request bodies");
+    println!("attacker: {}", attacker.log().trim());
+    assert_eq!(v["ok"], 10, "{v}");
+}
+
+#[test]
+fn an_http2_request_body_silent_past_the_body_idle_limit_is_cut() {
+    let Some(mc) = MiniCluster::new_or_skip("h2_body_idle", TOOLS) else {
+        return;
+    };
+    let scene = Scene::new(
+        &mc,
+        |base, fork| vec![h2_server(base, "shop-base"), h2_server(fork, "shop-fork")],
+        &["--body-idle-timeout-ms", "1000"],
+    );
+    let target = format!("{VIP4}:{H2_PORT}");
+    let mut attacker = scene
+        .attacker
+        .spawn(&[
+            H2PEER,
+            "open-bodies",
+            "--target",
+            &target,
+            "--path",
+            "/upload",
+            "--streams",
+            "5",
+        ])
+        .unwrap();
+    attacker
+        .wait_for_log("holding", Duration::from_secs(20))
+        .unwrap();
+    // Each stream is cut after 1 s of silence: the router answers it 502 and resets it upstream.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while attacker.log().matches("response 502").count() < 5 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "streams not cut: {}",
+            attacker.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -144,6 +144,12 @@ struct RunArgs {
     /// Longest wait for an upstream's response headers before answering 504, in milliseconds.
     #[arg(long, env = "REDIRECT_RESPONSE_TIMEOUT_MS", default_value_t = 60_000)]
     response_timeout_ms: u64,
+    /// Longest silence inside a request body (between two of its frames) before the request
+    /// is cut and its upstream stream reset, in milliseconds; 0: no limit. Off by default:
+    /// long-lived gRPC streams are legitimately idle, and one client pod's open bodies only
+    /// hold its own upstream connections.
+    #[arg(long, env = "REDIRECT_BODY_IDLE_TIMEOUT_MS", default_value_t = 0)]
+    body_idle_timeout_ms: u64,
     /// On SIGTERM, how long connections in flight may take to finish (the router stops
     /// accepting at once: a successor bound to the same address takes new connections, or
     /// they go straight to their destination), in milliseconds. Keep it below the pod's
@@ -320,6 +326,8 @@ async fn run(a: RunArgs, log_control: LogControl, log_filter: String) -> Result<
         detect_timeout: Duration::from_millis(a.detect_timeout_ms),
         header_timeout: Duration::from_millis(a.header_timeout_ms),
         response_timeout: Duration::from_millis(a.response_timeout_ms),
+        body_idle_timeout: (a.body_idle_timeout_ms > 0)
+            .then(|| Duration::from_millis(a.body_idle_timeout_ms)),
         max_header_bytes: a.max_header_bytes,
         workers: a
             .router_workers

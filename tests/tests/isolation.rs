@@ -3,7 +3,10 @@
 //! slow connections are bounded per pod, and a full router fails open. Real clients, servers and
 //! eBPF programs in network namespaces; skips when not root.
 
-use std::time::Duration;
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use redirect_tests::{
     MiniCluster, Pod, Proc,
@@ -44,6 +47,7 @@ struct Scene<'c> {
     _servers: Vec<Proc>,
     attacker: Pod<'c>,
     victim: Pod<'c>,
+    workdir: PathBuf,
 }
 
 impl<'c> Scene<'c> {
@@ -87,11 +91,19 @@ impl<'c> Scene<'c> {
             _servers: servers,
             attacker,
             victim,
+            workdir: mc.workdir().to_path_buf(),
         }
     }
 
     fn agent(&self) -> &Agent {
         self.agent.as_ref().unwrap()
+    }
+
+    /// Writes a client script into the work dir and returns its path.
+    fn script(&self, name: &str, text: &str) -> String {
+        let path = self.workdir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
     }
 }
 
@@ -335,13 +347,246 @@ fn an_http2_request_body_silent_past_the_body_idle_limit_is_cut() {
         .wait_for_log("holding", Duration::from_secs(20))
         .unwrap();
     // Each stream is cut after 1 s of silence: the router answers it 502 and resets it upstream.
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + Duration::from_secs(15);
     while attacker.log().matches("response 502").count() < 5 {
         assert!(
-            std::time::Instant::now() < deadline,
+            Instant::now() < deadline,
             "streams not cut: {}",
             attacker.log()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Opens `n` connections that never send a byte, holds them `hold` seconds watching which the
+/// far end closes, then prints JSON: opened, connect_failed, open_at_end, close_after_s (the
+/// first 50, seconds from opening).
+const SILENT_CLIENT: &str = r#"
+import json, select, socket, sys, time
+host, port, n, hold = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+socks, failed, opened_at = {}, 0, {}
+for i in range(n):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(2)
+    try:
+        s.connect((host, port))
+        socks[s.fileno()] = s; opened_at[s.fileno()] = time.monotonic()
+    except OSError:
+        failed += 1; s.close()
+print('holding', len(socks), failed, flush=True)
+p = select.poll()
+for fd in socks: p.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
+start, closes = time.monotonic(), []
+while time.monotonic() - start < hold and socks:
+    for fd, ev in p.poll(100):
+        s = socks.get(fd)
+        if s is None: continue
+        try:
+            if s.recv(1, socket.MSG_DONTWAIT): continue
+        except BlockingIOError:
+            continue
+        except OSError:
+            pass
+        p.unregister(fd); del socks[fd]
+        closes.append(round(time.monotonic() - opened_at[fd], 2)); s.close()
+print(json.dumps({"opened": n - failed, "connect_failed": failed, "open_at_end": len(socks),
+                  "close_after_s": closes[:50]}), flush=True)
+"#;
+
+/// `n` keyed GETs of `/peer`, one after the other, each on a new connection with a 5 s limit;
+/// prints JSON: ok, failed, p50_ms, p99_ms, served (response body by count), errors.
+const VICTIM_CLIENT: &str = r#"
+import json, socket, sys, time
+host, port, n, key = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+ok, lat, served, errors = 0, [], {}, {}
+for i in range(n):
+    t = time.monotonic()
+    try:
+        s = socket.create_connection((host, port), timeout=5)
+        s.sendall(('GET / HTTP/1.1\r\nHost: x\r\nbaggage: routing-key=%s\r\nConnection: close\r\n\r\n' % key).encode())
+        data = b''
+        while True:
+            c = s.recv(65536)
+            if not c: break
+            data += c
+        s.close()
+        head, body = data.split(b'\r\n\r\n', 1)
+        status = head.split(b' ', 2)[1].decode()
+        if status == '200':
+            ok += 1; b = body.decode().strip(); served[b] = served.get(b, 0) + 1
+        else:
+            errors[status] = errors.get(status, 0) + 1
+    except Exception as e:
+        k = type(e).__name__; errors[k] = errors.get(k, 0) + 1
+    lat.append((time.monotonic() - t) * 1000)
+    time.sleep(0.05)
+lat.sort()
+pct = lambda p: round(lat[max(0, int(len(lat) * p + 0.999999) - 1)], 1) if lat else 0
+print(json.dumps({"ok": ok, "failed": n - ok, "p50_ms": pct(0.5), "p99_ms": pct(0.99),
+                  "served": served, "errors": errors}))
+"#;
+
+fn http_scene<'c>(mc: &'c MiniCluster, agent_args: &[&str]) -> Scene<'c> {
+    Scene::new(
+        mc,
+        |base, fork| vec![podserver(base, "shop-base"), podserver(fork, "shop-fork")],
+        agent_args,
+    )
+}
+
+/// Starts `n` silent connections from the attacker, held `hold_s`; returns once they are open.
+fn silent_attack(scene: &Scene<'_>, n: usize, hold_s: u32) -> Proc {
+    let script = scene.script("silent_client.py", SILENT_CLIENT);
+    let mut p = scene
+        .attacker
+        .spawn(&[
+            "python3",
+            &script,
+            VIP4,
+            "80",
+            &n.to_string(),
+            &hold_s.to_string(),
+        ])
+        .unwrap();
+    p.wait_for_log("holding", Duration::from_secs(60)).unwrap();
+    p
+}
+
+/// The attacker's final report.
+fn silent_report(p: &mut Proc, within: Duration) -> serde_json::Value {
+    p.wait_timeout(within)
+        .unwrap()
+        .expect("the silent client finished");
+    let log = p.log();
+    let line = log.lines().last().unwrap_or_default();
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {log}"))
+}
+
+/// `n` keyed requests from the victim; prints and returns its figures.
+fn victim_run(scene: &Scene<'_>, n: usize, during: &str) -> serde_json::Value {
+    let script = scene.script("victim_client.py", VICTIM_CLIENT);
+    let out = scene
+        .victim
+        .run(
+            &["python3", &script, VIP4, "80", &n.to_string(), KEY],
+            Duration::from_secs(10 * n as u64),
+        )
+        .unwrap()
+        .check()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    println!("victim HTTP/1.1 requests {during}: {v}");
+    v
+}
+
+#[test]
+fn one_pod_cannot_hold_more_than_its_share_of_the_router() {
+    let Some(mc) = MiniCluster::new_or_skip("pod_share", TOOLS) else {
+        return;
+    };
+    let scene = http_scene(&mc, &["--max-connections-per-pod", "100"]);
+    let mut attacker = silent_attack(&scene, 1000, 6);
+    let v = victim_run(
+        &scene,
+        20,
+        "while another pod opens 1000 silent connections",
+    );
+    let a = silent_report(&mut attacker, Duration::from_secs(30));
+    println!("attacker: {a}");
+    assert_eq!(v["ok"], 20, "{v}");
+    assert_eq!(
+        v["served"]["shop-fork"], 20,
+        "keyed requests still routed: {v}"
+    );
+    assert!(
+        a["open_at_end"].as_u64().unwrap() <= 100,
+        "the attacker kept more than its share: {a}"
+    );
+}
+
+#[test]
+fn silent_opaque_tunnels_are_closed_after_the_idle_limit() {
+    let Some(mc) = MiniCluster::new_or_skip("opaque_idle", TOOLS) else {
+        return;
+    };
+    let scene = http_scene(&mc, &["--opaque-idle-timeout-ms", "1500"]);
+    let mut attacker = silent_attack(&scene, 5, 12);
+    let a = silent_report(&mut attacker, Duration::from_secs(30));
+    println!("silent connections: {a}");
+    assert_eq!(a["open_at_end"], 0, "{a}");
+    for t in a["close_after_s"].as_array().unwrap() {
+        let t = t.as_f64().unwrap();
+        // 500 ms of detection, then 1.5 s without a byte either way; the upstream's own idle
+        // limit (30 s) is far off.
+        assert!((1.9..10.0).contains(&t), "closed after {t} s: {a}");
+    }
+}
+
+#[test]
+fn a_full_router_takes_itself_out_so_new_connections_go_straight_to_their_destination() {
+    let Some(mc) = MiniCluster::new_or_skip("full_router_fails_open", TOOLS) else {
+        return;
+    };
+    let scene = http_scene(
+        &mc,
+        &[
+            "--max-connections",
+            "100",
+            "--max-connections-per-pod",
+            "1000",
+        ],
+    );
+    let mut attacker = silent_attack(&scene, 300, 8);
+    let v = victim_run(&scene, 20, "while the router is full");
+    let a = silent_report(&mut attacker, Duration::from_secs(30));
+    println!("attacker: {a}");
+    assert_eq!(v["ok"], 20, "{v}");
+    assert_eq!(
+        v["served"]["shop-base"], 20,
+        "fail open: straight to the original destination: {v}"
+    );
+    // The attacker is gone: the router takes connections again.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = victim_run(&scene, 1, "after the attack");
+        if v["served"]["shop-fork"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the router never came back: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = scene.agent().log();
+    assert!(log.contains("router full"), "{log}");
+}
+
+#[test]
+fn a_router_out_of_file_descriptors_fails_open_and_does_not_spin() {
+    let Some(mc) = MiniCluster::new_or_skip("router_emfile", TOOLS) else {
+        return;
+    };
+    let scene = http_scene(&mc, &[]);
+    let pid = scene.agent().pid().unwrap();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let limit = format!("--nofile={0}:{0}", open + 200);
+    let out = std::process::Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &limit])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mut attacker = silent_attack(&scene, 400, 10);
+    // Past the detection timeout: every accepted silent connection wants an upstream socket.
+    std::thread::sleep(Duration::from_secs(1));
+    let v = victim_run(&scene, 20, "while the router is out of file descriptors");
+    let a = silent_report(&mut attacker, Duration::from_secs(30));
+    println!("attacker: {a}");
+    assert_eq!(v["ok"], 20, "{v}");
+    let log = scene.agent().log();
+    let warnings = log.matches("accept failed").count();
+    println!("accept warnings logged: {warnings}");
+    assert!(
+        warnings <= 10,
+        "the accept loop spins on EMFILE: {warnings} warnings"
+    );
 }

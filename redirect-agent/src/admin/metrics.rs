@@ -266,6 +266,21 @@ pub fn render(
             "redirect_router_pool_discards_total {}",
             stats.pool_discards()
         );
+        let (full, full_total) = stats.full();
+        header(
+            &mut out,
+            "redirect_router_full",
+            "gauge",
+            "1 while the router is full and out of the liveness map (new connections go straight to their destination).",
+        );
+        let _ = writeln!(out, "redirect_router_full {}", u8::from(full));
+        header(
+            &mut out,
+            "redirect_router_full_total",
+            "counter",
+            "Times the router was full and left the liveness map.",
+        );
+        let _ = writeln!(out, "redirect_router_full_total {full_total}");
         header(
             &mut out,
             "redirect_router_request_duration_seconds",

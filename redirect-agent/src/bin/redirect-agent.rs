@@ -159,6 +159,24 @@ struct RunArgs {
     /// Router threads, each with its own runtime and upstream pool [default: one per CPU].
     #[arg(long, env = "REDIRECT_ROUTER_WORKERS")]
     router_workers: Option<usize>,
+    /// Connections the router serves at once (lowered to what the file descriptor limit
+    /// allows, two per connection). A full router leaves the liveness map: new connections go
+    /// straight to their original destination until it is back under 90 % of it.
+    #[arg(long, env = "REDIRECT_MAX_CONNECTIONS", default_value_t = 16_384, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+    /// Connections one client pod may hold through the router at once; beyond it, its new
+    /// connections are reset (other pods are not affected).
+    #[arg(long, env = "REDIRECT_MAX_CONNECTIONS_PER_POD", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections_per_pod: u32,
+    /// An opaque (non-HTTP) connection that moves no byte either way for this long is closed,
+    /// in milliseconds; 0: no limit. The default (1 h, as Envoy's TCP proxy) keeps idle database
+    /// pool connections open.
+    #[arg(
+        long,
+        env = "REDIRECT_OPAQUE_IDLE_TIMEOUT_MS",
+        default_value_t = 3_600_000
+    )]
+    opaque_idle_timeout_ms: u64,
     /// Largest request head accepted; larger gets 431.
     #[arg(long, env = "REDIRECT_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
     max_header_bytes: usize,
@@ -329,6 +347,10 @@ async fn run(a: RunArgs, log_control: LogControl, log_filter: String) -> Result<
         body_idle_timeout: (a.body_idle_timeout_ms > 0)
             .then(|| Duration::from_millis(a.body_idle_timeout_ms)),
         max_header_bytes: a.max_header_bytes,
+        max_connections: a.max_connections as usize,
+        max_connections_per_pod: a.max_connections_per_pod as usize,
+        opaque_idle_timeout: (a.opaque_idle_timeout_ms > 0)
+            .then(|| Duration::from_millis(a.opaque_idle_timeout_ms)),
         workers: a
             .router_workers
             .unwrap_or_else(|| RouterSettings::default().workers),

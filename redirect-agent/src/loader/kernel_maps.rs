@@ -185,6 +185,20 @@ impl RouterSocks {
             .map_err(|e| other(MAP_ROUTER_SOCKS, e))
     }
 
+    /// Empties the liveness slot: the kernel stops redirecting to this router (fail open)
+    /// while its listener stays open. Emptying an empty slot is no error.
+    pub fn deregister(&mut self, slot: u32) -> Result<(), MapError> {
+        match self.socks.clear_index(&slot) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(other(MAP_ROUTER_SOCKS, e)),
+        }
+    }
+
     /// A handle on the connection table for taking records, usable from any thread without
     /// locking.
     pub fn conns_taker(&self) -> Result<ConnsTaker, MapError> {

@@ -12,6 +12,7 @@ use redirect_common::OrigDst;
 use tokio::{
     io::AsyncReadExt,
     net::{TcpListener, TcpStream},
+    sync::TryAcquireError,
 };
 
 use super::{
@@ -20,13 +21,15 @@ use super::{
     detect::{MAX_SNIFF, Protocol, detect},
     http::{Proto, handle},
     listener::connect_marked,
+    overload::{Cause, is_exhaustion},
     pool::Pool,
     prefixed::Prefixed,
     stats::Outcome,
+    tunnel::{Ended, tunnel},
 };
 
 /// One router thread: a single-threaded runtime accepting on every listener, with its own pool.
-pub fn worker(shared: Arc<Shared>, listeners: Vec<std::net::TcpListener>) {
+pub fn worker(shared: Arc<Shared>, listeners: Vec<(u32, std::net::TcpListener)>) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -44,9 +47,14 @@ pub fn worker(shared: Arc<Shared>, listeners: Vec<std::net::TcpListener>) {
     rt.block_on(async move {
         let sweeper = tokio::spawn(sweep_pool(worker.clone()));
         let mut loops = tokio::task::JoinSet::new();
-        for l in listeners {
+        for (slot, l) in listeners {
             match TcpListener::from_std(l) {
                 Ok(l) => {
+                    let l = Arc::new(l);
+                    worker
+                        .shared
+                        .overload
+                        .add_listener(slot, Arc::downgrade(&l));
                     loops.spawn(accept_loop(l, worker.clone()));
                 }
                 Err(error) => tracing::error!(%error, "cannot register a router listener"),
@@ -79,48 +87,101 @@ async fn drained(rx: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = rx.wait_for(|d| *d).await;
 }
 
+/// Waits after failed accepts: 5 ms, doubling up to 1 s, back to 5 ms after a success.
+struct Backoff(Duration);
+
+impl Backoff {
+    const MIN: Duration = Duration::from_millis(5);
+    const MAX: Duration = Duration::from_secs(1);
+
+    fn next(&mut self) -> Duration {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(Self::MAX);
+        d
+    }
+}
+
 /// Accepts until the router drains; returning drops (closes) this worker's listener.
-async fn accept_loop(l: TcpListener, worker: Arc<Worker>) {
+async fn accept_loop(l: Arc<TcpListener>, worker: Arc<Worker>) {
     let shared = &worker.shared;
     let mut drain = shared.drain.subscribe();
+    let mut backoff = Backoff(Backoff::MIN);
     loop {
-        // Bounded memory: at most max_connections served at once; the rest wait in the backlog.
+        // Bounded: at most max_connections served at once. A full router leaves the liveness
+        // map (new connections go straight to their destination) and serves what is queued as
+        // connections end.
+        let permit = match shared.slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(TryAcquireError::Closed) => return,
+            Err(TryAcquireError::NoPermits) => {
+                shared.full(Cause::Connections);
+                tokio::select! {
+                    biased;
+                    _ = drained(&mut drain) => return,
+                    p = shared.slots.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    },
+                }
+            }
+        };
         let accepted = tokio::select! {
             biased;
             _ = drained(&mut drain) => return,
-            permit = shared.slots.clone().acquire_owned() => match permit {
-                Ok(p) => tokio::select! {
-                    biased;
-                    _ = drained(&mut drain) => return,
-                    a = l.accept() => a.map(|c| (p, c)),
-                },
-                Err(_) => return,
-            },
+            a = l.accept() => a,
         };
-        let (permit, (client, peer)) = match accepted {
-            Ok(c) => c,
+        let (client, peer) = match accepted {
+            Ok(c) => {
+                backoff = Backoff(Backoff::MIN);
+                c
+            }
             Err(error) => {
-                // EMFILE and friends: back off briefly instead of spinning.
-                tracing::warn!(%error, "accept failed");
                 shared.stats.count(Outcome::AcceptError);
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                if is_exhaustion(&error) {
+                    shared.full(Cause::Resources);
+                }
+                if let Some(suppressed) = shared.accept_log.allow() {
+                    tracing::warn!(%error, suppressed, "accept failed");
+                }
+                drop(permit);
+                // EMFILE and friends: back off instead of spinning.
+                tokio::time::sleep(backoff.next()).await;
                 continue;
             }
         };
         let worker = worker.clone();
         tokio::spawn(async move {
             let shared = &worker.shared;
-            let Some(orig) = shared.conns.take(&to_sockaddr(peer)) else {
-                // Not redirected by the kernel: the router is no open proxy.
-                shared.stats.count(Outcome::NoOrigDst);
-                tracing::debug!(%peer, "refused: no recorded original destination");
-                return;
-            };
-            let outcome = serve(client, peer, orig, &worker).await;
-            worker.shared.stats.count(outcome);
+            let outcome = admit(client, peer, &worker).await;
+            shared.stats.count(outcome);
             drop(permit);
+            shared.room_again();
         });
     }
+}
+
+/// Checks that the kernel redirected the connection and that its pod has room, then serves it.
+async fn admit(client: TcpStream, peer: SocketAddr, worker: &Arc<Worker>) -> Outcome {
+    let shared = &worker.shared;
+    let Some(orig) = shared.conns.take(&to_sockaddr(peer)) else {
+        // Not redirected by the kernel: the router is no open proxy.
+        tracing::debug!(%peer, "refused: no recorded original destination");
+        return Outcome::NoOrigDst;
+    };
+    let Some(_pod) = shared.pods.take(peer.ip()) else {
+        // Reset at once: the pod's own excess connection fails fast, and nobody else waits.
+        let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+        if let Some(suppressed) = shared.pod_log.allow() {
+            tracing::warn!(
+                pod = %peer.ip(),
+                max = shared.settings.max_connections_per_pod,
+                suppressed,
+                "client pod at its connection limit: connection reset"
+            );
+        }
+        return Outcome::PodLimit;
+    };
+    serve(client, peer, orig, worker).await
 }
 
 async fn serve(
@@ -212,7 +273,8 @@ async fn sniff(client: &mut TcpStream, shared: &Shared) -> (Option<Protocol>, Ve
     (detect(&buf), buf)
 }
 
-/// Any other protocol: to the original destination, bytes copied both ways.
+/// Any other protocol: to the original destination, bytes copied both ways until a side
+/// closes or nothing moved for the opaque idle limit.
 async fn opaque(mut client: Prefixed<TcpStream>, orig: OrigDst, shared: &Shared) -> Outcome {
     let dst = from_sockaddr(&orig.dst);
     let upstream = tokio::time::timeout(
@@ -220,13 +282,30 @@ async fn opaque(mut client: Prefixed<TcpStream>, orig: OrigDst, shared: &Shared)
         connect_marked(dst, shared.settings.mark),
     )
     .await;
-    let Ok(Ok(mut upstream)) = upstream else {
-        tracing::debug!(%dst, "opaque upstream connect failed");
-        return Outcome::UpstreamFailed;
+    let mut upstream = match upstream {
+        Ok(Ok(u)) => u,
+        Ok(Err(error)) => {
+            if is_exhaustion(&error) {
+                shared.full(Cause::Resources);
+            }
+            tracing::debug!(%dst, %error, "opaque upstream connect failed");
+            return Outcome::UpstreamFailed;
+        }
+        Err(_) => {
+            tracing::debug!(%dst, "opaque upstream connect timed out");
+            return Outcome::UpstreamFailed;
+        }
     };
     let _ = upstream.set_nodelay(true);
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        Ok(_) => Outcome::Opaque,
+    match tunnel(
+        &mut client,
+        &mut upstream,
+        shared.settings.opaque_idle_timeout,
+    )
+    .await
+    {
+        Ok(Ended::Closed) => Outcome::Opaque,
+        Ok(Ended::Idle) => Outcome::IdleTimeout,
         Err(_) => Outcome::Reset,
     }
 }

@@ -10,10 +10,14 @@ mod body;
 mod conn;
 mod http;
 mod listener;
+mod log_limit;
+mod overload;
 mod peek;
+mod pod_conns;
 mod pool;
 mod prefixed;
 mod stats;
+mod tunnel;
 
 use std::{
     net::SocketAddr,
@@ -59,8 +63,14 @@ pub struct RouterSettings {
     pub body_idle_timeout: Option<Duration>,
     /// Largest request head accepted (HTTP/1.1: 431 beyond it).
     pub max_header_bytes: usize,
-    /// Connections served at once; beyond it new connections wait in the accept queue.
+    /// Connections served at once (lowered to what the file descriptor limit allows); a full
+    /// router leaves the liveness map, so new connections go straight to their destination.
     pub max_connections: usize,
+    /// Connections one client pod may hold through the router; beyond it they are reset.
+    pub max_connections_per_pod: usize,
+    /// Longest time an opaque (non-HTTP) connection may move no byte either way before it is
+    /// closed; `None`: no limit.
+    pub opaque_idle_timeout: Option<Duration>,
     /// Router threads. Each runs its own single-threaded runtime, accepts on the shared
     /// listeners and keeps its own upstream pool, so a connection and its upstream traffic stay
     /// on one thread (no hand-offs between workers, no pool lock).
@@ -82,6 +92,8 @@ impl Default for RouterSettings {
             body_idle_timeout: None,
             max_header_bytes: 64 * 1024,
             max_connections: 16_384,
+            max_connections_per_pod: 1024,
+            opaque_idle_timeout: Some(Duration::from_secs(3600)),
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
@@ -109,6 +121,12 @@ pub struct Shared {
     /// Taking original destinations: one syscall, no lock.
     conns: ConnsTaker,
     slots: Arc<Semaphore>,
+    /// Connections per client pod.
+    pods: Arc<pod_conns::PodConns>,
+    /// Out of the liveness map while full.
+    overload: overload::Overload,
+    accept_log: log_limit::LogLimit,
+    pod_log: log_limit::LogLimit,
     /// Set once on shutdown: workers stop accepting and close their listeners, connections
     /// finish their current request (HTTP/1) or streams (HTTP/2 GOAWAY) and close.
     drain: tokio::sync::watch::Sender<bool>,
@@ -120,6 +138,27 @@ impl Shared {
         self.settings
             .max_connections
             .saturating_sub(self.slots.available_permits())
+    }
+
+    /// The router cannot take more: out of the liveness map until it has room again.
+    fn full(&self, cause: overload::Cause) {
+        let full_at = match cause {
+            overload::Cause::Connections => self.settings.max_connections,
+            overload::Cause::Resources => self.active(),
+        };
+        if self
+            .overload
+            .enter(&self.socks, self.active(), full_at, cause)
+        {
+            self.stats.set_full(true);
+        }
+    }
+
+    /// A connection ended: back in the liveness map once below the low-water mark.
+    fn room_again(&self) {
+        if self.overload.maybe_leave(&self.socks, self.active()) {
+            self.stats.set_full(false);
+        }
     }
 
     /// Whether the router is draining.
@@ -150,24 +189,45 @@ pub struct Worker {
 
 /// A bound router, ready to serve.
 pub struct Router {
-    listeners: Vec<std::net::TcpListener>,
+    /// Listeners and their liveness slots.
+    listeners: Vec<(u32, std::net::TcpListener)>,
     pub shared: Arc<Shared>,
 }
 
 impl Router {
     /// Binds the listeners and registers them in the liveness sockmap.
-    pub fn bind(settings: RouterSettings, mut socks: RouterSocks) -> Result<Self, RouterError> {
+    pub fn bind(mut settings: RouterSettings, mut socks: RouterSocks) -> Result<Self, RouterError> {
+        let fds = raise_fd_limit();
+        let fit = fds.saturating_sub(FD_RESERVE) / FDS_PER_CONNECTION;
+        if fit < settings.max_connections {
+            tracing::warn!(
+                fd_limit = fds,
+                max_connections = fit,
+                "the file descriptor limit allows fewer connections than --max-connections"
+            );
+            settings.max_connections = fit.max(1);
+        }
+        tracing::info!(
+            max_connections = settings.max_connections,
+            max_connections_per_pod = settings.max_connections_per_pod,
+            fd_limit = fds,
+            "router limits"
+        );
         let mut listeners = Vec::new();
         for (addr, slot) in [(settings.v4, ROUTER_SOCK_V4), (settings.v6, ROUTER_SOCK_V6)] {
             let Some(addr) = addr else { continue };
             let l = listener::bind(addr).map_err(|source| RouterError::Listen { addr, source })?;
             socks.register(slot, &l).map_err(RouterError::Register)?;
             tracing::info!(%addr, "router listening");
-            listeners.push(l);
+            listeners.push((slot, l));
         }
         let conns = socks.conns_taker().map_err(RouterError::Register)?;
         let shared = Arc::new(Shared {
             slots: Arc::new(Semaphore::new(settings.max_connections)),
+            pods: pod_conns::PodConns::new(settings.max_connections_per_pod),
+            overload: overload::Overload::default(),
+            accept_log: log_limit::LogLimit::new(Duration::from_secs(10)),
+            pod_log: log_limit::LogLimit::new(Duration::from_secs(10)),
             settings,
             view: ArcSwap::default(),
             stats: RouterStats::default(),
@@ -186,8 +246,8 @@ impl Router {
             let listeners: Vec<_> = self
                 .listeners
                 .iter()
-                .filter_map(|l| match l.try_clone() {
-                    Ok(l) => Some(l),
+                .filter_map(|(slot, l)| match l.try_clone() {
+                    Ok(l) => Some((*slot, l)),
                     Err(error) => {
                         tracing::error!(%error, "cannot share a router listener with a worker");
                         None
@@ -223,6 +283,36 @@ async fn sweep_loop(shared: Arc<Shared>) {
             tracing::debug!(swept, "removed stale original-destination records");
         }
     }
+}
+
+/// Descriptors kept for everything but connections (maps, pools, admin, logs).
+const FD_RESERVE: usize = 512;
+/// A connection holds its client socket and its upstream socket.
+const FDS_PER_CONNECTION: usize = 2;
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (the soft one is often 1024) and returns
+/// the limit in force.
+fn raise_fd_limit() -> usize {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 {
+            return usize::MAX;
+        }
+        if l.rlim_cur < l.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: l.rlim_max,
+                rlim_max: l.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                l = raised;
+            }
+        }
+    }
+    usize::try_from(l.rlim_cur).unwrap_or(usize::MAX)
 }
 
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);

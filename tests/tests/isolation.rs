@@ -358,14 +358,18 @@ fn an_http2_request_body_silent_past_the_body_idle_limit_is_cut() {
     }
 }
 
-/// Opens `n` connections that never send a byte, holds them `hold` seconds watching which the
-/// far end closes, then prints JSON: opened, connect_failed, open_at_end, close_after_s (the
-/// first 50, seconds from opening).
+/// Opens `n` connections that never send a byte (stopping after `budget` seconds of
+/// connecting), holds them `hold` seconds watching which the far end closes, then prints JSON:
+/// opened, connect_failed, open_at_end, close_after_s (the first 50, seconds from opening).
 const SILENT_CLIENT: &str = r#"
 import json, select, socket, sys, time
 host, port, n, hold = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+budget = float(sys.argv[5]) if len(sys.argv) > 5 else 60
 socks, failed, opened_at = {}, 0, {}
+began = time.monotonic()
 for i in range(n):
+    if time.monotonic() - began > budget:
+        failed += n - i; break
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.settimeout(2)
     try:
@@ -391,6 +395,30 @@ while time.monotonic() - start < hold and socks:
         closes.append(round(time.monotonic() - opened_at[fd], 2)); s.close()
 print(json.dumps({"opened": n - failed, "connect_failed": failed, "open_at_end": len(socks),
                   "close_after_s": closes[:50]}), flush=True)
+"#;
+
+/// A baseline server that holds every connection open as long as the client does and answers
+/// any HTTP request `shop-base`.
+const HOLDING_SERVER: &str = r#"
+import asyncio, sys
+async def serve(r, w):
+    data = b''
+    try:
+        while b'\r\n\r\n' not in data:
+            c = await r.read(4096)
+            if not c: break
+            data += c
+        if b'\r\n\r\n' in data:
+            w.write(b'HTTP/1.1 200 OK\r\nContent-Length: 10\r\nConnection: close\r\n\r\nshop-base\n')
+            await w.drain()
+    except OSError:
+        pass
+    w.close()
+async def main():
+    servers = [await asyncio.start_server(serve, h, 8080, backlog=4096) for h in sys.argv[1:3]]
+    print('listening', flush=True)
+    await asyncio.gather(*(s.serve_forever() for s in servers))
+asyncio.run(main())
 "#;
 
 /// `n` keyed GETs of `/peer`, one after the other, each on a new connection with a 5 s limit;
@@ -446,9 +474,10 @@ fn silent_attack(scene: &Scene<'_>, n: usize, hold_s: u32) -> Proc {
             "80",
             &n.to_string(),
             &hold_s.to_string(),
+            "40",
         ])
         .unwrap();
-    p.wait_for_log("holding", Duration::from_secs(60)).unwrap();
+    p.wait_for_log("holding", Duration::from_secs(90)).unwrap();
     p
 }
 
@@ -501,6 +530,52 @@ fn one_pod_cannot_hold_more_than_its_share_of_the_router() {
     assert!(
         a["open_at_end"].as_u64().unwrap() <= 100,
         "the attacker kept more than its share: {a}"
+    );
+}
+
+#[test]
+fn victims_keep_routing_while_one_pod_opens_twenty_thousand_silent_connections() {
+    let Some(mc) = MiniCluster::new_or_skip("twenty_thousand", TOOLS) else {
+        return;
+    };
+    // Default limits: 1024 connections per pod, the agent's own file descriptor limit. The
+    // baseline holds every connection it gets (as a database would), so nothing but the router
+    // bounds the attacker.
+    let script = mc.workdir().join("holding_server.py");
+    std::fs::write(&script, HOLDING_SERVER).unwrap();
+    let scene = Scene::new(
+        &mc,
+        |base, fork| {
+            vec![
+                spawn_listening(
+                    base,
+                    &[
+                        "python3",
+                        script.to_str().unwrap(),
+                        &base.ip4().to_string(),
+                        &base.ip6().to_string(),
+                    ],
+                ),
+                podserver(fork, "shop-fork"),
+            ]
+        },
+        &[],
+    );
+    let mut attacker = silent_attack(&scene, 20_000, 10);
+    let v = victim_run(
+        &scene,
+        50,
+        "while another pod opens 20,000 silent connections",
+    );
+    let a = silent_report(&mut attacker, Duration::from_secs(60));
+    println!(
+        "attacker: {}",
+        serde_json::json!({"opened": a["opened"], "connect_failed": a["connect_failed"], "open_at_end": a["open_at_end"]})
+    );
+    assert_eq!(v["ok"], 50, "{v}");
+    assert_eq!(
+        v["served"]["shop-fork"], 50,
+        "keyed requests still routed: {v}"
     );
 }
 

@@ -665,3 +665,103 @@ fn a_router_out_of_file_descriptors_fails_open_and_does_not_spin() {
         "the accept loop spins on EMFILE: {warnings} warnings"
     );
 }
+
+/// A NetworkPolicy stand-in in the node: connections from `pod` to the shop's pods are reset.
+fn deny_to_shop(mc: &MiniCluster, pod: &Pod<'_>, shop: &[&str]) {
+    let rules = format!(
+        "table inet rdt_policy {{\n chain forward {{\n  type filter hook forward priority 0;\n  ip saddr {} ip daddr {{ {} }} tcp dport {PORT} reject with tcp reset\n }}\n}}\n",
+        pod.ip4(),
+        shop.join(", ")
+    );
+    let file = mc.workdir().join("policy.nft");
+    std::fs::write(&file, rules).unwrap();
+    mc.node()
+        .run(
+            &["nft", "-f", file.to_str().unwrap()],
+            Duration::from_secs(20),
+        )
+        .unwrap()
+        .check()
+        .unwrap();
+}
+
+#[test]
+fn upstream_connections_keep_the_client_pods_address_and_policy_with_and_without_a_sandbox() {
+    let Some(mc) = MiniCluster::new_or_skip("client_identity", TOOLS) else {
+        return;
+    };
+    let mut scene = http_scene(&mc, &[]);
+    let shop: Vec<String> = ["shop-base", "shop-fork"]
+        .iter()
+        .map(|n| mc_pod_ip(&mc, n))
+        .collect();
+    let shop: Vec<&str> = shop.iter().map(String::as_str).collect();
+    deny_to_shop(&mc, &scene.attacker, &shop);
+    // With the Sandbox: keyed (to the fork) and unkeyed (to baseline) requests go through the
+    // router, which connects as the attacker: the rule holds.
+    for path in ["with-key", "peer"] {
+        let (code, body) = keyed_get(&scene.attacker, path);
+        assert_ne!(code, 200, "denied pod reached the fork: {body}");
+    }
+    let (code, body) = unkeyed_get(&scene.attacker);
+    assert_ne!(code, 200, "denied pod reached baseline: {body}");
+    // Others are not affected, and the fork sees the victim's own address, not the node's.
+    let (code, peer) = keyed_get(&scene.victim, "peer");
+    assert_eq!(code, 200, "{peer}");
+    assert!(
+        peer.starts_with(&format!("{}:", scene.victim.ip4())),
+        "the upstream saw {peer}, not the victim {}",
+        scene.victim.ip4()
+    );
+    // Without the Sandbox the kernel leaves the connection alone: the rule holds as always.
+    std::fs::remove_file(mc.workdir().join("manifests/sandbox.yaml")).unwrap();
+    scene
+        .agent
+        .as_mut()
+        .unwrap()
+        .wait_synced(2, Duration::from_secs(20))
+        .unwrap();
+    let (code, body) = unkeyed_get(&scene.attacker);
+    assert_ne!(code, 200, "denied pod reached baseline directly: {body}");
+    assert_eq!(unkeyed_get(&scene.victim).0, 200);
+}
+
+/// `10.200.1.N` of the pod named `name` (from the manifests the harness wrote).
+fn mc_pod_ip(mc: &MiniCluster, name: &str) -> String {
+    let text =
+        std::fs::read_to_string(mc.workdir().join(format!("manifests/pod-{name}.yaml"))).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("podIP:"))
+        .unwrap();
+    line.split(':')
+        .nth(1)
+        .unwrap()
+        .trim()
+        .trim_matches('"')
+        .to_string()
+}
+
+/// One GET without a key from `pod` on a new connection: (status, body); status 0 when the
+/// connection failed.
+fn unkeyed_get(pod: &Pod<'_>) -> (u16, String) {
+    let url = format!("http://{VIP4}/");
+    let out = pod
+        .run(
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "8",
+                "-o",
+                "-",
+                "-w",
+                "\n%{http_code}",
+                &url,
+            ],
+            CLIENT_TIMEOUT,
+        )
+        .unwrap();
+    let (body, code) = out.stdout.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}

@@ -266,6 +266,19 @@ pub fn render(
             "redirect_router_pool_discards_total {}",
             stats.pool_discards()
         );
+        header(
+            &mut out,
+            "redirect_router_netns_fallbacks_total",
+            "counter",
+            "Upstream connections opened from the node's network namespace because the client pod's could not be found.",
+        );
+        let _ = writeln!(
+            out,
+            "redirect_router_netns_fallbacks_total {}",
+            stats
+                .netns_fallbacks
+                .load(std::sync::atomic::Ordering::Relaxed)
+        );
         let (full, full_total) = stats.full();
         header(
             &mut out,

@@ -11,8 +11,8 @@ use redirect_agent::{
     controller::ControllerArgs,
     loader::{self, KernelMaps, LoaderConfig, RouterSocks},
     router::{
-        MIGRATE_REQ_SYSCTL, Router, RouterSettings, enable_request_migration, key::KeyConfig,
-        to_sockaddr,
+        ClientNetnsSettings, MIGRATE_REQ_SYSCTL, Router, RouterSettings, enable_request_migration,
+        key::KeyConfig, to_sockaddr,
     },
     source::{
         DEFAULT_POLL_INTERVAL, ManifestSource, SourceKind,
@@ -177,6 +177,20 @@ struct RunArgs {
         default_value_t = 3_600_000
     )]
     opaque_idle_timeout_ms: u64,
+    /// Where the router opens upstream sockets: `client`, in the client pod's network
+    /// namespace (its source address, NetworkPolicy and ClusterIP translation apply, as on a
+    /// direct connection); `node`, in the agent's own (the node's address).
+    #[arg(
+        long,
+        env = "REDIRECT_UPSTREAM_NETNS",
+        value_enum,
+        default_value = "client"
+    )]
+    upstream_netns: UpstreamNetns,
+    /// The host's /proc, where a pod's network namespace is opened (`<pid>/ns/net` of a
+    /// process in the pod's cgroup): `/proc` with hostPID, else a hostPath mount of it.
+    #[arg(long, env = "REDIRECT_HOST_PROC", default_value = "/proc")]
+    host_proc: PathBuf,
     /// Largest request head accepted; larger gets 431.
     #[arg(long, env = "REDIRECT_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
     max_header_bytes: usize,
@@ -197,6 +211,13 @@ struct RunArgs {
     /// `off`. Keep it on localhost: it has no authentication.
     #[arg(long, env = "REDIRECT_ADMIN_ADDR", default_value = admin::DEFAULT_ADDR)]
     admin_addr: AdminAddr,
+}
+
+/// `--upstream-netns`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum UpstreamNetns {
+    Client,
+    Node,
 }
 
 /// `--admin-addr`: an address or `off`.
@@ -351,6 +372,10 @@ async fn run(a: RunArgs, log_control: LogControl, log_filter: String) -> Result<
         max_connections_per_pod: a.max_connections_per_pod as usize,
         opaque_idle_timeout: (a.opaque_idle_timeout_ms > 0)
             .then(|| Duration::from_millis(a.opaque_idle_timeout_ms)),
+        client_netns: (a.upstream_netns == UpstreamNetns::Client).then(|| ClientNetnsSettings {
+            cgroup_root: cgroup_root.clone(),
+            proc_root: a.host_proc.clone(),
+        }),
         workers: a
             .router_workers
             .unwrap_or_else(|| RouterSettings::default().workers),

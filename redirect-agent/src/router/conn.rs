@@ -20,7 +20,6 @@ use super::{
     addr::{from_sockaddr, to_sockaddr},
     detect::{MAX_SNIFF, Protocol, detect},
     http::{Proto, handle},
-    listener::connect_marked,
     overload::{Cause, is_exhaustion},
     pool::Pool,
     prefixed::Prefixed,
@@ -41,7 +40,7 @@ pub fn worker(shared: Arc<Shared>, listeners: Vec<(u32, std::net::TcpListener)>)
         }
     };
     let worker = Arc::new(Worker {
-        pool: Pool::new(shared.settings.mark, shared.settings.connect_timeout),
+        pool: Pool::new(shared.connector.clone()),
         shared,
     });
     rt.block_on(async move {
@@ -248,7 +247,7 @@ async fn serve(
                 }
             }
         }
-        Some(Protocol::Opaque) | None => opaque(io.into_inner(), orig, shared).await,
+        Some(Protocol::Opaque) | None => opaque(io.into_inner(), peer, orig, shared).await,
     }
 }
 
@@ -275,28 +274,24 @@ async fn sniff(client: &mut TcpStream, shared: &Shared) -> (Option<Protocol>, Ve
 
 /// Any other protocol: to the original destination, bytes copied both ways until a side
 /// closes or nothing moved for the opaque idle limit.
-async fn opaque(mut client: Prefixed<TcpStream>, orig: OrigDst, shared: &Shared) -> Outcome {
+async fn opaque(
+    mut client: Prefixed<TcpStream>,
+    peer: SocketAddr,
+    orig: OrigDst,
+    shared: &Shared,
+) -> Outcome {
+    let client_ip = peer.ip();
     let dst = from_sockaddr(&orig.dst);
-    let upstream = tokio::time::timeout(
-        shared.settings.connect_timeout,
-        connect_marked(dst, shared.settings.mark),
-    )
-    .await;
-    let mut upstream = match upstream {
-        Ok(Ok(u)) => u,
-        Ok(Err(error)) => {
-            if is_exhaustion(&error) {
+    let mut upstream = match shared.connector.connect(client_ip, dst).await {
+        Ok(u) => u,
+        Err(error) => {
+            if error.io().is_some_and(is_exhaustion) {
                 shared.full(Cause::Resources);
             }
             tracing::debug!(%dst, %error, "opaque upstream connect failed");
             return Outcome::UpstreamFailed;
         }
-        Err(_) => {
-            tracing::debug!(%dst, "opaque upstream connect timed out");
-            return Outcome::UpstreamFailed;
-        }
     };
-    let _ = upstream.set_nodelay(true);
     match tunnel(
         &mut client,
         &mut upstream,

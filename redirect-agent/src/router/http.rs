@@ -2,7 +2,7 @@
 //! HTTP/2) is routed on its own, by the routing key it carries.
 
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::IpAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -109,7 +109,7 @@ pub async fn handle(
     let mut req = req.map(|b| UpstreamBody::new(b, body_idle));
     let key = PoolKey { client, upstream };
     let result = if upgrade {
-        forward_upgrade(req, &worker, upstream).await
+        forward_upgrade(req, &worker, key).await
     } else {
         strip_hop_by_hop(req.headers_mut());
         forward(req, &worker, key, proto).await
@@ -240,11 +240,11 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
 async fn forward_upgrade(
     mut req: Request<UpstreamBody>,
     worker: &Worker,
-    upstream: SocketAddr,
+    key: PoolKey,
 ) -> Result<Response<Incoming>, Failure> {
     let connect = req.method() == http::Method::CONNECT;
     let client_side = hyper::upgrade::on(&mut req);
-    let mut conn = worker.pool.new_h1(upstream, true).await.map_err(up)?;
+    let mut conn = worker.pool.new_h1(key, true).await.map_err(up)?;
     let timeout = worker.shared.settings.response_timeout;
     let mut resp = match tokio::time::timeout(timeout, conn.send.send_request(req)).await {
         Err(_) => return Err(Failure::Timeout(timeout)),

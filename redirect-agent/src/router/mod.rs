@@ -7,7 +7,9 @@
 mod addr;
 pub use redirect_l7::{detect, key};
 mod body;
+mod client_netns;
 mod conn;
+mod connector;
 mod http;
 mod listener;
 mod log_limit;
@@ -71,10 +73,20 @@ pub struct RouterSettings {
     /// Longest time an opaque (non-HTTP) connection may move no byte either way before it is
     /// closed; `None`: no limit.
     pub opaque_idle_timeout: Option<Duration>,
+    /// Open upstream sockets in the client pod's network namespace: where pod cgroups are
+    /// found and the host's `/proc`. `None`: always in the node's.
+    pub client_netns: Option<ClientNetnsSettings>,
     /// Router threads. Each runs its own single-threaded runtime, accepts on the shared
     /// listeners and keeps its own upstream pool, so a connection and its upstream traffic stay
     /// on one thread (no hand-offs between workers, no pool lock).
     pub workers: usize,
+}
+
+/// Where the router finds client pods' network namespaces.
+#[derive(Clone, Debug)]
+pub struct ClientNetnsSettings {
+    pub cgroup_root: std::path::PathBuf,
+    pub proc_root: std::path::PathBuf,
 }
 
 impl Default for RouterSettings {
@@ -94,6 +106,7 @@ impl Default for RouterSettings {
             max_connections: 16_384,
             max_connections_per_pod: 1024,
             opaque_idle_timeout: Some(Duration::from_secs(3600)),
+            client_netns: None,
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
@@ -108,6 +121,8 @@ pub enum RouterError {
     },
     #[error("router cannot register its listener for liveness: {0}")]
     Register(crate::sync::MapError),
+    #[error("router cannot start its socket maker for client network namespaces: {0}")]
+    Netns(std::io::Error),
 }
 
 /// What every router thread shares.
@@ -123,6 +138,8 @@ pub struct Shared {
     slots: Arc<Semaphore>,
     /// Connections per client pod.
     pods: Arc<pod_conns::PodConns>,
+    /// Opens upstream connections (in the client pod's network namespace).
+    connector: Arc<connector::Connector>,
     /// Out of the liveness map while full.
     overload: overload::Overload,
     accept_log: log_limit::LogLimit,
@@ -158,6 +175,14 @@ impl Shared {
     fn room_again(&self) {
         if self.overload.maybe_leave(&self.socks, self.active()) {
             self.stats.set_full(false);
+        }
+    }
+
+    /// The node's pods after a sync (address → UID): whose network namespace upstream
+    /// connections for a client address are opened in.
+    pub fn set_client_pods(&self, pods: std::collections::HashMap<std::net::IpAddr, String>) {
+        if let Some(n) = &self.connector.netns {
+            n.set_pods(pods);
         }
     }
 
@@ -222,15 +247,31 @@ impl Router {
             listeners.push((slot, l));
         }
         let conns = socks.conns_taker().map_err(RouterError::Register)?;
+        let stats = RouterStats::default();
+        let netns = match &settings.client_netns {
+            Some(c) => Some(
+                client_netns::ClientNetns::new(c.cgroup_root.clone(), c.proc_root.clone())
+                    .map_err(RouterError::Netns)?,
+            ),
+            None => None,
+        };
+        let connector = Arc::new(connector::Connector {
+            mark: settings.mark,
+            timeout: settings.connect_timeout,
+            netns,
+            netns_log: log_limit::LogLimit::new(Duration::from_secs(10)),
+            netns_errors: stats.netns_fallbacks.clone(),
+        });
         let shared = Arc::new(Shared {
             slots: Arc::new(Semaphore::new(settings.max_connections)),
             pods: pod_conns::PodConns::new(settings.max_connections_per_pod),
+            connector,
             overload: overload::Overload::default(),
             accept_log: log_limit::LogLimit::new(Duration::from_secs(10)),
             pod_log: log_limit::LogLimit::new(Duration::from_secs(10)),
             settings,
             view: ArcSwap::default(),
-            stats: RouterStats::default(),
+            stats,
             socks: Mutex::new(socks),
             conns,
             drain: tokio::sync::watch::Sender::new(false),

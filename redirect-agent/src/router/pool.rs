@@ -6,7 +6,7 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -15,7 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::{
     body::UpstreamBody,
-    listener::connect_marked,
+    connector::{ConnectError, Connector},
     peek::{Peek, peekable},
 };
 
@@ -32,13 +32,8 @@ pub struct PoolKey {
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    #[error("connect to {addr} timed out after {after:?}")]
-    ConnectTimeout { addr: SocketAddr, after: Duration },
-    #[error("connect to {addr}: {source}")]
-    Connect {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
     #[error("handshake with {addr}: {source}")]
     Handshake {
         addr: SocketAddr,
@@ -70,33 +65,17 @@ pub struct Checkout {
 }
 
 pub struct Pool {
-    mark: u32,
-    connect_timeout: Duration,
+    connector: Arc<Connector>,
     h1: Mutex<HashMap<PoolKey, Vec<IdleH1>>>,
     h2: Mutex<HashMap<PoolKey, SharedH2>>,
 }
 
 impl Pool {
-    pub fn new(mark: u32, connect_timeout: Duration) -> Self {
+    pub fn new(connector: Arc<Connector>) -> Self {
         Pool {
-            mark,
-            connect_timeout,
+            connector,
             h1: Mutex::default(),
             h2: Mutex::default(),
-        }
-    }
-
-    async fn connect(&self, addr: SocketAddr) -> Result<tokio::net::TcpStream, UpstreamError> {
-        match tokio::time::timeout(self.connect_timeout, connect_marked(addr, self.mark)).await {
-            Err(_) => Err(UpstreamError::ConnectTimeout {
-                addr,
-                after: self.connect_timeout,
-            }),
-            Ok(Err(source)) => Err(UpstreamError::Connect { addr, source }),
-            Ok(Ok(s)) => {
-                let _ = s.set_nodelay(true);
-                Ok(s)
-            }
         }
     }
 
@@ -107,7 +86,7 @@ impl Pool {
         if let Some(idle) = self.idle_h1(key, found) {
             return Ok(idle);
         }
-        self.new_h1(key.upstream, false).await
+        self.new_h1(key, false).await
     }
 
     fn idle_h1(&self, key: PoolKey, found: &mut Checkout) -> Option<H1> {
@@ -126,8 +105,10 @@ impl Pool {
     }
 
     /// A fresh HTTP/1.1 connection (with upgrades allowed when `upgrades`), not from the pool.
-    pub async fn new_h1(&self, addr: SocketAddr, upgrades: bool) -> Result<H1, UpstreamError> {
-        let (stream, peek) = peekable(self.connect(addr).await?);
+    pub async fn new_h1(&self, key: PoolKey, upgrades: bool) -> Result<H1, UpstreamError> {
+        let addr = key.upstream;
+        let stream = self.connector.connect(key.client, addr).await?;
+        let (stream, peek) = peekable(stream);
         let (send, conn) = http1::Builder::new()
             .preserve_header_case(true)
             .handshake(TokioIo::new(stream))
@@ -176,7 +157,7 @@ impl Pool {
             return Ok(s);
         }
         let addr = key.upstream;
-        let io = TokioIo::new(self.connect(addr).await?);
+        let io = TokioIo::new(self.connector.connect(key.client, addr).await?);
         let (send, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30))

@@ -161,6 +161,9 @@ pub struct RouterStats {
     key_errors: AtomicU64,
     /// Idle upstream connections dropped instead of reused: bytes had arrived on them unasked.
     pool_discards: AtomicU64,
+    /// Upstream connections opened from the node's network namespace because the client pod's
+    /// could not be found (shared with the connector).
+    pub netns_fallbacks: std::sync::Arc<AtomicU64>,
     /// Whether the router is out of the liveness map because it is full, and how often it was.
     full: AtomicBool,
     full_total: AtomicU64,

@@ -765,3 +765,47 @@ fn unkeyed_get(pod: &Pod<'_>) -> (u16, String) {
     let (body, code) = out.stdout.rsplit_once('\n').unwrap_or(("", "0"));
     (code.trim().parse().unwrap_or(0), body.to_string())
 }
+
+/// Sends an HTTP request one byte per second from its first byte; prints the seconds until
+/// the far end closed (answered or cut), or `open` after 20 s.
+const TRICKLE_CLIENT: &str = r#"
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+start = time.monotonic()
+data = b'GET / HTTP/1.1\r\nHost: x\r\nx-pad: ' + b'a' * 40 + b'\r\n\r\n'
+for b in data[:20]:
+    try:
+        s.sendall(bytes([b]))
+        s.settimeout(1)
+        got = s.recv(4096)
+        if not got:
+            print(round(time.monotonic() - start, 1)); sys.exit(0)
+    except socket.timeout:
+        continue
+    except OSError:
+        print(round(time.monotonic() - start, 1)); sys.exit(0)
+print('open')
+"#;
+
+#[test]
+fn a_client_trickling_its_first_bytes_is_cut_at_the_header_timeout() {
+    let Some(mc) = MiniCluster::new_or_skip("trickle", TOOLS) else {
+        return;
+    };
+    let scene = http_scene(&mc, &["--header-timeout-ms", "3000"]);
+    let script = scene.script("trickle_client.py", TRICKLE_CLIENT);
+    let out = scene
+        .attacker
+        .run(&["python3", &script, VIP4, "80"], Duration::from_secs(40))
+        .unwrap()
+        .check()
+        .unwrap();
+    println!("a client sending 1 byte/s: closed after {} s", out.trim());
+    let after: f64 = out
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("not cut: {out}"));
+    // Detection gives a client that started speaking the header timeout (3 s), then the
+    // request head gets its own: at most ~6 s.
+    assert!(after < 10.0, "cut after {after} s");
+}

@@ -191,7 +191,15 @@ async fn serve(
 ) -> Outcome {
     let shared = &worker.shared;
     let _ = client.set_nodelay(true);
-    let (protocol, prefix) = sniff(&mut client, shared).await;
+    let Sniffed {
+        protocol,
+        prefix,
+        stalled,
+    } = sniff(&mut client, shared).await;
+    if stalled {
+        tracing::debug!(%peer, "cut: the first bytes did not become a request within the header timeout");
+        return Outcome::Reset;
+    }
     let io = TokioIo::new(Prefixed::new(prefix, client));
     match protocol {
         Some(Protocol::Http1) => {
@@ -251,25 +259,57 @@ async fn serve(
     }
 }
 
+/// What the first bytes said.
+struct Sniffed {
+    protocol: Option<Protocol>,
+    prefix: Vec<u8>,
+    /// The client started something that may be an HTTP request line but did not finish it
+    /// within the header timeout (a slowloris from the first byte).
+    stalled: bool,
+}
+
 /// Reads the first bytes until the protocol is known, the client is silent for the detection
-/// timeout (a server-speaks-first protocol), or the client closes.
-async fn sniff(client: &mut TcpStream, shared: &Shared) -> (Option<Protocol>, Vec<u8>) {
+/// timeout (a server-speaks-first protocol), or the client closes. Once the client has sent
+/// bytes that may still become an HTTP request, it gets the header timeout to finish deciding,
+/// like any request head: a client trickling its first bytes is cut instead of tunnelled.
+async fn sniff(client: &mut TcpStream, shared: &Shared) -> Sniffed {
     let mut buf = vec![0u8; MAX_SNIFF];
     let mut n = 0;
-    let deadline = Instant::now() + shared.settings.detect_timeout;
+    let start = Instant::now();
     while n < MAX_SNIFF {
         if let Some(p) = detect(&buf[..n]) {
             buf.truncate(n);
-            return (Some(p), buf);
+            return Sniffed {
+                protocol: Some(p),
+                prefix: buf,
+                stalled: false,
+            };
         }
-        let left = deadline.saturating_duration_since(Instant::now());
+        let limit = if n == 0 {
+            shared.settings.detect_timeout
+        } else {
+            shared.settings.header_timeout
+        };
+        let left = (start + limit).saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, client.read(&mut buf[n..])).await {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Err(_) => {
+                buf.truncate(n);
+                return Sniffed {
+                    protocol: detect(&buf),
+                    prefix: buf,
+                    stalled: n > 0,
+                };
+            }
             Ok(Ok(k)) => n += k,
         }
     }
     buf.truncate(n);
-    (detect(&buf), buf)
+    Sniffed {
+        protocol: detect(&buf),
+        prefix: buf,
+        stalled: false,
+    }
 }
 
 /// Any other protocol: to the original destination, bytes copied both ways until a side

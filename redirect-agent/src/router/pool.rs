@@ -19,8 +19,9 @@ use super::{
     peek::{Peek, peekable},
 };
 
-/// Idle HTTP/1.1 connections kept per key.
+/// Idle HTTP/1.1 connections kept per key, and per router thread in all.
 const MAX_IDLE_H1: usize = 32;
+const MAX_IDLE_H1_TOTAL: usize = 1024;
 
 /// Whose a pooled connection is: the client pod (its address, which the router sees
 /// untranslated) and the upstream it goes to.
@@ -133,6 +134,10 @@ impl Pool {
             return;
         }
         if let Ok(mut m) = self.h1.lock() {
+            // Bounded: keys come with client pods, and each idle connection holds a descriptor.
+            if m.values().map(Vec::len).sum::<usize>() >= MAX_IDLE_H1_TOTAL {
+                return;
+            }
             let list = m.entry(key).or_default();
             if list.len() < MAX_IDLE_H1 {
                 list.push(IdleH1 {

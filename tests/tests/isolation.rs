@@ -534,6 +534,23 @@ fn one_pod_cannot_hold_more_than_its_share_of_the_router() {
 }
 
 #[test]
+fn a_pods_buffer_budget_bounds_the_connections_it_holds() {
+    let Some(mc) = MiniCluster::new_or_skip("pod_buffer_budget", TOOLS) else {
+        return;
+    };
+    // Ten connections' worth: each may make the router hold 144 KiB (128 KiB HTTP/2 window,
+    // 16 KiB copy buffers).
+    let budget = (10 * 144 * 1024).to_string();
+    let scene = http_scene(&mc, &["--max-buffered-bytes-per-pod", &budget]);
+    let mut attacker = silent_attack(&scene, 50, 4);
+    let v = victim_run(&scene, 10, "while another pod opens 50 silent connections");
+    let a = silent_report(&mut attacker, Duration::from_secs(30));
+    println!("attacker: {a}");
+    assert_eq!(v["ok"], 10, "{v}");
+    assert_eq!(a["open_at_end"], 10, "{a}");
+}
+
+#[test]
 fn victims_keep_routing_while_one_pod_opens_twenty_thousand_silent_connections() {
     let Some(mc) = MiniCluster::new_or_skip("twenty_thousand", TOOLS) else {
         return;

@@ -168,6 +168,12 @@ struct RunArgs {
     /// connections are reset (other pods are not affected).
     #[arg(long, env = "REDIRECT_MAX_CONNECTIONS_PER_POD", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     max_connections_per_pod: u32,
+    /// Bytes the router may have to buffer for one client pod. Every connection counts for
+    /// the most it can make the router hold (the larger of --max-header-bytes and the 128 KiB
+    /// HTTP/2 receive window, plus 16 KiB of copy buffers), so this can lower
+    /// --max-connections-per-pod; the router logs the limits in force at start.
+    #[arg(long, env = "REDIRECT_MAX_BUFFERED_BYTES_PER_POD", default_value_t = 256 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    max_buffered_bytes_per_pod: u64,
     /// An opaque (non-HTTP) connection that moves no byte either way for this long is closed,
     /// in milliseconds; 0: no limit. The default (1 h, as Envoy's TCP proxy) keeps idle database
     /// pool connections open.
@@ -370,6 +376,8 @@ async fn run(a: RunArgs, log_control: LogControl, log_filter: String) -> Result<
         max_header_bytes: a.max_header_bytes,
         max_connections: a.max_connections as usize,
         max_connections_per_pod: a.max_connections_per_pod as usize,
+        max_buffered_bytes_per_pod: usize::try_from(a.max_buffered_bytes_per_pod)
+            .unwrap_or(usize::MAX),
         opaque_idle_timeout: (a.opaque_idle_timeout_ms > 0)
             .then(|| Duration::from_millis(a.opaque_idle_timeout_ms)),
         client_netns: (a.upstream_netns == UpstreamNetns::Client).then(|| ClientNetnsSettings {

@@ -69,6 +69,13 @@ pub fn worker(shared: Arc<Shared>, listeners: Vec<(u32, std::net::TcpListener)>)
     });
 }
 
+/// HTTP/2 receive windows towards clients: the most request body bytes one client connection
+/// can make the router hold while its upstream does not read.
+pub const CLIENT_H2_CONN_WINDOW: u32 = 128 * 1024;
+const CLIENT_H2_STREAM_WINDOW: u32 = 64 * 1024;
+/// The copy buffers of an opaque connection, one each way.
+pub const TUNNEL_BUFFERS: usize = 2 * 8 * 1024;
+
 /// Upstream connections unused this long are closed: pool keys come and go with client pods.
 const POOL_IDLE: Duration = Duration::from_secs(90);
 
@@ -235,6 +242,10 @@ async fn serve(
             let mut b = conn::http2::Builder::new(TokioExecutor::new());
             b.timer(TokioTimer::new())
                 .max_header_list_size(shared.settings.max_header_bytes as u32)
+                // What a client can make the router hold per connection (node-local round
+                // trips are short: small windows cost no throughput).
+                .initial_connection_window_size(CLIENT_H2_CONN_WINDOW)
+                .initial_stream_window_size(CLIENT_H2_STREAM_WINDOW)
                 .keep_alive_interval(std::time::Duration::from_secs(30));
             let c = b.serve_connection(io, svc);
             tokio::pin!(c);

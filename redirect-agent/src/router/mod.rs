@@ -70,6 +70,9 @@ pub struct RouterSettings {
     pub max_connections: usize,
     /// Connections one client pod may hold through the router; beyond it they are reset.
     pub max_connections_per_pod: usize,
+    /// Bytes the router may have to buffer for one client pod: each connection reserves its
+    /// worst case ([`Router::bind`] logs it), which can lower the connections per pod.
+    pub max_buffered_bytes_per_pod: usize,
     /// Longest time an opaque (non-HTTP) connection may move no byte either way before it is
     /// closed; `None`: no limit.
     pub opaque_idle_timeout: Option<Duration>,
@@ -105,6 +108,7 @@ impl Default for RouterSettings {
             max_header_bytes: 64 * 1024,
             max_connections: 16_384,
             max_connections_per_pod: 1024,
+            max_buffered_bytes_per_pod: 256 * 1024 * 1024,
             opaque_idle_timeout: Some(Duration::from_secs(3600)),
             client_netns: None,
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -232,9 +236,16 @@ impl Router {
             );
             settings.max_connections = fit.max(1);
         }
+        let reserve = connection_buffer_bound(&settings);
+        let by_bytes = (settings.max_buffered_bytes_per_pod / reserve).max(1);
+        if by_bytes < settings.max_connections_per_pod {
+            settings.max_connections_per_pod = by_bytes;
+        }
         tracing::info!(
             max_connections = settings.max_connections,
             max_connections_per_pod = settings.max_connections_per_pod,
+            buffer_bytes_per_connection = reserve,
+            max_buffered_bytes_per_pod = settings.max_buffered_bytes_per_pod,
             fd_limit = fds,
             "router limits"
         );
@@ -326,6 +337,16 @@ async fn sweep_loop(shared: Arc<Shared>) {
     }
 }
 
+/// The most a client connection can make the router buffer: its request head (HTTP/1.1), or
+/// its HTTP/2 receive window, or the copy buffers of an opaque connection, plus the copy
+/// buffers.
+pub fn connection_buffer_bound(s: &RouterSettings) -> usize {
+    s.max_header_bytes
+        .max(8192)
+        .max(conn::CLIENT_H2_CONN_WINDOW as usize)
+        + conn::TUNNEL_BUFFERS
+}
+
 /// Descriptors kept for everything but connections (maps, pools, admin, logs).
 const FD_RESERVE: usize = 512;
 /// A connection holds its client socket and its upstream socket.
@@ -358,3 +379,19 @@ fn raise_fd_limit() -> usize {
 
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 const SWEEP_AGE: Duration = Duration::from_secs(30);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_reserves_its_largest_buffer_plus_copy_buffers() {
+        let s = RouterSettings::default();
+        assert_eq!(connection_buffer_bound(&s), 128 * 1024 + 16 * 1024);
+        let big_heads = RouterSettings {
+            max_header_bytes: 1024 * 1024,
+            ..RouterSettings::default()
+        };
+        assert_eq!(connection_buffer_bound(&big_heads), 1024 * 1024 + 16 * 1024);
+    }
+}

@@ -23,6 +23,10 @@ use super::{
 const MAX_IDLE_H1: usize = 32;
 const MAX_IDLE_H1_TOTAL: usize = 1024;
 
+/// HTTP/2 receive windows towards upstreams (per client pod, upstream and router thread).
+pub const UPSTREAM_H2_CONN_WINDOW: u32 = 1024 * 1024;
+const UPSTREAM_H2_STREAM_WINDOW: u32 = 256 * 1024;
+
 /// Whose a pooled connection is: the client pod (its address, which the router sees
 /// untranslated) and the upstream it goes to.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -165,6 +169,9 @@ impl Pool {
         let io = TokioIo::new(self.connector.connect(key.client, addr).await?);
         let (send, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
+            // What one client pod's unread responses can make the router hold per upstream.
+            .initial_connection_window_size(UPSTREAM_H2_CONN_WINDOW)
+            .initial_stream_window_size(UPSTREAM_H2_STREAM_WINDOW)
             .keep_alive_interval(Duration::from_secs(30))
             .handshake(io)
             .await

@@ -826,3 +826,44 @@ fn a_client_trickling_its_first_bytes_is_cut_at_the_header_timeout() {
     // request head gets its own: at most ~6 s.
     assert!(after < 10.0, "cut after {after} s");
 }
+
+#[test]
+fn a_router_with_room_refills_its_liveness_slot_when_another_router_cleared_it() {
+    let Some(mc) = MiniCluster::new_or_skip("liveness_refill", &["curl", "python3", "bpftool"])
+    else {
+        return;
+    };
+    let scene = http_scene(&mc, &[]);
+    let map = scene
+        .agent()
+        .pin_dir
+        .join(redirect_common::MAP_ROUTER_SOCKS);
+    // What a full router sharing the address (the other agent during an upgrade) does.
+    let out = std::process::Command::new("bpftool")
+        .args([
+            "map",
+            "delete",
+            "pinned",
+            map.to_str().unwrap(),
+            "key",
+            "0",
+            "0",
+            "0",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = victim_run(&scene, 1, "after the liveness slot was cleared");
+        if v["served"]["shop-fork"] == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the router never registered again: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -199,6 +199,15 @@ impl RouterSocks {
         }
     }
 
+    /// Which liveness slots hold a socket (bit 0: slot 0, bit 1: slot 1), whoever's.
+    pub fn occupied(&self) -> Result<u32, MapError> {
+        use std::os::fd::AsFd;
+        sys::sockmap_occupied(&self.socks.fd().as_fd()).map_err(|e| MapError::Other {
+            map: MAP_ROUTER_SOCKS,
+            reason: format!("probing the router sockets (BPF_PROG_TEST_RUN): {e}"),
+        })
+    }
+
     /// A handle on the connection table for taking records, usable from any thread without
     /// locking.
     pub fn conns_taker(&self) -> Result<ConnsTaker, MapError> {

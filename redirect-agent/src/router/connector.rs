@@ -49,6 +49,20 @@ pub struct Connector {
 }
 
 impl Connector {
+    /// Fail open, like every other failure of the router: the connection is made from the
+    /// node's namespace, counted and logged.
+    fn fell_back(&self, client: IpAddr, error: &dyn std::fmt::Display) {
+        self.netns_errors.fetch_add(1, Ordering::Relaxed);
+        if let Some(suppressed) = self.netns_log.allow() {
+            tracing::error!(
+                %error,
+                %client,
+                suppressed,
+                "upstream connection from the node's network namespace instead of the client pod's"
+            );
+        }
+    }
+
     /// A connection to `dst` on behalf of the client at `client`.
     pub async fn connect(
         &self,
@@ -59,29 +73,28 @@ impl Connector {
             Some(n) => match n.place(client).await {
                 Ok(p) => p,
                 Err(error) => {
-                    // Fail open, like every other failure of the router: the request is served
-                    // from the node's namespace, the error is counted and logged.
-                    self.netns_errors.fetch_add(1, Ordering::Relaxed);
-                    if let Some(suppressed) = self.netns_log.allow() {
-                        tracing::error!(%error, %client, suppressed, "upstream connection from the node's network namespace instead of the client pod's");
-                    }
+                    self.fell_back(client, &error);
                     Place::Node
                 }
             },
             None => Place::Node,
         };
         let connecting = async {
-            match place {
-                Place::Node => connect_marked(dst, self.mark).await,
-                Place::Pod(netns) => {
-                    let s = self
-                        .netns
-                        .as_ref()
-                        .ok_or_else(|| std::io::Error::other("no client namespaces"))?
-                        .socket_in(netns, Domain::for_address(dst))
-                        .await?;
-                    connect_socket(s, dst, self.mark).await
+            let socket = match (place, &self.netns) {
+                (Place::Pod(netns), Some(n)) => {
+                    match n.socket_in(netns, Domain::for_address(dst)).await {
+                        Ok(s) => Some(s),
+                        Err(error) => {
+                            self.fell_back(client, &error);
+                            None
+                        }
+                    }
                 }
+                _ => None,
+            };
+            match socket {
+                Some(s) => connect_socket(s, dst, self.mark).await,
+                None => connect_marked(dst, self.mark).await,
             }
         };
         match tokio::time::timeout(self.timeout, connecting).await {

@@ -19,7 +19,8 @@ use super::{
     addr::from_sockaddr,
     body::UpstreamBody,
     key::extract_key,
-    pool::{Checkout, PoolKey},
+    overload::{Cause, is_exhaustion},
+    pool::{Checkout, PoolKey, UpstreamError},
     stats::{Dest, RequestOutcome},
 };
 use crate::routing::{RequestRoute, for_request};
@@ -165,7 +166,7 @@ async fn forward(
                 let mut found = Checkout::default();
                 let conn = pool.h1(key, &mut found).await;
                 worker.shared.stats.count_pool_discards(found.discarded);
-                let mut conn = conn.map_err(up)?;
+                let mut conn = conn.map_err(|e| upstream_failed(worker, e))?;
                 let resp = conn.send.send_request(req).await.map_err(up)?;
                 // Back to the pool now: it is ready for the next request once this response
                 // has been read, and only a ready, quiet connection is handed out again. A
@@ -174,7 +175,7 @@ async fn forward(
                 Ok(resp)
             }
             Proto::Http2 => {
-                let mut send = pool.h2(key).await.map_err(up)?;
+                let mut send = pool.h2(key).await.map_err(|e| upstream_failed(worker, e))?;
                 send.send_request(req).await.map_err(up)
             }
         }
@@ -183,6 +184,16 @@ async fn forward(
         Ok(r) => r,
         Err(_) => Err(Failure::Timeout(timeout)),
     }
+}
+
+/// An upstream connection could not be made; out of descriptors, the router is full.
+fn upstream_failed(worker: &Worker, e: UpstreamError) -> Failure {
+    if let UpstreamError::Connect(c) = &e
+        && c.io().is_some_and(is_exhaustion)
+    {
+        worker.shared.full(Cause::Resources);
+    }
+    up(e)
 }
 
 fn up(e: impl std::fmt::Display) -> Failure {

@@ -162,7 +162,7 @@ impl Shared {
     }
 
     /// The router cannot take more: out of the liveness map until it has room again.
-    fn full(&self, cause: overload::Cause) {
+    pub(crate) fn full(&self, cause: overload::Cause) {
         let full_at = match cause {
             overload::Cause::Connections => self.settings.max_connections,
             overload::Cause::Resources => self.active(),
@@ -177,7 +177,8 @@ impl Shared {
 
     /// A connection ended: back in the liveness map once below the low-water mark.
     fn room_again(&self) {
-        if self.overload.maybe_leave(&self.socks, self.active()) {
+        // A draining router never comes back (its successor may hold the slot by now).
+        if !self.draining() && self.overload.maybe_leave(&self.socks, self.active()) {
             self.stats.set_full(false);
         }
     }
@@ -323,16 +324,25 @@ impl Router {
 /// Records of connections that never reached the router (failed handshakes) would stay in the
 /// kernel's table; the router deletes the ones it reads and this removes the rest by age.
 async fn sweep_loop(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+    let mut liveness = tokio::time::interval(LIVENESS_CHECK);
     loop {
-        tick.tick().await;
-        let swept = shared
-            .socks
-            .lock()
-            .map(|mut s| s.sweep(SWEEP_AGE))
-            .unwrap_or(0);
-        if swept > 0 {
-            tracing::debug!(swept, "removed stale original-destination records");
+        tokio::select! {
+            _ = sweep.tick() => {
+                let swept = shared
+                    .socks
+                    .lock()
+                    .map(|mut s| s.sweep(SWEEP_AGE))
+                    .unwrap_or(0);
+                if swept > 0 {
+                    tracing::debug!(swept, "removed stale original-destination records");
+                }
+            }
+            _ = liveness.tick() => {
+                if !shared.draining() {
+                    shared.overload.reassert(&shared.socks);
+                }
+            }
         }
     }
 }
@@ -379,6 +389,8 @@ fn raise_fd_limit() -> usize {
 
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 const SWEEP_AGE: Duration = Duration::from_secs(30);
+/// How often a router with room checks that its liveness slot is filled.
+const LIVENESS_CHECK: Duration = Duration::from_secs(1);
 
 #[cfg(test)]
 mod tests {

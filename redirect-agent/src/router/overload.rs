@@ -127,20 +127,26 @@ impl Overload {
         if !self.out.swap(false, Ordering::Relaxed) {
             return false;
         }
-        let listeners: Vec<_> = self.listeners.lock().map(|v| v.clone()).unwrap_or_default();
-        let mut done = Vec::new();
-        for (slot, l) in listeners {
-            if done.contains(&slot) {
-                continue;
-            }
-            let Some(l) = l.upgrade() else { continue };
-            match socks.register(slot, &*l) {
-                Ok(()) => done.push(slot),
-                Err(error) => tracing::error!(%error, slot, "cannot register the router again"),
-            }
-        }
+        // A slot another router filled meanwhile (a successor during an upgrade) is left to it.
+        register_empty(&mut socks, &self.listeners);
         tracing::info!(active, "router has room again: back in the liveness map");
         true
+    }
+
+    /// While the router has room, puts its listeners back in liveness slots found empty: a
+    /// peer that shares the address (the other agent during an upgrade) may have cleared the
+    /// slot when it filled up. Occupied slots are left alone.
+    pub fn reassert(&self, socks: &Mutex<RouterSocks>) {
+        if self.is_out() {
+            return;
+        }
+        let Ok(mut socks) = socks.lock() else { return };
+        if self.is_out() {
+            return;
+        }
+        for slot in register_empty(&mut socks, &self.listeners) {
+            tracing::info!(slot, "router registered again: its liveness slot was empty");
+        }
     }
 
     fn slots(&self) -> Vec<u32> {
@@ -153,6 +159,33 @@ impl Overload {
         slots.dedup();
         slots
     }
+}
+
+/// Registers a listener in every empty slot one is open for; returns the slots filled.
+fn register_empty(
+    socks: &mut RouterSocks,
+    listeners: &Mutex<Vec<(u32, Weak<TcpListener>)>>,
+) -> Vec<u32> {
+    let occupied = match socks.occupied() {
+        Ok(bits) => bits,
+        Err(error) => {
+            tracing::warn!(%error, "cannot tell which liveness slots are filled");
+            return Vec::new();
+        }
+    };
+    let listeners: Vec<_> = listeners.lock().map(|v| v.clone()).unwrap_or_default();
+    let mut done = Vec::new();
+    for (slot, l) in listeners {
+        if done.contains(&slot) || slot >= 32 || occupied & (1 << slot) != 0 {
+            continue;
+        }
+        let Some(l) = l.upgrade() else { continue };
+        match socks.register(slot, &*l) {
+            Ok(()) => done.push(slot),
+            Err(error) => tracing::error!(%error, slot, "cannot register the router again"),
+        }
+    }
+    done
 }
 
 /// Whether an error means the process ran out of descriptors or memory (not a bad peer).

@@ -868,3 +868,17 @@ fn a_router_with_room_refills_its_liveness_slot_when_another_router_cleared_it()
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[test]
+fn with_upstream_netns_node_the_upstream_sees_the_nodes_address() {
+    let Some(mc) = MiniCluster::new_or_skip("upstream_netns_node", TOOLS) else {
+        return;
+    };
+    let scene = http_scene(&mc, &["--upstream-netns", "node"]);
+    let (code, peer) = keyed_get(&scene.victim, "peer");
+    assert_eq!(code, 200, "{peer}");
+    assert!(
+        peer.starts_with(&format!("{}:", redirect_tests::ROUTER_IP4)),
+        "{peer}"
+    );
+}

@@ -56,11 +56,13 @@ pub struct Agent {
     containers: Vec<String>,
 }
 
-/// How containers run on this kind of host: runc (crun rejects hybrid cgroups) and limits the
-/// host allows.
+/// How containers run on this kind of host: runc (crun rejects hybrid cgroups), limits the
+/// host allows, and the host's PIDs (as `hostPID: true`: the router finds pods' network
+/// namespaces through them).
 pub const PODMAN_RUN: &[&str] = &[
     "run",
     "--rm",
+    "--pid=host",
     "--runtime",
     "runc",
     "--ulimit",

@@ -331,3 +331,33 @@ pub fn get_v4_mapped(pod: &Pod<'_>, ip4: &str, path: &str) -> Result<String> {
         .check()
         .with_context(|| format!("GET [::ffff:{ip4}]/{path}"))
 }
+
+/// Whether a GET from `pod` to `http://<ip>/peer` went through the node router. The router
+/// opens its upstream socket in the client pod's network namespace, so the upstream sees the
+/// pod's own address either way; but a proxied connection has a source port of its own, while
+/// a direct one is the client's socket itself. (`ip` may be IPv6 or IPv4-mapped.)
+pub fn through_router(pod: &Pod<'_>, ip: &str) -> Result<bool> {
+    let script = "import socket, sys\n\
+         ip = sys.argv[1]\n\
+         s = socket.socket(socket.AF_INET6 if ':' in ip else socket.AF_INET, socket.SOCK_STREAM)\n\
+         s.settimeout(5)\n\
+         s.connect((ip, 80))\n\
+         s.sendall(b'GET /peer HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n')\n\
+         data = b''\n\
+         while True:\n    c = s.recv(4096)\n    if not c: break\n    data += c\n\
+         seen = data.split(b'\\r\\n\\r\\n', 1)[1].decode().strip()\n\
+         local = s.getsockname()\n\
+         host, port = seen.rsplit(':', 1)\n\
+         host = host.strip('[]')\n\
+         mine = local[0][7:] if local[0].startswith('::ffff:') else local[0]\n\
+         print('router' if (host, int(port)) != (mine, local[1]) else 'direct')\n";
+    let out = pod
+        .run(&["python3", "-c", script, ip], CLIENT_TIMEOUT)?
+        .check()
+        .with_context(|| format!("GET {ip}/peer"))?;
+    match out.trim() {
+        "router" => Ok(true),
+        "direct" => Ok(false),
+        other => anyhow::bail!("unexpected answer {other:?}"),
+    }
+}

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use redirect_tests::{MiniCluster, ROUTER_IP4, agent::SourceMode, scene::*};
+use redirect_tests::{MiniCluster, agent::SourceMode, scene::*};
 use serde_json::Value;
 
 const TOOLS: &[&str] = &["curl", "python3"];
@@ -73,11 +73,7 @@ fn a_sandbox_created_in_the_api_routes_from_its_watch_event_and_pods_are_watched
         get(&shop.frontend_fork, CHECKOUT_VIP4, "").unwrap(),
         "checkout-fork\n"
     );
-    assert!(
-        get(&shop.client, CHECKOUT_VIP4, "peer")
-            .unwrap()
-            .starts_with(&ROUTER_IP4.to_string())
-    );
+    assert!(through_router(&shop.client, CHECKOUT_VIP4).unwrap());
 
     let requests = api.requests();
     let lists = |plural: &str| requests.iter().filter(|r| r.is_list_of(plural)).count();
@@ -134,11 +130,7 @@ fn with_the_api_server_down_the_last_good_state_keeps_routing_and_status_says_so
         get(&shop.frontend_fork, CHECKOUT_VIP4, "").unwrap(),
         "checkout-fork\n"
     );
-    assert!(
-        get(&shop.client, CHECKOUT_VIP4, "peer")
-            .unwrap()
-            .starts_with(&ROUTER_IP4.to_string())
-    );
+    assert!(through_router(&shop.client, CHECKOUT_VIP4).unwrap());
 
     // A change made while the agent cannot see it arrives once the server is back.
     shop.remove_sandbox().unwrap();

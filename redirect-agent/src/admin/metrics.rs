@@ -257,6 +257,45 @@ pub fn render(
         );
         header(
             &mut out,
+            "redirect_router_pool_discards_total",
+            "counter",
+            "Idle upstream connections dropped instead of reused: bytes had arrived on them unasked.",
+        );
+        let _ = writeln!(
+            out,
+            "redirect_router_pool_discards_total {}",
+            stats.pool_discards()
+        );
+        header(
+            &mut out,
+            "redirect_router_netns_fallbacks_total",
+            "counter",
+            "Upstream connections opened from the node's network namespace because the client pod's could not be found.",
+        );
+        let _ = writeln!(
+            out,
+            "redirect_router_netns_fallbacks_total {}",
+            stats
+                .netns_fallbacks
+                .load(std::sync::atomic::Ordering::Relaxed)
+        );
+        let (full, full_total) = stats.full();
+        header(
+            &mut out,
+            "redirect_router_full",
+            "gauge",
+            "1 while the router is full and out of the liveness map (new connections go straight to their destination).",
+        );
+        let _ = writeln!(out, "redirect_router_full {}", u8::from(full));
+        header(
+            &mut out,
+            "redirect_router_full_total",
+            "counter",
+            "Times the router was full and left the liveness map.",
+        );
+        let _ = writeln!(out, "redirect_router_full_total {full_total}");
+        header(
+            &mut out,
             "redirect_router_request_duration_seconds",
             "histogram",
             "Time from a request's arrival at the router to its response headers, by destination kind.",

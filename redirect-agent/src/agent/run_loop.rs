@@ -91,6 +91,7 @@ where
                         start_router(syncer, ctx)?;
                     }
                     publish(syncer, ctx);
+                    publish_pods(&store, ctx);
                     last_good = Some(store);
                 }
                 Some(Update::Rejected(errors)) => {
@@ -111,6 +112,7 @@ where
                     if ok && matches!(ctx.router, RouterHandle::Pending(_)) {
                         start_router(syncer, ctx)?;
                         publish(syncer, ctx);
+                        publish_pods(store, ctx);
                     } else if changed {
                         publish(syncer, ctx);
                     }
@@ -149,6 +151,20 @@ fn publish<M: RedirectMaps, C: CgroupResolver>(syncer: &Syncer<M, C>, ctx: &Loop
         router
             .view
             .store(Arc::new(RouteView::new((*syncer.last).clone())));
+    }
+}
+
+/// Hands the node's pods (address → UID) to the router, which opens upstream connections in
+/// the client pod's network namespace.
+fn publish_pods(store: &Store, ctx: &LoopContext) {
+    if let Some(router) = ctx.router.running() {
+        let pods = store
+            .pods
+            .iter()
+            .filter_map(|p| Some((crate::k8s::pod_ips(p), p.metadata.uid.clone()?)))
+            .flat_map(|(ips, uid)| ips.into_iter().map(move |ip| (ip, uid.clone())))
+            .collect();
+        router.set_client_pods(pods);
     }
 }
 

@@ -11,8 +11,8 @@ use redirect_agent::{
     controller::ControllerArgs,
     loader::{self, KernelMaps, LoaderConfig, RouterSocks},
     router::{
-        MIGRATE_REQ_SYSCTL, Router, RouterSettings, enable_request_migration, key::KeyConfig,
-        to_sockaddr,
+        ClientNetnsSettings, MIGRATE_REQ_SYSCTL, Router, RouterSettings, enable_request_migration,
+        key::KeyConfig, to_sockaddr,
     },
     source::{
         DEFAULT_POLL_INTERVAL, ManifestSource, SourceKind,
@@ -144,6 +144,12 @@ struct RunArgs {
     /// Longest wait for an upstream's response headers before answering 504, in milliseconds.
     #[arg(long, env = "REDIRECT_RESPONSE_TIMEOUT_MS", default_value_t = 60_000)]
     response_timeout_ms: u64,
+    /// Longest silence inside a request body (between two of its frames) before the request
+    /// is cut and its upstream stream reset, in milliseconds; 0: no limit. Off by default:
+    /// long-lived gRPC streams are legitimately idle, and one client pod's open bodies only
+    /// hold its own upstream connections.
+    #[arg(long, env = "REDIRECT_BODY_IDLE_TIMEOUT_MS", default_value_t = 0)]
+    body_idle_timeout_ms: u64,
     /// On SIGTERM, how long connections in flight may take to finish (the router stops
     /// accepting at once: a successor bound to the same address takes new connections, or
     /// they go straight to their destination), in milliseconds. Keep it below the pod's
@@ -153,6 +159,44 @@ struct RunArgs {
     /// Router threads, each with its own runtime and upstream pool [default: one per CPU].
     #[arg(long, env = "REDIRECT_ROUTER_WORKERS")]
     router_workers: Option<usize>,
+    /// Connections the router serves at once (lowered to what the file descriptor limit
+    /// allows, two per connection). A full router leaves the liveness map: new connections go
+    /// straight to their original destination until it is back under 90 % of it.
+    #[arg(long, env = "REDIRECT_MAX_CONNECTIONS", default_value_t = 16_384, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+    /// Connections one client pod may hold through the router at once; beyond it, its new
+    /// connections are reset (other pods are not affected).
+    #[arg(long, env = "REDIRECT_MAX_CONNECTIONS_PER_POD", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections_per_pod: u32,
+    /// Bytes the router may have to buffer for one client pod. Every connection counts for
+    /// the most it can make the router hold (the larger of --max-header-bytes and the 128 KiB
+    /// HTTP/2 receive window, plus 16 KiB of copy buffers), so this can lower
+    /// --max-connections-per-pod; the router logs the limits in force at start.
+    #[arg(long, env = "REDIRECT_MAX_BUFFERED_BYTES_PER_POD", default_value_t = 256 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    max_buffered_bytes_per_pod: u64,
+    /// An opaque (non-HTTP) connection that moves no byte either way for this long is closed,
+    /// in milliseconds; 0: no limit. The default (1 h, as Envoy's TCP proxy) keeps idle database
+    /// pool connections open.
+    #[arg(
+        long,
+        env = "REDIRECT_OPAQUE_IDLE_TIMEOUT_MS",
+        default_value_t = 3_600_000
+    )]
+    opaque_idle_timeout_ms: u64,
+    /// Where the router opens upstream sockets: `client`, in the client pod's network
+    /// namespace (its source address, NetworkPolicy and ClusterIP translation apply, as on a
+    /// direct connection); `node`, in the agent's own (the node's address).
+    #[arg(
+        long,
+        env = "REDIRECT_UPSTREAM_NETNS",
+        value_enum,
+        default_value = "client"
+    )]
+    upstream_netns: UpstreamNetns,
+    /// The host's /proc, where a pod's network namespace is opened (`<pid>/ns/net` of a
+    /// process in the pod's cgroup): `/proc` with hostPID, else a hostPath mount of it.
+    #[arg(long, env = "REDIRECT_HOST_PROC", default_value = "/proc")]
+    host_proc: PathBuf,
     /// Largest request head accepted (request line and header fields, per request, pipelined
     /// ones included); larger gets 431. HTTP/2: the largest header list.
     #[arg(long, env = "REDIRECT_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
@@ -189,6 +233,13 @@ struct RunArgs {
     /// `Authorization: Bearer <token>`. Read once at start; the token is never logged.
     #[arg(long, env = "REDIRECT_ADMIN_TOKEN_FILE")]
     admin_token_file: Option<PathBuf>,
+}
+
+/// `--upstream-netns`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum UpstreamNetns {
+    Client,
+    Node,
 }
 
 /// `--admin-addr`: an address or `off`.
@@ -351,8 +402,20 @@ async fn run(a: RunArgs, log_control: LogControl, log_filter: String) -> Result<
         detect_timeout: Duration::from_millis(a.detect_timeout_ms),
         header_timeout: Duration::from_millis(a.header_timeout_ms),
         response_timeout: Duration::from_millis(a.response_timeout_ms),
+        body_idle_timeout: (a.body_idle_timeout_ms > 0)
+            .then(|| Duration::from_millis(a.body_idle_timeout_ms)),
         max_header_bytes: a.max_header_bytes,
         max_headers: usize::from(a.max_headers),
+        max_connections: a.max_connections as usize,
+        max_connections_per_pod: a.max_connections_per_pod as usize,
+        max_buffered_bytes_per_pod: usize::try_from(a.max_buffered_bytes_per_pod)
+            .unwrap_or(usize::MAX),
+        opaque_idle_timeout: (a.opaque_idle_timeout_ms > 0)
+            .then(|| Duration::from_millis(a.opaque_idle_timeout_ms)),
+        client_netns: (a.upstream_netns == UpstreamNetns::Client).then(|| ClientNetnsSettings {
+            cgroup_root: cgroup_root.clone(),
+            proc_root: a.host_proc.clone(),
+        }),
         workers: a
             .router_workers
             .unwrap_or_else(|| RouterSettings::default().workers),

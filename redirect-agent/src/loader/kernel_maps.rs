@@ -185,6 +185,29 @@ impl RouterSocks {
             .map_err(|e| other(MAP_ROUTER_SOCKS, e))
     }
 
+    /// Empties the liveness slot: the kernel stops redirecting to this router (fail open)
+    /// while its listener stays open. Emptying an empty slot is no error.
+    pub fn deregister(&mut self, slot: u32) -> Result<(), MapError> {
+        match self.socks.clear_index(&slot) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(other(MAP_ROUTER_SOCKS, e)),
+        }
+    }
+
+    /// Which liveness slots hold a socket (bit 0: slot 0, bit 1: slot 1), whoever's.
+    pub fn occupied(&self) -> Result<u32, MapError> {
+        use std::os::fd::AsFd;
+        sys::sockmap_occupied(&self.socks.fd().as_fd()).map_err(|e| MapError::Other {
+            map: MAP_ROUTER_SOCKS,
+            reason: format!("probing the router sockets (BPF_PROG_TEST_RUN): {e}"),
+        })
+    }
+
     /// A handle on the connection table for taking records, usable from any thread without
     /// locking.
     pub fn conns_taker(&self) -> Result<ConnsTaker, MapError> {

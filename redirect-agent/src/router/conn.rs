@@ -1,6 +1,10 @@
 //! One redirected connection: original destination, protocol detection, dispatch.
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use hyper::{server::conn, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -8,6 +12,7 @@ use redirect_common::OrigDst;
 use tokio::{
     io::AsyncReadExt,
     net::{TcpListener, TcpStream},
+    sync::TryAcquireError,
 };
 
 use super::{
@@ -15,14 +20,15 @@ use super::{
     addr::{from_sockaddr, to_sockaddr},
     detect::{MAX_SNIFF, Protocol, detect},
     http::{Proto, handle},
-    listener::connect_marked,
+    overload::{Cause, is_exhaustion},
     pool::Pool,
     prefixed::Prefixed,
     stats::Outcome,
+    tunnel::{Ended, tunnel},
 };
 
 /// One router thread: a single-threaded runtime accepting on every listener, with its own pool.
-pub fn worker(shared: Arc<Shared>, listeners: Vec<std::net::TcpListener>) {
+pub fn worker(shared: Arc<Shared>, listeners: Vec<(u32, std::net::TcpListener)>) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -34,14 +40,20 @@ pub fn worker(shared: Arc<Shared>, listeners: Vec<std::net::TcpListener>) {
         }
     };
     let worker = Arc::new(Worker {
-        pool: Pool::new(shared.settings.mark, shared.settings.connect_timeout),
+        pool: Pool::new(shared.connector.clone()),
         shared,
     });
     rt.block_on(async move {
+        let sweeper = tokio::spawn(sweep_pool(worker.clone()));
         let mut loops = tokio::task::JoinSet::new();
-        for l in listeners {
+        for (slot, l) in listeners {
             match TcpListener::from_std(l) {
                 Ok(l) => {
+                    let l = Arc::new(l);
+                    worker
+                        .shared
+                        .overload
+                        .add_listener(slot, Arc::downgrade(&l));
                     loops.spawn(accept_loop(l, worker.clone()));
                 }
                 Err(error) => tracing::error!(%error, "cannot register a router listener"),
@@ -53,7 +65,26 @@ pub fn worker(shared: Arc<Shared>, listeners: Vec<std::net::TcpListener>) {
         while worker.shared.active() > 0 {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
+        sweeper.abort();
     });
+}
+
+/// HTTP/2 receive windows towards clients: the most request body bytes one client connection
+/// can make the router hold while its upstream does not read.
+pub const CLIENT_H2_CONN_WINDOW: u32 = 128 * 1024;
+const CLIENT_H2_STREAM_WINDOW: u32 = 64 * 1024;
+/// The copy buffers of an opaque connection, one each way.
+pub const TUNNEL_BUFFERS: usize = 2 * 8 * 1024;
+
+/// Upstream connections unused this long are closed: pool keys come and go with client pods.
+const POOL_IDLE: Duration = Duration::from_secs(90);
+
+async fn sweep_pool(worker: Arc<Worker>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tick.tick().await;
+        worker.pool.sweep(POOL_IDLE);
+    }
 }
 
 /// Completes once the router drains (at once if it already does).
@@ -62,31 +93,65 @@ async fn drained(rx: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = rx.wait_for(|d| *d).await;
 }
 
+/// Waits after failed accepts: 5 ms, doubling up to 1 s, back to 5 ms after a success.
+struct Backoff(Duration);
+
+impl Backoff {
+    const MIN: Duration = Duration::from_millis(5);
+    const MAX: Duration = Duration::from_secs(1);
+
+    fn next(&mut self) -> Duration {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(Self::MAX);
+        d
+    }
+}
+
 /// Accepts until the router drains; returning drops (closes) this worker's listener.
-async fn accept_loop(l: TcpListener, worker: Arc<Worker>) {
+async fn accept_loop(l: Arc<TcpListener>, worker: Arc<Worker>) {
     let shared = &worker.shared;
     let mut drain = shared.drain.subscribe();
+    let mut backoff = Backoff(Backoff::MIN);
     loop {
-        // Bounded memory: at most max_connections served at once; the rest wait in the backlog.
+        // Bounded: at most max_connections served at once. A full router leaves the liveness
+        // map (new connections go straight to their destination) and serves what is queued as
+        // connections end.
+        let permit = match shared.slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(TryAcquireError::Closed) => return,
+            Err(TryAcquireError::NoPermits) => {
+                shared.full(Cause::Connections);
+                tokio::select! {
+                    biased;
+                    _ = drained(&mut drain) => return,
+                    p = shared.slots.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    },
+                }
+            }
+        };
         let accepted = tokio::select! {
             biased;
             _ = drained(&mut drain) => return,
-            permit = shared.slots.clone().acquire_owned() => match permit {
-                Ok(p) => tokio::select! {
-                    biased;
-                    _ = drained(&mut drain) => return,
-                    a = l.accept() => a.map(|c| (p, c)),
-                },
-                Err(_) => return,
-            },
+            a = l.accept() => a,
         };
-        let (permit, (client, peer)) = match accepted {
-            Ok(c) => c,
+        let (client, peer) = match accepted {
+            Ok(c) => {
+                backoff = Backoff(Backoff::MIN);
+                c
+            }
             Err(error) => {
-                // EMFILE and friends: back off briefly instead of spinning.
-                tracing::warn!(%error, "accept failed");
                 shared.stats.count(Outcome::AcceptError);
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                if is_exhaustion(&error) {
+                    shared.full(Cause::Resources);
+                }
+                if let Some(suppressed) = shared.accept_log.allow() {
+                    tracing::warn!(%error, suppressed, "accept failed");
+                }
+                drop(permit);
+                // EMFILE and friends: back off instead of spinning.
+                tokio::time::sleep(backoff.next()).await;
                 continue;
             }
         };
@@ -94,17 +159,36 @@ async fn accept_loop(l: TcpListener, worker: Arc<Worker>) {
         tokio::spawn(async move {
             let shared = &worker.shared;
             let _open = shared.open_connection();
-            let Some(orig) = shared.conns.take(&to_sockaddr(peer)) else {
-                // Not redirected by the kernel: the router is no open proxy.
-                shared.stats.count(Outcome::NoOrigDst);
-                tracing::debug!(%peer, "refused: no recorded original destination");
-                return;
-            };
-            let outcome = serve(client, peer, orig, &worker).await;
-            worker.shared.stats.count(outcome);
+            let outcome = admit(client, peer, &worker).await;
+            shared.stats.count(outcome);
             drop(permit);
+            shared.room_again();
         });
     }
+}
+
+/// Checks that the kernel redirected the connection and that its pod has room, then serves it.
+async fn admit(client: TcpStream, peer: SocketAddr, worker: &Arc<Worker>) -> Outcome {
+    let shared = &worker.shared;
+    let Some(orig) = shared.conns.take(&to_sockaddr(peer)) else {
+        // Not redirected by the kernel: the router is no open proxy.
+        tracing::debug!(%peer, "refused: no recorded original destination");
+        return Outcome::NoOrigDst;
+    };
+    let Some(_pod) = shared.pods.take(peer.ip()) else {
+        // Reset at once: the pod's own excess connection fails fast, and nobody else waits.
+        let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+        if let Some(suppressed) = shared.pod_log.allow() {
+            tracing::warn!(
+                pod = %peer.ip(),
+                max = shared.settings.max_connections_per_pod,
+                suppressed,
+                "client pod at its connection limit: connection reset"
+            );
+        }
+        return Outcome::PodLimit;
+    };
+    serve(client, peer, orig, worker).await
 }
 
 async fn serve(
@@ -115,12 +199,20 @@ async fn serve(
 ) -> Outcome {
     let shared = &worker.shared;
     let _ = client.set_nodelay(true);
-    let (protocol, prefix) = sniff(&mut client, shared).await;
+    let Sniffed {
+        protocol,
+        prefix,
+        stalled,
+    } = sniff(&mut client, shared).await;
+    if stalled {
+        tracing::debug!(%peer, "cut: the first bytes did not become a request within the header timeout");
+        return Outcome::Reset;
+    }
     let io = TokioIo::new(Prefixed::new(prefix, client));
     match protocol {
         Some(Protocol::Http1) => {
             let w = worker.clone();
-            let svc = service_fn(move |req| handle(req, w.clone(), orig, Proto::Http1));
+            let svc = service_fn(move |req| handle(req, w.clone(), peer.ip(), orig, Proto::Http1));
             let mut b = conn::http1::Builder::new();
             b.timer(TokioTimer::new())
                 .header_read_timeout(shared.settings.header_timeout)
@@ -151,10 +243,14 @@ async fn serve(
         }
         Some(Protocol::Http2) => {
             let w = worker.clone();
-            let svc = service_fn(move |req| handle(req, w.clone(), orig, Proto::Http2));
+            let svc = service_fn(move |req| handle(req, w.clone(), peer.ip(), orig, Proto::Http2));
             let mut b = conn::http2::Builder::new(TokioExecutor::new());
             b.timer(TokioTimer::new())
                 .max_header_list_size(shared.settings.max_header_bytes as u32)
+                // What a client can make the router hold per connection (node-local round
+                // trips are short: small windows cost no throughput).
+                .initial_connection_window_size(CLIENT_H2_CONN_WINDOW)
+                .initial_stream_window_size(CLIENT_H2_STREAM_WINDOW)
                 .keep_alive_interval(std::time::Duration::from_secs(30));
             let c = b.serve_connection(io, svc);
             tokio::pin!(c);
@@ -175,46 +271,92 @@ async fn serve(
                 }
             }
         }
-        Some(Protocol::Opaque) | None => opaque(io.into_inner(), orig, shared).await,
+        Some(Protocol::Opaque) | None => opaque(io.into_inner(), peer, orig, shared).await,
     }
 }
 
+/// What the first bytes said.
+struct Sniffed {
+    protocol: Option<Protocol>,
+    prefix: Vec<u8>,
+    /// The client started something that may be an HTTP request line but did not finish it
+    /// within the header timeout (a slowloris from the first byte).
+    stalled: bool,
+}
+
 /// Reads the first bytes until the protocol is known, the client is silent for the detection
-/// timeout (a server-speaks-first protocol), or the client closes.
-async fn sniff(client: &mut TcpStream, shared: &Shared) -> (Option<Protocol>, Vec<u8>) {
+/// timeout (a server-speaks-first protocol), or the client closes. Once the client has sent
+/// bytes that may still become an HTTP request, it gets the header timeout to finish deciding,
+/// like any request head: a client trickling its first bytes is cut instead of tunnelled.
+async fn sniff(client: &mut TcpStream, shared: &Shared) -> Sniffed {
     let mut buf = vec![0u8; MAX_SNIFF];
     let mut n = 0;
-    let deadline = Instant::now() + shared.settings.detect_timeout;
+    let start = Instant::now();
     while n < MAX_SNIFF {
         if let Some(p) = detect(&buf[..n]) {
             buf.truncate(n);
-            return (Some(p), buf);
+            return Sniffed {
+                protocol: Some(p),
+                prefix: buf,
+                stalled: false,
+            };
         }
-        let left = deadline.saturating_duration_since(Instant::now());
+        let limit = if n == 0 {
+            shared.settings.detect_timeout
+        } else {
+            shared.settings.header_timeout
+        };
+        let left = (start + limit).saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, client.read(&mut buf[n..])).await {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Err(_) => {
+                buf.truncate(n);
+                return Sniffed {
+                    protocol: detect(&buf),
+                    prefix: buf,
+                    stalled: n > 0,
+                };
+            }
             Ok(Ok(k)) => n += k,
         }
     }
     buf.truncate(n);
-    (detect(&buf), buf)
+    Sniffed {
+        protocol: detect(&buf),
+        prefix: buf,
+        stalled: false,
+    }
 }
 
-/// Any other protocol: to the original destination, bytes copied both ways.
-async fn opaque(mut client: Prefixed<TcpStream>, orig: OrigDst, shared: &Shared) -> Outcome {
+/// Any other protocol: to the original destination, bytes copied both ways until a side
+/// closes or nothing moved for the opaque idle limit.
+async fn opaque(
+    mut client: Prefixed<TcpStream>,
+    peer: SocketAddr,
+    orig: OrigDst,
+    shared: &Shared,
+) -> Outcome {
+    let client_ip = peer.ip();
     let dst = from_sockaddr(&orig.dst);
-    let upstream = tokio::time::timeout(
-        shared.settings.connect_timeout,
-        connect_marked(dst, shared.settings.mark),
-    )
-    .await;
-    let Ok(Ok(mut upstream)) = upstream else {
-        tracing::debug!(%dst, "opaque upstream connect failed");
-        return Outcome::UpstreamFailed;
+    let mut upstream = match shared.connector.connect(client_ip, dst).await {
+        Ok(u) => u,
+        Err(error) => {
+            if error.io().is_some_and(is_exhaustion) {
+                shared.full(Cause::Resources);
+            }
+            tracing::debug!(%dst, %error, "opaque upstream connect failed");
+            return Outcome::UpstreamFailed;
+        }
     };
-    let _ = upstream.set_nodelay(true);
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        Ok(_) => Outcome::Opaque,
+    match tunnel(
+        &mut client,
+        &mut upstream,
+        shared.settings.opaque_idle_timeout,
+    )
+    .await
+    {
+        Ok(Ended::Closed) => Outcome::Opaque,
+        Ok(Ended::Idle) => Outcome::IdleTimeout,
         Err(_) => Outcome::Reset,
     }
 }

@@ -2,7 +2,7 @@
 //! HTTP/2) is routed on its own, by the routing key it carries.
 
 use std::{
-    net::SocketAddr,
+    net::IpAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -17,7 +17,10 @@ use redirect_common::OrigDst;
 use super::{
     Worker,
     addr::from_sockaddr,
+    body::UpstreamBody,
     key::extract_key,
+    overload::{Cause, is_exhaustion},
+    pool::{Checkout, PoolKey, UpstreamError},
     stats::{Dest, RequestOutcome},
 };
 use crate::routing::{RequestRoute, for_request};
@@ -34,10 +37,12 @@ pub enum Proto {
 /// Response header naming where a request went, when enabled (`--debug-header`).
 pub const DEBUG_HEADER: &str = "x-redirect-upstream";
 
-/// Routes and forwards one request. Never fails: every problem becomes a response and a count.
+/// Routes and forwards one request from the pod at `client`. Never fails: every problem
+/// becomes a response and a count.
 pub async fn handle(
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     worker: Arc<Worker>,
+    client: IpAddr,
     orig: OrigDst,
     proto: Proto,
 ) -> Result<Response<RouterBody>, std::convert::Infallible> {
@@ -106,11 +111,14 @@ pub async fn handle(
     };
 
     let upgrade = proto == Proto::Http1 && is_upgrade(&req);
+    let body_idle = shared.settings.body_idle_timeout;
+    let mut req = req.map(|b| UpstreamBody::new(b, body_idle));
+    let key = PoolKey { client, upstream };
     let result = if upgrade {
-        forward_upgrade(req, &worker, upstream).await
+        forward_upgrade(req, &worker, key).await
     } else {
         strip_hop_by_hop(req.headers_mut());
-        forward(req, &worker, upstream, proto).await
+        forward(req, &worker, key, proto).await
     };
     let outcome = match &result {
         Ok(_) if upgrade => RequestOutcome::Upgraded,
@@ -160,9 +168,9 @@ enum Failure {
 }
 
 async fn forward(
-    req: Request<Incoming>,
+    req: Request<UpstreamBody>,
     worker: &Worker,
-    upstream: SocketAddr,
+    key: PoolKey,
     proto: Proto,
 ) -> Result<Response<Incoming>, Failure> {
     let timeout = worker.shared.settings.response_timeout;
@@ -170,16 +178,19 @@ async fn forward(
     let fut = async {
         match proto {
             Proto::Http1 => {
-                let mut send = pool.h1(upstream).await.map_err(up)?;
-                let resp = send.send_request(req);
+                let mut found = Checkout::default();
+                let conn = pool.h1(key, &mut found).await;
+                worker.shared.stats.count_pool_discards(found.discarded);
+                let mut conn = conn.map_err(|e| upstream_failed(worker, e))?;
                 // Back to the pool now: it is ready for the next request once this response
-                // has been read, and only a ready connection is handed out again.
-                let resp = resp.await;
-                pool.put_h1(upstream, send);
-                resp.map_err(sending)
+                // has been read, and only a ready, quiet connection is handed out again. A
+                // failed exchange leaves the connection out.
+                let resp = conn.send.send_request(req).await.map_err(sending)?;
+                pool.put_h1(key, conn);
+                Ok(resp)
             }
             Proto::Http2 => {
-                let mut send = pool.h2(upstream).await.map_err(up)?;
+                let mut send = pool.h2(key).await.map_err(|e| upstream_failed(worker, e))?;
                 send.send_request(req).await.map_err(sending)
             }
         }
@@ -188,6 +199,16 @@ async fn forward(
         Ok(r) => r,
         Err(_) => Err(Failure::Timeout(timeout)),
     }
+}
+
+/// An upstream connection could not be made; out of descriptors, the router is full.
+fn upstream_failed(worker: &Worker, e: UpstreamError) -> Failure {
+    if let UpstreamError::Connect(c) = &e
+        && c.io().is_some_and(is_exhaustion)
+    {
+        worker.shared.full(Cause::Resources);
+    }
+    up(e)
 }
 
 fn up(e: impl std::fmt::Display) -> Failure {
@@ -246,7 +267,7 @@ fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
 
 /// Whether the request asks to leave HTTP: `Connection: upgrade` with an `Upgrade` header
 /// (WebSocket, ...) or CONNECT.
-fn is_upgrade(req: &Request<Incoming>) -> bool {
+fn is_upgrade<B>(req: &Request<B>) -> bool {
     if req.method() == http::Method::CONNECT {
         return true;
     }
@@ -263,15 +284,15 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
 /// WebSocket and other upgrades, and CONNECT: the upgrade request is routed like any other, on
 /// a connection of its own, then both sides are spliced together.
 async fn forward_upgrade(
-    mut req: Request<Incoming>,
+    mut req: Request<UpstreamBody>,
     worker: &Worker,
-    upstream: SocketAddr,
+    key: PoolKey,
 ) -> Result<Response<Incoming>, Failure> {
     let connect = req.method() == http::Method::CONNECT;
     let client_side = hyper::upgrade::on(&mut req);
-    let mut send = worker.pool.new_h1(upstream, true).await.map_err(up)?;
+    let mut conn = worker.pool.new_h1(key, true).await.map_err(up)?;
     let timeout = worker.shared.settings.response_timeout;
-    let mut resp = match tokio::time::timeout(timeout, send.send_request(req)).await {
+    let mut resp = match tokio::time::timeout(timeout, conn.send.send_request(req)).await {
         Err(_) => return Err(Failure::Timeout(timeout)),
         Ok(r) => r.map_err(up)?,
     };

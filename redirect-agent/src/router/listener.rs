@@ -26,6 +26,11 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 /// Connects with `SO_MARK` set before `connect()`, so the kernel leaves this socket alone.
 pub async fn connect_marked(dst: SocketAddr, mark: u32) -> std::io::Result<TcpStream> {
     let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+    connect_socket(s, dst, mark).await
+}
+
+/// Connects a fresh TCP socket (made in whichever network namespace) with `SO_MARK` set first.
+pub async fn connect_socket(s: Socket, dst: SocketAddr, mark: u32) -> std::io::Result<TcpStream> {
     if mark != 0 {
         s.set_mark(mark)?;
     }

@@ -6,12 +6,20 @@
 
 mod addr;
 pub use redirect_l7::{detect, key};
+mod body;
+mod client_netns;
 mod conn;
+mod connector;
 mod http;
 mod listener;
+mod log_limit;
+mod overload;
+mod peek;
+mod pod_conns;
 mod pool;
 mod prefixed;
 mod stats;
+mod tunnel;
 
 use std::{
     net::SocketAddr,
@@ -55,16 +63,38 @@ pub struct RouterSettings {
     pub connect_timeout: Duration,
     /// Longest wait for an upstream's response headers.
     pub response_timeout: Duration,
+    /// Longest silence inside a request body before the request is cut (its upstream stream
+    /// reset); `None`: no limit.
+    pub body_idle_timeout: Option<Duration>,
     /// Largest request head accepted, per request (HTTP/1.1: 431 beyond it).
     pub max_header_bytes: usize,
     /// Most header fields in an HTTP/1.1 request head (431 beyond it).
     pub max_headers: usize,
-    /// Connections served at once; beyond it new connections wait in the accept queue.
+    /// Connections served at once (lowered to what the file descriptor limit allows); a full
+    /// router leaves the liveness map, so new connections go straight to their destination.
     pub max_connections: usize,
+    /// Connections one client pod may hold through the router; beyond it they are reset.
+    pub max_connections_per_pod: usize,
+    /// Bytes the router may have to buffer for one client pod: each connection reserves its
+    /// worst case ([`Router::bind`] logs it), which can lower the connections per pod.
+    pub max_buffered_bytes_per_pod: usize,
+    /// Longest time an opaque (non-HTTP) connection may move no byte either way before it is
+    /// closed; `None`: no limit.
+    pub opaque_idle_timeout: Option<Duration>,
+    /// Open upstream sockets in the client pod's network namespace: where pod cgroups are
+    /// found and the host's `/proc`. `None`: always in the node's.
+    pub client_netns: Option<ClientNetnsSettings>,
     /// Router threads. Each runs its own single-threaded runtime, accepts on the shared
     /// listeners and keeps its own upstream pool, so a connection and its upstream traffic stay
     /// on one thread (no hand-offs between workers, no pool lock).
     pub workers: usize,
+}
+
+/// Where the router finds client pods' network namespaces.
+#[derive(Clone, Debug)]
+pub struct ClientNetnsSettings {
+    pub cgroup_root: std::path::PathBuf,
+    pub proc_root: std::path::PathBuf,
 }
 
 impl Default for RouterSettings {
@@ -79,9 +109,14 @@ impl Default for RouterSettings {
             header_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(60),
+            body_idle_timeout: None,
             max_header_bytes: 64 * 1024,
             max_headers: 100,
             max_connections: 16_384,
+            max_connections_per_pod: 1024,
+            max_buffered_bytes_per_pod: 256 * 1024 * 1024,
+            opaque_idle_timeout: Some(Duration::from_secs(3600)),
+            client_netns: None,
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
@@ -96,6 +131,8 @@ pub enum RouterError {
     },
     #[error("router cannot register its listener for liveness: {0}")]
     Register(crate::sync::MapError),
+    #[error("router cannot start its socket maker for client network namespaces: {0}")]
+    Netns(std::io::Error),
 }
 
 /// What every router thread shares.
@@ -109,6 +146,14 @@ pub struct Shared {
     /// Taking original destinations: one syscall, no lock.
     conns: ConnsTaker,
     slots: Arc<Semaphore>,
+    /// Connections per client pod.
+    pods: Arc<pod_conns::PodConns>,
+    /// Opens upstream connections (in the client pod's network namespace).
+    connector: Arc<connector::Connector>,
+    /// Out of the liveness map while full.
+    overload: overload::Overload,
+    accept_log: log_limit::LogLimit,
+    pod_log: log_limit::LogLimit,
     /// Set once on shutdown: workers stop accepting and close their listeners, connections
     /// finish their current request (HTTP/1) or streams (HTTP/2 GOAWAY) and close.
     drain: tokio::sync::watch::Sender<bool>,
@@ -141,6 +186,36 @@ impl Shared {
         self.settings
             .max_connections
             .saturating_sub(self.slots.available_permits())
+    }
+
+    /// The router cannot take more: out of the liveness map until it has room again.
+    pub(crate) fn full(&self, cause: overload::Cause) {
+        let full_at = match cause {
+            overload::Cause::Connections => self.settings.max_connections,
+            overload::Cause::Resources => self.active(),
+        };
+        if self
+            .overload
+            .enter(&self.socks, self.active(), full_at, cause)
+        {
+            self.stats.set_full(true);
+        }
+    }
+
+    /// A connection ended: back in the liveness map once below the low-water mark.
+    fn room_again(&self) {
+        // A draining router never comes back (its successor may hold the slot by now).
+        if !self.draining() && self.overload.maybe_leave(&self.socks, self.active()) {
+            self.stats.set_full(false);
+        }
+    }
+
+    /// The node's pods after a sync (address → UID): whose network namespace upstream
+    /// connections for a client address are opened in.
+    pub fn set_client_pods(&self, pods: std::collections::HashMap<std::net::IpAddr, String>) {
+        if let Some(n) = &self.connector.netns {
+            n.set_pods(pods);
+        }
     }
 
     /// Whether the router is draining.
@@ -188,27 +263,71 @@ pub struct Worker {
 
 /// A bound router, ready to serve.
 pub struct Router {
-    listeners: Vec<std::net::TcpListener>,
+    /// Listeners and their liveness slots.
+    listeners: Vec<(u32, std::net::TcpListener)>,
     pub shared: Arc<Shared>,
 }
 
 impl Router {
     /// Binds the listeners and registers them in the liveness sockmap.
-    pub fn bind(settings: RouterSettings, mut socks: RouterSocks) -> Result<Self, RouterError> {
+    pub fn bind(mut settings: RouterSettings, mut socks: RouterSocks) -> Result<Self, RouterError> {
+        let fds = raise_fd_limit();
+        let fit = fds.saturating_sub(FD_RESERVE) / FDS_PER_CONNECTION;
+        if fit < settings.max_connections {
+            tracing::warn!(
+                fd_limit = fds,
+                max_connections = fit,
+                "the file descriptor limit allows fewer connections than --max-connections"
+            );
+            settings.max_connections = fit.max(1);
+        }
+        let reserve = connection_buffer_bound(&settings);
+        let by_bytes = (settings.max_buffered_bytes_per_pod / reserve).max(1);
+        if by_bytes < settings.max_connections_per_pod {
+            settings.max_connections_per_pod = by_bytes;
+        }
+        tracing::info!(
+            max_connections = settings.max_connections,
+            max_connections_per_pod = settings.max_connections_per_pod,
+            buffer_bytes_per_connection = reserve,
+            max_buffered_bytes_per_pod = settings.max_buffered_bytes_per_pod,
+            fd_limit = fds,
+            "router limits"
+        );
         let mut listeners = Vec::new();
         for (addr, slot) in [(settings.v4, ROUTER_SOCK_V4), (settings.v6, ROUTER_SOCK_V6)] {
             let Some(addr) = addr else { continue };
             let l = listener::bind(addr).map_err(|source| RouterError::Listen { addr, source })?;
             socks.register(slot, &l).map_err(RouterError::Register)?;
             tracing::info!(%addr, "router listening");
-            listeners.push(l);
+            listeners.push((slot, l));
         }
         let conns = socks.conns_taker().map_err(RouterError::Register)?;
+        let stats = RouterStats::default();
+        let netns = match &settings.client_netns {
+            Some(c) => Some(
+                client_netns::ClientNetns::new(c.cgroup_root.clone(), c.proc_root.clone())
+                    .map_err(RouterError::Netns)?,
+            ),
+            None => None,
+        };
+        let connector = Arc::new(connector::Connector {
+            mark: settings.mark,
+            timeout: settings.connect_timeout,
+            netns,
+            netns_log: log_limit::LogLimit::new(Duration::from_secs(10)),
+            netns_errors: stats.netns_fallbacks.clone(),
+        });
         let shared = Arc::new(Shared {
             slots: Arc::new(Semaphore::new(settings.max_connections)),
+            pods: pod_conns::PodConns::new(settings.max_connections_per_pod),
+            connector,
+            overload: overload::Overload::default(),
+            accept_log: log_limit::LogLimit::new(Duration::from_secs(10)),
+            pod_log: log_limit::LogLimit::new(Duration::from_secs(10)),
             settings,
             view: ArcSwap::default(),
-            stats: RouterStats::default(),
+            stats,
             socks: Mutex::new(socks),
             conns,
             drain: tokio::sync::watch::Sender::new(false),
@@ -225,8 +344,8 @@ impl Router {
             let listeners: Vec<_> = self
                 .listeners
                 .iter()
-                .filter_map(|l| match l.try_clone() {
-                    Ok(l) => Some(l),
+                .filter_map(|(slot, l)| match l.try_clone() {
+                    Ok(l) => Some((*slot, l)),
                     Err(error) => {
                         tracing::error!(%error, "cannot share a router listener with a worker");
                         None
@@ -250,19 +369,86 @@ impl Router {
 /// Records of connections that never reached the router (failed handshakes) would stay in the
 /// kernel's table; the router deletes the ones it reads and this removes the rest by age.
 async fn sweep_loop(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+    let mut liveness = tokio::time::interval(LIVENESS_CHECK);
     loop {
-        tick.tick().await;
-        let swept = shared
-            .socks
-            .lock()
-            .map(|mut s| s.sweep(SWEEP_AGE))
-            .unwrap_or(0);
-        if swept > 0 {
-            tracing::debug!(swept, "removed stale original-destination records");
+        tokio::select! {
+            _ = sweep.tick() => {
+                let swept = shared
+                    .socks
+                    .lock()
+                    .map(|mut s| s.sweep(SWEEP_AGE))
+                    .unwrap_or(0);
+                if swept > 0 {
+                    tracing::debug!(swept, "removed stale original-destination records");
+                }
+            }
+            _ = liveness.tick() => {
+                if !shared.draining() {
+                    shared.overload.reassert(&shared.socks);
+                }
+            }
         }
     }
 }
 
+/// The most a client connection can make the router buffer: its request head (HTTP/1.1), or
+/// its HTTP/2 receive window, or the copy buffers of an opaque connection, plus the copy
+/// buffers.
+pub fn connection_buffer_bound(s: &RouterSettings) -> usize {
+    s.max_header_bytes
+        .max(8192)
+        .max(conn::CLIENT_H2_CONN_WINDOW as usize)
+        + conn::TUNNEL_BUFFERS
+}
+
+/// Descriptors kept for everything but connections (maps, pools, admin, logs).
+const FD_RESERVE: usize = 512;
+/// A connection holds its client socket and its upstream socket.
+const FDS_PER_CONNECTION: usize = 2;
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (the soft one is often 1024) and returns
+/// the limit in force.
+fn raise_fd_limit() -> usize {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 {
+            return usize::MAX;
+        }
+        if l.rlim_cur < l.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: l.rlim_max,
+                rlim_max: l.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                l = raised;
+            }
+        }
+    }
+    usize::try_from(l.rlim_cur).unwrap_or(usize::MAX)
+}
+
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 const SWEEP_AGE: Duration = Duration::from_secs(30);
+/// How often a router with room checks that its liveness slot is filled.
+const LIVENESS_CHECK: Duration = Duration::from_secs(1);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_reserves_its_largest_buffer_plus_copy_buffers() {
+        let s = RouterSettings::default();
+        assert_eq!(connection_buffer_bound(&s), 128 * 1024 + 16 * 1024);
+        let big_heads = RouterSettings {
+            max_header_bytes: 1024 * 1024,
+            ..RouterSettings::default()
+        };
+        assert_eq!(connection_buffer_bound(&big_heads), 1024 * 1024 + 16 * 1024);
+    }
+}

@@ -1,28 +1,44 @@
-//! Upstream connections, pooled per (upstream address, protocol) and reused: HTTP/1.1
-//! connections one request at a time, one multiplexed HTTP/2 connection per upstream.
+//! Upstream connections, pooled per (client pod, upstream address) and reused: HTTP/1.1
+//! connections one request at a time, one multiplexed HTTP/2 connection per key. No connection
+//! is shared between client pods, so one pod's stalled windows, exhausted stream limits or a
+//! misbehaving upstream's stray bytes never reach another pod's requests.
 
-use std::{collections::HashMap, net::SocketAddr, sync::Mutex, time::Duration};
-
-use hyper::{
-    body::Incoming,
-    client::conn::{http1, http2},
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
+
+use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use super::listener::connect_marked;
+use super::{
+    body::UpstreamBody,
+    connector::{ConnectError, Connector},
+    peek::{Peek, peekable},
+};
 
-/// Idle HTTP/1.1 connections kept per upstream.
-const MAX_IDLE_H1: usize = 64;
+/// Idle HTTP/1.1 connections kept per key, and per router thread in all.
+const MAX_IDLE_H1: usize = 32;
+const MAX_IDLE_H1_TOTAL: usize = 1024;
+
+/// HTTP/2 receive windows towards upstreams (per client pod, upstream and router thread).
+pub const UPSTREAM_H2_CONN_WINDOW: u32 = 1024 * 1024;
+const UPSTREAM_H2_STREAM_WINDOW: u32 = 256 * 1024;
+
+/// Whose a pooled connection is: the client pod (its address, which the router sees
+/// untranslated) and the upstream it goes to.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub struct PoolKey {
+    pub client: IpAddr,
+    pub upstream: SocketAddr,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    #[error("connect to {addr} timed out after {after:?}")]
-    ConnectTimeout { addr: SocketAddr, after: Duration },
-    #[error("connect to {addr}: {source}")]
-    Connect {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
     #[error("handshake with {addr}: {source}")]
     Handshake {
         addr: SocketAddr,
@@ -30,63 +46,77 @@ pub enum UpstreamError {
     },
 }
 
+/// An HTTP/1.1 connection, with the handle that tells whether it is clean to reuse.
+pub struct H1 {
+    pub send: http1::SendRequest<UpstreamBody>,
+    peek: Peek,
+}
+
+struct IdleH1 {
+    conn: H1,
+    since: Instant,
+}
+
+struct SharedH2 {
+    send: http2::SendRequest<UpstreamBody>,
+    used: Instant,
+}
+
+/// What a checkout found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Checkout {
+    /// Idle connections dropped because bytes had arrived on them unasked.
+    pub discarded: u64,
+}
+
 pub struct Pool {
-    mark: u32,
-    connect_timeout: Duration,
-    h1: Mutex<HashMap<SocketAddr, Vec<http1::SendRequest<Incoming>>>>,
-    h2: Mutex<HashMap<SocketAddr, http2::SendRequest<Incoming>>>,
+    connector: Arc<Connector>,
+    h1: Mutex<HashMap<PoolKey, Vec<IdleH1>>>,
+    h2: Mutex<HashMap<PoolKey, SharedH2>>,
 }
 
 impl Pool {
-    pub fn new(mark: u32, connect_timeout: Duration) -> Self {
+    pub fn new(connector: Arc<Connector>) -> Self {
         Pool {
-            mark,
-            connect_timeout,
+            connector,
             h1: Mutex::default(),
             h2: Mutex::default(),
         }
     }
 
-    async fn connect(&self, addr: SocketAddr) -> Result<tokio::net::TcpStream, UpstreamError> {
-        match tokio::time::timeout(self.connect_timeout, connect_marked(addr, self.mark)).await {
-            Err(_) => Err(UpstreamError::ConnectTimeout {
-                addr,
-                after: self.connect_timeout,
-            }),
-            Ok(Err(source)) => Err(UpstreamError::Connect { addr, source }),
-            Ok(Ok(s)) => {
-                let _ = s.set_nodelay(true);
-                Ok(s)
-            }
-        }
-    }
-
-    /// An HTTP/1.1 connection to `addr` ready for a request: an idle pooled one, or a new one.
-    pub async fn h1(
-        &self,
-        addr: SocketAddr,
-    ) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
-        if let Some(idle) = self.h1.lock().ok().and_then(|mut m| {
-            let list = m.get_mut(&addr)?;
-            list.retain(|s| !s.is_closed());
-            let i = list.iter().position(|s| s.is_ready())?;
-            Some(list.swap_remove(i))
-        }) {
+    /// An HTTP/1.1 connection for `key` ready for a request: a clean idle pooled one, or a new
+    /// one. An idle connection on which anything arrived (an unrequested response, stray
+    /// bytes, the upstream's close) is dropped, never reused.
+    pub async fn h1(&self, key: PoolKey, found: &mut Checkout) -> Result<H1, UpstreamError> {
+        if let Some(idle) = self.idle_h1(key, found) {
             return Ok(idle);
         }
-        self.new_h1(addr, false).await
+        self.new_h1(key, false).await
+    }
+
+    fn idle_h1(&self, key: PoolKey, found: &mut Checkout) -> Option<H1> {
+        let mut m = self.h1.lock().ok()?;
+        let list = m.get_mut(&key)?;
+        list.retain(|c| !c.conn.send.is_closed());
+        // Newest first: the likeliest to be still open upstream.
+        while let Some(i) = list.iter().rposition(|c| c.conn.send.is_ready()) {
+            let c = list.swap_remove(i);
+            if c.conn.peek.is_quiet() {
+                return Some(c.conn);
+            }
+            found.discarded += 1;
+        }
+        None
     }
 
     /// A fresh HTTP/1.1 connection (with upgrades allowed when `upgrades`), not from the pool.
-    pub async fn new_h1(
-        &self,
-        addr: SocketAddr,
-        upgrades: bool,
-    ) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
-        let io = TokioIo::new(self.connect(addr).await?);
+    pub async fn new_h1(&self, key: PoolKey, upgrades: bool) -> Result<H1, UpstreamError> {
+        let addr = key.upstream;
+        let stream = self.connector.connect(key.client, addr).await?;
+        let (stream, peek) = peekable(stream);
         let (send, conn) = http1::Builder::new()
             .preserve_header_case(true)
-            .handshake(io)
+            .handshake(TokioIo::new(stream))
             .await
             .map_err(|source| UpstreamError::Handshake { addr, source })?;
         if upgrades {
@@ -98,35 +128,50 @@ impl Pool {
                 let _ = conn.await;
             });
         }
-        Ok(send)
+        Ok(H1 { send, peek })
     }
 
-    /// Returns an HTTP/1.1 connection for reuse (it becomes ready when its response is read).
-    pub fn put_h1(&self, addr: SocketAddr, send: http1::SendRequest<Incoming>) {
-        if send.is_closed() {
+    /// Returns an HTTP/1.1 connection whose response headers arrived; it becomes ready for the
+    /// next request once that response has been read.
+    pub fn put_h1(&self, key: PoolKey, conn: H1) {
+        if conn.send.is_closed() {
             return;
         }
         if let Ok(mut m) = self.h1.lock() {
-            let list = m.entry(addr).or_default();
+            // Bounded: keys come with client pods, and each idle connection holds a descriptor.
+            if m.values().map(Vec::len).sum::<usize>() >= MAX_IDLE_H1_TOTAL {
+                return;
+            }
+            let list = m.entry(key).or_default();
             if list.len() < MAX_IDLE_H1 {
-                list.push(send);
+                list.push(IdleH1 {
+                    conn,
+                    since: Instant::now(),
+                });
             }
         }
     }
 
-    /// The shared HTTP/2 connection to `addr`, opened when missing or closed.
+    /// The HTTP/2 connection of `key`, opened when missing or closed.
     pub async fn h2(
         &self,
-        addr: SocketAddr,
-    ) -> Result<http2::SendRequest<Incoming>, UpstreamError> {
-        if let Some(s) = self.h2.lock().ok().and_then(|m| m.get(&addr).cloned())
-            && !s.is_closed()
+        key: PoolKey,
+    ) -> Result<http2::SendRequest<UpstreamBody>, UpstreamError> {
+        if let Some(s) = self.h2.lock().ok().and_then(|mut m| {
+            let e = m.get_mut(&key)?;
+            e.used = Instant::now();
+            Some(e.send.clone())
+        }) && !s.is_closed()
         {
             return Ok(s);
         }
-        let io = TokioIo::new(self.connect(addr).await?);
+        let addr = key.upstream;
+        let io = TokioIo::new(self.connector.connect(key.client, addr).await?);
         let (send, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
+            // What one client pod's unread responses can make the router hold per upstream.
+            .initial_connection_window_size(UPSTREAM_H2_CONN_WINDOW)
+            .initial_stream_window_size(UPSTREAM_H2_STREAM_WINDOW)
             .keep_alive_interval(Duration::from_secs(30))
             .handshake(io)
             .await
@@ -135,8 +180,29 @@ impl Pool {
             let _ = conn.await;
         });
         if let Ok(mut m) = self.h2.lock() {
-            m.insert(addr, send.clone());
+            m.insert(
+                key,
+                SharedH2 {
+                    send: send.clone(),
+                    used: Instant::now(),
+                },
+            );
         }
         Ok(send)
+    }
+
+    /// Drops connections closed upstream and those unused for `idle`: per-pod keys come and go
+    /// with pods. An HTTP/2 connection whose streams are still open stays up until they end.
+    pub fn sweep(&self, idle: Duration) {
+        let now = Instant::now();
+        if let Ok(mut m) = self.h1.lock() {
+            m.retain(|_, list| {
+                list.retain(|c| !c.conn.send.is_closed() && now - c.since < idle);
+                !list.is_empty()
+            });
+        }
+        if let Ok(mut m) = self.h2.lock() {
+            m.retain(|_, c| !c.send.is_closed() && now - c.used < idle);
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! Router outcome counters: every connection and every request ends in exactly one.
 
 use std::{
-    sync::atomic::{AtomicU64, Ordering},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
     time::Duration,
 };
 
@@ -17,16 +17,22 @@ pub enum Outcome {
     UpstreamFailed,
     Reset,
     AcceptError,
+    /// The client pod already held `--max-connections-per-pod`: reset.
+    PodLimit,
+    /// Opaque connection closed after `--opaque-idle-timeout-ms` without a byte either way.
+    IdleTimeout,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 6] = [
+    pub const ALL: [Outcome; 8] = [
         Outcome::Forwarded,
         Outcome::Opaque,
         Outcome::NoOrigDst,
         Outcome::UpstreamFailed,
         Outcome::Reset,
         Outcome::AcceptError,
+        Outcome::PodLimit,
+        Outcome::IdleTimeout,
     ];
 
     pub const fn label(self) -> &'static str {
@@ -37,6 +43,8 @@ impl Outcome {
             Outcome::UpstreamFailed => "upstream_failed",
             Outcome::Reset => "reset",
             Outcome::AcceptError => "accept_error",
+            Outcome::PodLimit => "pod_limit",
+            Outcome::IdleTimeout => "idle_timeout",
         }
     }
 }
@@ -156,6 +164,14 @@ pub struct RouterStats {
     requests: [[AtomicU64; RequestOutcome::ALL.len()]; Dest::ALL.len()],
     /// Requests whose routing key header was malformed (they went to baseline).
     key_errors: AtomicU64,
+    /// Idle upstream connections dropped instead of reused: bytes had arrived on them unasked.
+    pool_discards: AtomicU64,
+    /// Upstream connections opened from the node's network namespace because the client pod's
+    /// could not be found (shared with the connector).
+    pub netns_fallbacks: std::sync::Arc<AtomicU64>,
+    /// Whether the router is out of the liveness map because it is full, and how often it was.
+    full: AtomicBool,
+    full_total: AtomicU64,
     /// Time from a request's arrival to its response headers, per destination.
     latency: [Latency; Dest::ALL.len()],
 }
@@ -191,6 +207,31 @@ impl RouterStats {
 
     pub fn key_errors(&self) -> u64 {
         self.key_errors.load(Ordering::Relaxed)
+    }
+
+    pub fn count_pool_discards(&self, n: u64) {
+        if n > 0 {
+            self.pool_discards.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    pub fn set_full(&self, full: bool) {
+        self.full.store(full, Ordering::Relaxed);
+        if full {
+            self.full_total.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the router is full now (out of the liveness map), and how often it was.
+    pub fn full(&self) -> (bool, u64) {
+        (
+            self.full.load(Ordering::Relaxed),
+            self.full_total.load(Ordering::Relaxed),
+        )
+    }
+
+    pub fn pool_discards(&self) -> u64 {
+        self.pool_discards.load(Ordering::Relaxed)
     }
 
     pub fn observe(&self, dest: Dest, d: Duration) {

@@ -684,6 +684,24 @@ impl Node<'_> {
         NODE_NAME
     }
 
+    /// `GET /status` of the agent's admin endpoint (on the node's loopback, its default
+    /// address), as JSON.
+    pub fn admin_status(&self) -> Result<serde_json::Value> {
+        let out = self
+            .run(
+                &[
+                    "curl",
+                    "-sS",
+                    "--max-time",
+                    "5",
+                    "http://127.0.0.1:9967/status",
+                ],
+                Duration::from_secs(10),
+            )?
+            .check()?;
+        serde_json::from_str(&out).with_context(|| format!("/status is not JSON: {out}"))
+    }
+
     /// `/run/netns/<id>-node`.
     pub fn netns_path(&self) -> &Path {
         &self.mc.node_netns

@@ -107,30 +107,22 @@ impl<'c> Scene<'c> {
     }
 }
 
-/// One keyed GET of `path` from `pod` on a new connection: (status, body).
-fn keyed_get(pod: &Pod<'_>, path: &str) -> (u16, String) {
+/// One GET of `path` from `pod` on a new connection, with `extra` curl arguments: (status,
+/// body); status 0 when the connection failed.
+fn get(pod: &Pod<'_>, path: &str, max_time: &str, extra: &[&str]) -> (u16, String) {
     let url = format!("http://{VIP4}/{path}");
-    let header = format!("baggage: routing-key={KEY}");
-    let out = pod
-        .run(
-            &[
-                "curl",
-                "-sS",
-                "--max-time",
-                "5",
-                "-H",
-                &header,
-                "-o",
-                "-",
-                "-w",
-                "\n%{http_code}",
-                &url,
-            ],
-            CLIENT_TIMEOUT,
-        )
-        .unwrap();
+    let mut argv = vec!["curl", "-sS", "--max-time", max_time];
+    argv.extend_from_slice(extra);
+    argv.extend_from_slice(&["-o", "-", "-w", "\n%{http_code}", &url]);
+    let out = pod.run(&argv, CLIENT_TIMEOUT).unwrap();
     let (body, code) = out.stdout.rsplit_once('\n').unwrap_or(("", "0"));
     (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// One keyed GET of `path` from `pod` on a new connection: (status, body).
+fn keyed_get(pod: &Pod<'_>, path: &str) -> (u16, String) {
+    let header = format!("baggage: routing-key={KEY}");
+    get(pod, path, "5", &["-H", &header])
 }
 
 /// A slow HTTP/1.1 server (300 ms per request) that answers every request with its path and,
@@ -763,25 +755,7 @@ fn mc_pod_ip(mc: &MiniCluster, name: &str) -> String {
 /// One GET without a key from `pod` on a new connection: (status, body); status 0 when the
 /// connection failed.
 fn unkeyed_get(pod: &Pod<'_>) -> (u16, String) {
-    let url = format!("http://{VIP4}/");
-    let out = pod
-        .run(
-            &[
-                "curl",
-                "-sS",
-                "--max-time",
-                "8",
-                "-o",
-                "-",
-                "-w",
-                "\n%{http_code}",
-                &url,
-            ],
-            CLIENT_TIMEOUT,
-        )
-        .unwrap();
-    let (body, code) = out.stdout.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_string())
+    get(pod, "", "8", &[])
 }
 
 /// Sends an HTTP request one byte per second from its first byte; prints the seconds until

@@ -12,22 +12,7 @@ const TOOLS: &[&str] = &["curl", "python3"];
 
 /// `GET /status` of the agent's admin endpoint (in the node netns).
 fn status(mc: &MiniCluster) -> Value {
-    let out = mc
-        .node()
-        .run(
-            &[
-                "curl",
-                "-sS",
-                "--max-time",
-                "5",
-                "http://127.0.0.1:9967/status",
-            ],
-            CLIENT_TIMEOUT,
-        )
-        .unwrap()
-        .check()
-        .unwrap();
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    mc.node().admin_status().unwrap()
 }
 
 fn watches(s: &Value) -> Vec<Value> {

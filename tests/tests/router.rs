@@ -258,22 +258,7 @@ fn a_malformed_chunked_request_body_gets_400_and_is_no_upstream_error() {
         );
         assert_eq!(raw_statuses(&shop, &bad), [400], "{key}");
     }
-    let status = mc
-        .node()
-        .run(
-            &[
-                "curl",
-                "-sS",
-                "--max-time",
-                "5",
-                "http://127.0.0.1:9967/status",
-            ],
-            CLIENT_TIMEOUT,
-        )
-        .unwrap()
-        .check()
-        .unwrap();
-    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let status = mc.node().admin_status().unwrap();
     let requests = &status["router_requests"];
     assert_eq!(requests["baseline/upstream_error"], 0, "{requests}");
     assert_eq!(requests["fork/upstream_error"], 0, "{requests}");

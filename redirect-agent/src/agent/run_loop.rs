@@ -81,7 +81,11 @@ where
     let mut generation = 0u64;
     tokio::pin!(shutdown);
     loop {
+        // In this order: shutdown, then the source, then the resync timer. A resync that is
+        // due whenever a long sync ends must not keep a new snapshot waiting.
         tokio::select! {
+            biased;
+            _ = &mut shutdown => return Ok(()),
             update = source.next() => match update {
                 None => return Err(LoopError::SourceStopped(source.name())),
                 Some(Update::Snapshot(store)) => {
@@ -123,7 +127,6 @@ where
                     tracing::info!(tracer_pid = stale.pid, "switched off a trace whose tracer is gone");
                 }
             }
-            _ = &mut shutdown => return Ok(()),
         }
     }
 }

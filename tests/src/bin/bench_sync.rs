@@ -10,7 +10,7 @@
 //! 2. **Initial sync**: a real `KubeSource` (kube-rs client, real HTTP) starts; the time to its
 //!    first snapshot and to that snapshot applied by a `Syncer` into `MemoryMaps`.
 //! 3. **Full recompute**: `desired()` and `diff()` on that snapshot, `--rounds` times (median,
-//!    p99), the source's own work per snapshot (the caches' copy, `dangling_references()`),
+//!    p99), the source's own work per snapshot (the caches' copy),
 //!    and one full `apply` into empty `MemoryMaps`.
 //! 4. **Event → map**: `--events` API writes (`tests/src/bench_sync/events.rs`), one at a
 //!    time with a pause, each timed from the write's response to the end of the map writes
@@ -56,8 +56,8 @@ use redirect_agent::source::kube::{KubeSource, KubeSourceConfig};
 use redirect_agent::source::{Source, Update};
 use redirect_agent::store::{Store, ns_name};
 use redirect_agent::sync::{
-    CgroupResolver, IdAllocator, MapError, MemoryMaps, NodeContext, RedirectMaps, apply, desired,
-    diff,
+    CgroupResolver, DesiredState, IdAllocator, MapError, MemoryMaps, NodeContext, RedirectMaps,
+    apply, desired, diff,
 };
 use redirect_common::{
     ForkEndpoints, ForkKey, RouterConfig, ServiceValue, SockAddr, WorkloadValue,
@@ -941,11 +941,13 @@ struct Recompute {
     desired_diff_cpu: Vec<f64>,
     desired: Vec<f64>,
     diff: Vec<f64>,
-    /// Per snapshot in the kube source: the lists' copy, `dangling_references()`, and the
-    /// previous snapshot's drop (in the loop).
+    /// Per snapshot in the kube source: the lists' copy, and the previous snapshot's drop (in
+    /// the loop).
     source_copy: Vec<f64>,
-    source_dangling: Vec<f64>,
     source_drop: Vec<f64>,
+    /// `DesiredState::desired` (the agent's, which remembers) on a snapshot it has seen: the
+    /// floor of every sync.
+    desired_unchanged: Vec<f64>,
     diff_full: f64,
     apply_full: f64,
     ops_full: usize,
@@ -981,19 +983,27 @@ fn recompute(store: &Store, last: &Tables, rounds: u64) -> Result<Recompute> {
         di.push(ms(t2 - t1));
     }
     // What the kube source does per snapshot besides: copy the caches' lists (Store::clone
-    // does the same: a Vec<Arc<_>> per kind) and look for dangling references.
-    let (mut source_copy, mut source_dangling, mut source_drop) =
-        (Vec::new(), Vec::new(), Vec::new());
+    // does the same: a Vec<Arc<_>> per kind).
+    let (mut source_copy, mut source_drop) = (Vec::new(), Vec::new());
     for _ in 0..rounds.min(20) {
         let t0 = Instant::now();
-        let mut copy = store.clone();
+        let copy = store.clone();
         let t1 = Instant::now();
-        copy.warnings = copy.dangling_references();
-        let t2 = Instant::now();
         drop(copy);
         source_copy.push(ms(t1 - t0));
-        source_dangling.push(ms(t2 - t1));
-        source_drop.push(ms(t2.elapsed()));
+        source_drop.push(ms(t1.elapsed()));
+    }
+    let mut state = DesiredState::new(ids);
+    state.desired(store, &mut node);
+    let mut desired_unchanged = Vec::new();
+    for _ in 0..rounds {
+        let t0 = Instant::now();
+        let want = state.desired(store, &mut node);
+        desired_unchanged.push(ms(t0.elapsed()));
+        ensure!(
+            want.tables == *last,
+            "the remembering desired() differs from a fresh one"
+        );
     }
     let empty = MemoryMaps::new().read()?;
     let t0 = Instant::now();
@@ -1011,8 +1021,8 @@ fn recompute(store: &Store, last: &Tables, rounds: u64) -> Result<Recompute> {
         desired: de,
         diff: di,
         source_copy,
-        source_dangling,
         source_drop,
+        desired_unchanged,
         diff_full,
         apply_full,
         ops_full,
@@ -1358,13 +1368,13 @@ fn report(
         none(),
     );
     row(
-        "per snapshot: lists' copy / dangling_references() / drop",
-        format!(
-            "{:.2} / {:.2} / {:.2}",
-            p50(&rc.source_copy),
-            p50(&rc.source_dangling),
-            p50(&rc.source_drop)
-        ),
+        "desired(), remembering, nothing changed: median",
+        format!("{:.2} ms", p50(&rc.desired_unchanged)),
+        none(),
+    );
+    row(
+        "per snapshot: lists' copy / drop",
+        format!("{:.2} / {:.2}", p50(&rc.source_copy), p50(&rc.source_drop)),
         none(),
     );
     row(
@@ -1388,8 +1398,8 @@ fn report(
     json.push(("diff_p50".into(), p50(&rc.diff), "ms"));
     json.push(("snapshot_copy_p50".into(), p50(&rc.source_copy), "ms"));
     json.push((
-        "snapshot_dangling_references_p50".into(),
-        p50(&rc.source_dangling),
+        "desired_unchanged_p50".into(),
+        p50(&rc.desired_unchanged),
         "ms",
     ));
     json.push(("snapshot_drop_p50".into(), p50(&rc.source_drop), "ms"));

@@ -379,6 +379,54 @@ impl Agent {
         self.wait_started(Duration::from_secs(30))
     }
 
+    /// SIGKILLs the agent and starts it again, waiting only until the new process logged a
+    /// line containing `needle` (not for a sync: a restarted agent routes with the last good
+    /// state it persisted before its source gives a good snapshot).
+    pub fn restart_until(
+        &mut self,
+        mc: &MiniCluster,
+        needle: &str,
+        timeout: Duration,
+    ) -> Result<()> {
+        self.kill9()?;
+        self.spawn(mc)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let p = self.proc.as_mut().context("no agent running")?;
+            if p.log().contains(needle) {
+                return Ok(());
+            }
+            if let Some(status) = p.try_status()? {
+                bail!("the agent exited ({status}):\n{}", p.log());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the agent did not log {needle:?} within {timeout:?}:\n{}",
+                    p.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The log of the current agent process alone.
+    pub fn current_log(&self) -> String {
+        self.proc.as_ref().map(Proc::log).unwrap_or_default()
+    }
+
+    /// Waits until the agent persisted its last good state beside the pins.
+    pub fn wait_persisted(&self, timeout: Duration) -> Result<()> {
+        let path = self.pin_dir.join("state_v1");
+        let deadline = Instant::now() + timeout;
+        while !path.exists() {
+            if Instant::now() > deadline {
+                bail!("{} not written within {timeout:?}", path.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
     /// Waits for the current process's first sync and for its router, which starts right
     /// after the first sync that applied without failure.
     pub fn wait_started(&mut self, timeout: Duration) -> Result<()> {

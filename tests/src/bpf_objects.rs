@@ -48,6 +48,12 @@ impl PinnedObjects {
             let info = bpftool_json(&["map", "show", "pinned", path.to_str().context("path")?])?;
             found.maps.push(info["id"].as_u64().context("map id")?);
         }
+        // The last good state the agent persisted, a map it pins itself.
+        let state = pin_dir.join("state_v1");
+        if state.exists() {
+            let info = bpftool_json(&["map", "show", "pinned", state.to_str().context("path")?])?;
+            found.maps.push(info["id"].as_u64().context("map id")?);
+        }
         Ok(found)
     }
 

@@ -61,6 +61,10 @@ fn uninstalling_with_the_images_cleanup_leaves_nothing_in_the_kernel() {
         "checkout-fork\n"
     );
     let pin_dir = shop.agent().pin_dir.clone();
+    // Every object, the persisted last good state included.
+    shop.agent()
+        .wait_persisted(Duration::from_secs(10))
+        .unwrap();
     let objects = PinnedObjects::of(&pin_dir).unwrap();
 
     // helm uninstall: the DaemonSet's pods get SIGTERM, then the post-delete hook runs

@@ -184,10 +184,12 @@ fn the_router_refuses_connections_the_kernel_did_not_redirect() {
 }
 
 /// A client loop in the `client` pod: one new connection + request every `interval`, for
-/// `seconds`. Separates connect failures from failures inside an established connection.
+/// `seconds`, with an `x-routing-key` when a fifth argument gives one. Separates connect failures from failures inside an established connection.
 const LOOP_CLIENT: &str = r#"
 import socket, sys, time, json
 host, port, seconds, interval = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+key = sys.argv[5] if len(sys.argv) > 5 else None
+head = b"GET / HTTP/1.1\r\nHost: x\r\n" + (b"x-routing-key: " + key.encode() + b"\r\n" if key else b"") + b"Connection: close\r\n\r\n"
 fam = socket.AF_INET6 if ":" in host else socket.AF_INET
 res = {"ok": 0, "connect_failed": 0, "broken": 0, "served_by": {}, "fail_times": []}
 start = time.monotonic()
@@ -200,7 +202,7 @@ while time.monotonic() - start < seconds:
     except OSError:
         res["connect_failed"] += 1; res["fail_times"].append(t); s.close(); time.sleep(interval); continue
     try:
-        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        s.sendall(head)
         data = b""
         while True:
             chunk = s.recv(4096)
@@ -396,6 +398,10 @@ fn cleanup_removes_every_link_program_and_pin_it_made() {
     };
     let mut shop = Shop::with_agent(&mc, true).unwrap();
     let pin_dir = shop.agent().pin_dir.clone();
+    // Every object, the persisted last good state included.
+    shop.agent()
+        .wait_persisted(Duration::from_secs(10))
+        .unwrap();
     let objects = PinnedObjects::of(&pin_dir).unwrap();
     let removed = shop.agent().cleanup().unwrap();
     assert_eq!(removed.len(), objects.count() + 1, "{removed:?}");
@@ -445,4 +451,141 @@ fn getpeername_reports_the_address_the_application_connected_to() {
     // IPv4-mapped on an IPv6 socket keeps its mapped form.
     let mapped = format!("::ffff:{CHECKOUT_VIP4}");
     assert_eq!(peer_name(&shop.client, &mapped), format!("{mapped} 80"));
+}
+
+/// `GET /status` of the agent's admin endpoint (in the node netns).
+fn status(mc: &MiniCluster) -> serde_json::Value {
+    let out = mc
+        .node()
+        .run(
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                "http://127.0.0.1:9967/status",
+            ],
+            CLIENT_TIMEOUT,
+        )
+        .unwrap()
+        .check()
+        .unwrap();
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+#[test]
+fn keyed_requests_sent_across_an_agent_restart_while_the_api_server_is_down_all_reach_the_fork() {
+    let Some(mc) = MiniCluster::new_or_skip("restart_keyed_api_down", TOOLS) else {
+        return;
+    };
+    let mut shop = Shop::with_agent_on(&mc, true, SourceMode::Kube).unwrap();
+    shop.agent()
+        .wait_persisted(Duration::from_secs(10))
+        .unwrap();
+    let script = mc.workdir().join("loop_client.py");
+    std::fs::write(&script, LOOP_CLIENT).unwrap();
+    // Keyed requests on a new connection every 2 ms from a baseline pod, through the router.
+    let mut client = shop
+        .client
+        .spawn(&[
+            "python3",
+            script.to_str().unwrap(),
+            CHECKOUT_VIP4,
+            "80",
+            "4",
+            "0.002",
+            SANDBOX_KEY,
+        ])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    // The new agent cannot list anything, so its source never gives a snapshot; the old one
+    // is stopped once the new router runs (as a DaemonSet surge does).
+    let api = shop.agent().kube.as_ref().unwrap().server.clone();
+    api.set_down(true);
+    shop.agent().roll(&mc, Duration::from_secs(10)).unwrap();
+    client
+        .wait_timeout(Duration::from_secs(20))
+        .unwrap()
+        .expect("client loop finished");
+    let log = client.log();
+    let res: serde_json::Value =
+        serde_json::from_str(log.trim()).unwrap_or_else(|e| panic!("{e}: {log}"));
+    println!("keyed requests across a restart with the API down: {res}");
+    assert_eq!(res["connect_failed"], 0, "{res}");
+    assert!(res["ok"].as_u64().unwrap() > 100, "{res}");
+    assert_eq!(
+        res["served_by"],
+        serde_json::json!({"checkout-fork": res["ok"]}),
+        "keyed requests reached baseline across the restart"
+    );
+    assert_eq!(status(&mc)["state_from"], "persisted");
+    // The API back: the new agent syncs and routes with its own state from then on.
+    api.set_down(false);
+    shop.agent()
+        .wait_synced(1, Duration::from_secs(30))
+        .unwrap();
+    assert_eq!(status(&mc)["state_from"], "synced");
+    assert_eq!(
+        get_with(
+            &shop.client,
+            CHECKOUT_VIP4,
+            "",
+            Some(&format!("x-routing-key: {SANDBOX_KEY}"))
+        )
+        .unwrap(),
+        "checkout-fork\n"
+    );
+}
+
+#[test]
+fn a_restart_while_the_manifests_hold_a_broken_file_keeps_keyed_requests_on_the_fork() {
+    let Some(mc) = MiniCluster::new_or_skip("restart_broken_manifest", TOOLS) else {
+        return;
+    };
+    let mut shop = Shop::with_agent(&mc, true).unwrap();
+    let key = format!("x-routing-key: {SANDBOX_KEY}");
+    shop.agent()
+        .wait_persisted(Duration::from_secs(10))
+        .unwrap();
+    shop.write_manifest(
+        "zz-broken.yaml",
+        "apiVersion: redirect.dev/v1alpha1\nkind: Sandbox\nmetadata: {name: broken, namespace: default}\nspec:\n  routingKey: \"bad key!\"\n  forks: []\n",
+    )
+    .unwrap();
+    shop.agent()
+        .wait_log("manifests rejected", Duration::from_secs(20))
+        .unwrap();
+
+    // The agent crashes and comes back while the directory still holds the broken file: once
+    // its source has answered (rejected), keyed requests must still reach the fork.
+    shop.agent()
+        .restart_until(&mc, "manifests rejected", Duration::from_secs(30))
+        .unwrap();
+    for _ in 0..10 {
+        assert_eq!(
+            get_with(&shop.client, CHECKOUT_VIP4, "", Some(&key)).unwrap(),
+            "checkout-fork\n"
+        );
+    }
+    let s = status(&mc);
+    assert_eq!(s["state_from"], "persisted", "{s}");
+    assert_eq!(s["ready"], false, "not ready before a sync of its own: {s}");
+    assert!(
+        shop.agent()
+            .current_log()
+            .contains("routing with the persisted last good state"),
+        "{}",
+        shop.agent().current_log()
+    );
+
+    // Fixed: the agent syncs from its source and keeps routing.
+    std::fs::remove_file(shop.manifests.join("zz-broken.yaml")).unwrap();
+    shop.agent()
+        .wait_synced(1, Duration::from_secs(20))
+        .unwrap();
+    assert_eq!(status(&mc)["state_from"], "synced");
+    assert_eq!(
+        get_with(&shop.client, CHECKOUT_VIP4, "", Some(&key)).unwrap(),
+        "checkout-fork\n"
+    );
 }

@@ -232,7 +232,16 @@ pub struct AgentStatus {
     /// that predate it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<crate::source::kube::health::SourceStatus>,
+    /// Where the routing state in force comes from: `synced` (this agent's source),
+    /// `persisted` (the last good state an earlier agent applied, until the first sync), or
+    /// `none` (nothing yet). Empty from agents that predate it.
+    #[serde(default)]
+    pub state_from: String,
 }
+
+pub const STATE_NONE: &str = "none";
+pub const STATE_PERSISTED: &str = "persisted";
+pub const STATE_SYNCED: &str = "synced";
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SyncInfo {

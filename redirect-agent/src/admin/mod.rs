@@ -69,6 +69,8 @@ pub struct AdminState {
     last_sync: Mutex<Option<api::SyncInfo>>,
     pub sync: SyncMetrics,
     router: Mutex<Option<Arc<Shared>>>,
+    /// Where the routing state in force came from (`api::STATE_*`).
+    state_from: Mutex<&'static str>,
     source: Mutex<SourceInfo>,
     log: Option<LogControl>,
     log_filter: Mutex<String>,
@@ -94,6 +96,7 @@ impl AdminState {
             last_sync: Mutex::new(None),
             sync: SyncMetrics::default(),
             router: Mutex::new(None),
+            state_from: Mutex::new(api::STATE_NONE),
             source: Mutex::new(SourceInfo::default()),
             log,
             log_filter: Mutex::new(log_filter.to_string()),
@@ -132,6 +135,13 @@ impl AdminState {
         lock(&self.router).clone()
     }
 
+    /// Publishes the state an earlier agent persisted, which routes until the first sync.
+    pub fn restored(&self, tables: &Tables) {
+        *lock(&self.state_from) = api::STATE_PERSISTED;
+        self.tables
+            .store(Arc::new(api::TablesDoc::new(tables, 0, Vec::new())));
+    }
+
     /// Records a sync and publishes its tables. `ok`: no map operation failed.
     pub fn synced(
         &self,
@@ -143,6 +153,7 @@ impl AdminState {
         failed: &[String],
     ) {
         self.sync.record_sync(took.as_secs_f64(), applied, failed);
+        *lock(&self.state_from) = api::STATE_SYNCED;
         self.generation.store(generation, Ordering::Relaxed);
         self.tables
             .store(Arc::new(api::TablesDoc::new(tables, generation, pods)));
@@ -190,6 +201,7 @@ impl AdminState {
                 .unwrap_or_default(),
             router_requests: stats.map(request_counts).unwrap_or_default(),
             source: self.source_status(),
+            state_from: lock(&self.state_from).to_string(),
         }
     }
 

@@ -15,7 +15,10 @@ use crate::{
     sync::RedirectMaps,
 };
 
-use super::Syncer;
+use super::{
+    Syncer,
+    last_good::{self, Restore, Saved, StateStore},
+};
 
 /// Why the loop ended other than by the shutdown signal.
 #[derive(Debug, thiserror::Error)]
@@ -34,10 +37,11 @@ pub type StartRouter = Box<dyn FnOnce(Arc<RouteView>) -> Result<Arc<Shared>, Rou
 pub enum RouterHandle {
     /// No router (tests of the loop alone).
     None,
-    /// Started after the first sync that applied without failure: only then does it know
-    /// every key, so it never takes a connection it would route by a partial table. Until
-    /// then baseline callers go straight to their destination (fail open) and, during an
-    /// upgrade, the previous agent's router keeps serving.
+    /// Started with the persisted last good state when it matches the pinned maps, else
+    /// after the first sync that applied without failure: either way it knows every key, so
+    /// it never takes a connection it would route by a partial table. Until then baseline
+    /// callers go straight to their destination (fail open) and, during an upgrade, the
+    /// previous agent's router keeps serving.
     Pending(StartRouter),
     Running(Arc<Shared>),
 }
@@ -60,6 +64,8 @@ pub struct LoopContext {
     pub pin_dir: PathBuf,
     /// How often the last good snapshot is re-applied.
     pub resync: Duration,
+    /// Where the last good state is kept across restarts (`None`: not kept).
+    pub state: Option<Box<dyn StateStore>>,
 }
 
 /// Runs until `shutdown` completes (`Ok`) or the source stops (`Err`). The last good state
@@ -79,6 +85,19 @@ where
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_good: Option<Store> = None;
     let mut generation = 0u64;
+    let mut persisted = Persisted::default();
+    if let Some(saved) = restore(syncer, ctx) {
+        // The router serves the state an earlier agent applied until the first sync replaces
+        // it: a keyed request is routed as before the restart even while the source cannot
+        // give a good snapshot yet.
+        syncer.last = Arc::new(saved.tables.clone());
+        start_router(syncer, ctx)?;
+        ctx.admin.restored(&syncer.last);
+        if let Some(router) = ctx.router.running() {
+            router.set_client_pods(saved.pods.iter().cloned().collect());
+        }
+        persisted.saved = Some(saved);
+    }
     tokio::pin!(shutdown);
     loop {
         // In this order: shutdown, then the source, then the resync timer. A resync that is
@@ -93,6 +112,7 @@ where
                     let ok = sync(syncer, &store, generation, true, &ctx.admin).1;
                     if ok {
                         start_router(syncer, ctx)?;
+                        persist(syncer, &store, ctx, &mut persisted);
                     }
                     publish(syncer, ctx);
                     publish_pods(&store, ctx);
@@ -113,6 +133,9 @@ where
             _ = resync.tick() => {
                 if let Some(store) = &last_good {
                     let (changed, ok) = sync(syncer, store, generation, false, &ctx.admin);
+                    if ok {
+                        persist(syncer, store, ctx, &mut persisted);
+                    }
                     if ok && matches!(ctx.router, RouterHandle::Pending(_)) {
                         start_router(syncer, ctx)?;
                         publish(syncer, ctx);
@@ -128,6 +151,94 @@ where
                 }
             }
         }
+    }
+}
+
+/// The last good state an earlier agent persisted, when it matches the pinned maps. Anything
+/// else is logged and leaves the router to wait for the first sync.
+fn restore<M: RedirectMaps, C: CgroupResolver>(
+    syncer: &Syncer<M, C>,
+    ctx: &LoopContext,
+) -> Option<Saved> {
+    let store = ctx.state.as_deref()?;
+    let pinned = match syncer.maps.read() {
+        Ok(t) => t,
+        Err(error) => {
+            tracing::warn!(%error, "persisted state not used: the pinned maps cannot be read");
+            return None;
+        }
+    };
+    match last_good::restore(store, &pinned) {
+        Restore::Use(saved) => {
+            tracing::info!(
+                state = %store.describe(),
+                keys = saved.tables.keys.len(),
+                forks = saved.tables.forks.len(),
+                "routing with the persisted last good state until the first sync"
+            );
+            Some(saved)
+        }
+        Restore::Missing => {
+            tracing::info!(
+                state = %store.describe(),
+                "no persisted state (first start): the router starts after the first sync"
+            );
+            None
+        }
+        Restore::Ignored(reason) => {
+            tracing::warn!(
+                %reason,
+                "persisted state ignored: the router starts after the first sync"
+            );
+            None
+        }
+    }
+}
+
+/// What the state store holds, so that unchanged syncs do not rewrite it.
+#[derive(Default)]
+struct Persisted {
+    saved: Option<Saved>,
+    /// The last write failed (warned once; the next success says so).
+    failing: bool,
+}
+
+/// Keeps the state store equal to the last sync that applied without failure. A failed write
+/// is a warning: routing goes on, only a restart would then wait for its first sync.
+fn persist<M: RedirectMaps, C: CgroupResolver>(
+    syncer: &Syncer<M, C>,
+    store: &Store,
+    ctx: &LoopContext,
+    persisted: &mut Persisted,
+) {
+    let Some(state) = ctx.state.as_deref() else {
+        return;
+    };
+    let mut pods: Vec<_> = client_pods(store).into_iter().collect();
+    pods.sort();
+    let saved = Saved {
+        tables: (*syncer.last).clone(),
+        pods,
+    };
+    if persisted.saved.as_ref() == Some(&saved) {
+        return;
+    }
+    match state.save(&last_good::encode(&saved)) {
+        Ok(()) => {
+            if std::mem::take(&mut persisted.failing) {
+                tracing::info!("the last good state is persisted again");
+            }
+            persisted.saved = Some(saved);
+        }
+        // Retried after every good sync and resync: warn once, not every resync.
+        Err(error) if !persisted.failing => {
+            persisted.failing = true;
+            tracing::warn!(
+                %error,
+                "cannot persist the last good state: a restart will wait for its first sync"
+            );
+        }
+        Err(error) => tracing::debug!(%error, "cannot persist the last good state"),
     }
 }
 
@@ -161,14 +272,18 @@ fn publish<M: RedirectMaps, C: CgroupResolver>(syncer: &Syncer<M, C>, ctx: &Loop
 /// the client pod's network namespace.
 fn publish_pods(store: &Store, ctx: &LoopContext) {
     if let Some(router) = ctx.router.running() {
-        let pods = store
-            .pods
-            .iter()
-            .filter_map(|p| Some((crate::k8s::pod_ips(p), p.metadata.uid.clone()?)))
-            .flat_map(|(ips, uid)| ips.into_iter().map(move |ip| (ip, uid.clone())))
-            .collect();
-        router.set_client_pods(pods);
+        router.set_client_pods(client_pods(store));
     }
+}
+
+/// The node's pods by address.
+fn client_pods(store: &Store) -> std::collections::HashMap<std::net::IpAddr, String> {
+    store
+        .pods
+        .iter()
+        .filter_map(|p| Some((crate::k8s::pod_ips(p), p.metadata.uid.clone()?)))
+        .flat_map(|(ips, uid)| ips.into_iter().map(move |ip| (ip, uid.clone())))
+        .collect()
 }
 
 /// Applies `store`; logs `synced` for every new generation, and for resyncs that changed
@@ -289,6 +404,7 @@ spec:
             router: RouterHandle::None,
             pin_dir: "/nonexistent".into(),
             resync: Duration::from_secs(3600),
+            state: None,
         }
     }
 
@@ -352,5 +468,85 @@ spec:
             1,
             "the fork is in the maps"
         );
+    }
+    /// Runs the loop on `maps` with `state` kept in memory, over the scripted `updates`.
+    async fn run_once(
+        maps: MemoryMaps,
+        state: &last_good::MemoryState,
+        updates: Vec<Update>,
+    ) -> (Syncer<MemoryMaps, HashMap<String, u64>>, LoopContext) {
+        let mut syncer = Syncer::new(maps, HashMap::new(), None, RouterConfig::default()).unwrap();
+        let mut ctx = ctx();
+        ctx.state = Some(Box::new(state.clone()));
+        let mut source = Scripted {
+            updates: updates.into(),
+            stop: true,
+        };
+        let end = run(&mut syncer, &mut source, &mut ctx, std::future::pending()).await;
+        assert!(matches!(end, Err(LoopError::SourceStopped("scripted"))));
+        (syncer, ctx)
+    }
+
+    fn rejected() -> Update {
+        Update::Rejected(vec![Rejection {
+            message: "zz.yaml:3: bad".into(),
+            label: "invalid_object",
+        }])
+    }
+
+    #[tokio::test]
+    async fn a_restarted_agent_routes_with_the_persisted_state_while_its_source_is_rejected() {
+        let state = last_good::MemoryState::default();
+        let (first, _) = run_once(
+            MemoryMaps::default(),
+            &state,
+            vec![Update::Snapshot(store_with_sandbox())],
+        )
+        .await;
+        assert!(state.load().unwrap().is_some(), "persisted after the sync");
+        let (second, ctx) = run_once(first.maps.clone(), &state, vec![rejected()]).await;
+        let keys: Vec<_> = second.last.keys.values().map(|k| k.key.clone()).collect();
+        assert_eq!(keys, ["fx"], "the router's view has the key");
+        assert_eq!(second.last.service_names.len(), 1);
+        assert_eq!(ctx.admin.status().state_from, "persisted");
+        assert!(!ctx.admin.is_ready(), "ready only after a sync of its own");
+    }
+
+    #[tokio::test]
+    async fn a_persisted_state_the_maps_no_longer_match_is_not_used() {
+        let state = last_good::MemoryState::default();
+        let (first, _) = run_once(
+            MemoryMaps::default(),
+            &state,
+            vec![Update::Snapshot(store_with_sandbox())],
+        )
+        .await;
+        // A later writer removed the fork from the maps without updating the state.
+        let mut maps = first.maps.clone();
+        let fork = *maps.read().unwrap().forks.keys().next().unwrap();
+        maps.del_fork(&fork).unwrap();
+        let (second, ctx) = run_once(maps, &state, vec![rejected()]).await;
+        assert!(second.last.keys.is_empty(), "neither is trusted");
+        assert_eq!(ctx.admin.status().state_from, "none");
+    }
+
+    #[tokio::test]
+    async fn a_first_start_without_persisted_state_syncs_and_then_persists() {
+        let state = last_good::MemoryState::default();
+        let (_, ctx) = run_once(MemoryMaps::default(), &state, vec![rejected()]).await;
+        assert_eq!(ctx.admin.status().state_from, "none");
+        assert!(
+            state.load().unwrap().is_none(),
+            "nothing good to persist yet"
+        );
+        let (synced, ctx) = run_once(
+            MemoryMaps::default(),
+            &state,
+            vec![Update::Snapshot(store_with_sandbox())],
+        )
+        .await;
+        assert_eq!(ctx.admin.status().state_from, "synced");
+        let saved = last_good::decode(&state.load().unwrap().unwrap(), "memory").unwrap();
+        assert_eq!(saved.tables, *synced.last);
     }
 }

@@ -421,7 +421,8 @@ async fn run(a: RunArgs, log_control: LogControl, log_filter: String) -> Result<
             .unwrap_or_else(|| RouterSettings::default().workers),
         ..RouterSettings::default()
     };
-    // Opened now, so a missing pin fails the start; bound after the first sync.
+    // Opened now, so a missing pin fails the start; bound once the tables are complete (the
+    // persisted last good state, or the first sync).
     let socks = RouterSocks::open(&pin_dir)?;
     let start_router: StartRouter = Box::new(move |view| {
         let router = Router::bind(settings, socks)?;
@@ -445,6 +446,7 @@ async fn run(a: RunArgs, log_control: LogControl, log_filter: String) -> Result<
     let mut ctx = LoopContext {
         admin: admin.clone(),
         router: RouterHandle::Pending(start_router),
+        state: Some(Box::new(agent::last_good::PinnedState::new(&pin_dir))),
         pin_dir,
         resync: Duration::from_millis(a.resync_ms),
     };

@@ -288,6 +288,10 @@ pub fn render(doc: &StatusDoc) -> String {
                     s.sync_errors_total,
                     s.manifest_errors_total
                 )),
+                None if s.state_from == crate::admin::api::STATE_PERSISTED => out.push_str(
+                    "last sync: none yet; routing with the last good state an earlier agent \
+                     persisted\n",
+                ),
                 None => out.push_str("last sync: none yet\n"),
             }
             if let Some(src) = &s.source {

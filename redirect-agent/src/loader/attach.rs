@@ -236,7 +236,12 @@ pub fn cleanup(pin_dir: &Path) -> Result<Vec<PathBuf>, LoaderError> {
             removed.push(path);
         }
     }
-    for map in ALL_MAPS {
+    // The persisted last good state (a pinned map the agent creates itself) goes too.
+    let state = [
+        crate::agent::last_good::STATE_PIN,
+        crate::agent::last_good::STATE_PIN_TMP,
+    ];
+    for map in ALL_MAPS.iter().copied().chain(state) {
         let path = pin_dir.join(map);
         if path.exists() {
             fs::remove_file(&path).map_err(|e| pin_err(&path, e.to_string()))?;

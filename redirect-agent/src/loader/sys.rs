@@ -184,3 +184,87 @@ pub fn count_keys(map: std::os::fd::BorrowedFd<'_>, max: u64) -> u64 {
         cur = next;
     }
 }
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_OBJ_PIN: libc::c_long = 6;
+/// `BPF_MAP_TYPE_ARRAY`.
+pub const MAP_TYPE_ARRAY: u32 = 2;
+
+/// Creates an array map of `max_entries` values of `value_size` bytes (u32 keys), named `name`
+/// (up to 15 bytes) for `bpftool map show`.
+pub fn array_create(name: &str, value_size: u32, max_entries: u32) -> io::Result<OwnedFd> {
+    let mut attr = [0u64; 16];
+    attr[0] = MAP_TYPE_ARRAY as u64 | (4u64 << 32);
+    attr[1] = value_size as u64 | ((max_entries as u64) << 32);
+    // map_name (char[16]) starts at byte 28 of the attribute union.
+    let mut bytes = [0u8; 128];
+    for (i, w) in attr.iter().enumerate() {
+        bytes[i * 8..i * 8 + 8].copy_from_slice(&w.to_ne_bytes());
+    }
+    for (i, b) in name.bytes().take(15).enumerate() {
+        bytes[28 + i] = b;
+    }
+    for (i, w) in attr.iter_mut().enumerate() {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
+        *w = u64::from_ne_bytes(word);
+    }
+    let fd = bpf(BPF_MAP_CREATE, &mut attr)?;
+    // SAFETY: the kernel returned a new file descriptor we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Writes `value` (exactly the map's value size) at index `key` of an array map.
+pub fn array_update(map: &OwnedFd, key: u32, value: &[u8]) -> io::Result<()> {
+    let mut attr = [0u64; 16];
+    attr[0] = map.as_raw_fd() as u64;
+    attr[1] = &key as *const u32 as u64;
+    attr[2] = value.as_ptr() as u64;
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
+}
+
+/// Reads index `key` of an array map into `value` (exactly the map's value size).
+pub fn array_lookup(map: &OwnedFd, key: u32, value: &mut [u8]) -> io::Result<()> {
+    let mut attr = [0u64; 16];
+    attr[0] = map.as_raw_fd() as u64;
+    attr[1] = &key as *const u32 as u64;
+    attr[2] = value.as_mut_ptr() as u64;
+    bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).map(|_| ())
+}
+
+/// Pins an object at `path`.
+pub fn obj_pin(fd: &OwnedFd, path: &Path) -> io::Result<()> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path with NUL"))?;
+    let mut attr = [0u64; 16];
+    attr[0] = c.as_ptr() as u64;
+    attr[1] = fd.as_raw_fd() as u64;
+    bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
+}
+
+/// What `BPF_OBJ_GET_INFO_BY_FD` tells about a map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapShape {
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+}
+
+/// Type, key and value sizes and capacity of a map.
+pub fn map_shape(map: &OwnedFd) -> io::Result<MapShape> {
+    // struct bpf_map_info: type, id, key_size, value_size, max_entries (u32 each), ...
+    let mut info = [0u64; 12];
+    let mut attr = [0u64; 16];
+    attr[0] = map.as_raw_fd() as u64 | ((std::mem::size_of_val(&info) as u64) << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(MapShape {
+        map_type: (info[0] & 0xffff_ffff) as u32,
+        key_size: (info[1] & 0xffff_ffff) as u32,
+        value_size: (info[1] >> 32) as u32,
+        max_entries: (info[2] & 0xffff_ffff) as u32,
+    })
+}

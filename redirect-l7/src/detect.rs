@@ -5,6 +5,10 @@
 //! database handshakes, any binary protocol, and protocols where the server speaks first) is
 //! [`Protocol::Opaque`] and passed through to its original destination untouched.
 //!
+//! This applies to ports that declare no protocol. A port whose Service declares HTTP
+//! (`appProtocol`, or an `http`/`grpc` port name) is read with [`detect_declared_http`], which
+//! only tells HTTP/1 from HTTP/2 and never falls back to opaque.
+//!
 //! [`detect`] is pure and decides as early as it can:
 //!
 //! | first bytes | verdict | decided after |
@@ -88,6 +92,48 @@ pub fn detect(prefix: &[u8]) -> Option<Protocol> {
     }
 
     http1(prefix)
+}
+
+/// The protocol of a connection to a port declared HTTP (`appProtocol`, port name), whose
+/// first bytes are `prefix`, or `None` when more bytes are needed. `Opaque` here means *not
+/// HTTP*: the router answers it with 400 instead of forwarding it.
+///
+/// The declaration already says HTTP, so only HTTP/1 against HTTP/2 and "cannot be HTTP at all"
+/// are left to tell, and the rule is as loose as an HTTP server's own parser:
+///
+/// | first bytes | verdict |
+/// |---|---|
+/// | the HTTP/2 preface | `Http2` |
+/// | empty lines (CRLF or LF, RFC 9112 §2.2), then a token character | `Http1` (any method case: the upstream judges it, as without the router) |
+/// | empty lines, then anything else (a TLS record, binary) | `Opaque` |
+/// | [`MAX_SNIFF`] bytes of empty lines | `Http1` (the HTTP/1 server bounds the rest by its head size and header timeout) |
+///
+/// The same guarantees as [`detect`]: decided within [`MAX_SNIFF`] bytes, and a verdict never
+/// changes when more bytes arrive.
+pub fn detect_declared_http(prefix: &[u8]) -> Option<Protocol> {
+    let prefix = &prefix[..prefix.len().min(MAX_SNIFF)];
+    let common = prefix
+        .iter()
+        .zip(HTTP2_PREFACE)
+        .take_while(|(a, b)| a == b)
+        .count();
+    if common == HTTP2_PREFACE.len() {
+        return Some(Protocol::Http2);
+    }
+    if common == prefix.len() {
+        return None;
+    }
+    match prefix.iter().find(|b| !matches!(b, b'\r' | b'\n')) {
+        Some(&b) if is_tchar(b) => Some(Protocol::Http1),
+        Some(_) => Some(Protocol::Opaque),
+        None if prefix.len() >= MAX_SNIFF => Some(Protocol::Http1),
+        None => None,
+    }
+}
+
+/// A token character (RFC 9110 §5.6.2), what a method is made of.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// The HTTP/1 request-line rule on a prefix that is not (a prefix of) the HTTP/2 preface.
@@ -245,6 +291,61 @@ mod tests {
                 p.resize(MAX_SNIFF, next);
                 assert!(detect(&p).is_some(), "detect({p:?}) is None");
             }
+        }
+    }
+
+    /// `detect_declared_http` on every prefix of `input`: `None` until `decided_at` bytes, then
+    /// `expected`.
+    fn assert_declared_decides(input: &[u8], expected: Protocol, decided_at: usize) {
+        for n in 0..=input.len() {
+            let want = if n < decided_at { None } else { Some(expected) };
+            assert_eq!(
+                detect_declared_http(&input[..n]),
+                want,
+                "detect_declared_http({:?})",
+                String::from_utf8_lossy(&input[..n])
+            );
+        }
+    }
+
+    #[test]
+    fn a_declared_port_takes_unusual_but_legal_requests_for_http1() {
+        assert_declared_decides(b"GET / HTTP/1.1\r\n\r\n", Http1, 1);
+        assert_declared_decides(b"get / HTTP/1.1\r\n\r\n", Http1, 1);
+        assert_declared_decides(b"\r\nGET / HTTP/1.1\r\n\r\n", Http1, 3);
+        assert_declared_decides(b"\n\r\n\r\nPOST / HTTP/1.1\r\n", Http1, 6);
+        // Undeclared, the same bytes are opaque.
+        assert_eq!(detect(b"get / HTTP/1.1\r\n"), Some(Opaque));
+        assert_eq!(detect(b"\r\nGET / HTTP/1.1\r\n"), Some(Opaque));
+    }
+
+    #[test]
+    fn a_declared_port_still_tells_http2_by_its_preface() {
+        let mut conn = HTTP2_PREFACE.to_vec();
+        conn.extend_from_slice(&[0, 0, 18, 4, 0, 0, 0, 0, 0]);
+        assert_declared_decides(&conn, Http2, HTTP2_PREFACE.len());
+        assert_declared_decides(b"PRINT /x HTTP/1.1\r\n", Http1, 4);
+        assert_declared_decides(b"PRI * HTTP/1.1\r\n", Http1, 12);
+    }
+
+    #[test]
+    fn on_a_declared_port_bytes_that_cannot_start_a_request_are_not_http() {
+        assert_declared_decides(&[0x16, 0x03, 0x01, 0x02, 0x00], Opaque, 1);
+        assert_declared_decides(&[0, 0, 0, 0x4f], Opaque, 1);
+        assert_declared_decides(b"\r\n\x16\x03", Opaque, 3);
+        assert_declared_decides(b" GET / HTTP/1.1\r\n", Opaque, 1);
+    }
+
+    #[test]
+    fn on_a_declared_port_max_sniff_bytes_always_decide() {
+        let blank = [b'\n'; MAX_SNIFF];
+        assert_eq!(detect_declared_http(&blank[..MAX_SNIFF - 1]), None);
+        assert_eq!(detect_declared_http(&blank), Some(Http1));
+        let mut almost = HTTP2_PREFACE[..MAX_SNIFF - 1].to_vec();
+        for next in 0..=u8::MAX {
+            almost.truncate(MAX_SNIFF - 1);
+            almost.push(next);
+            assert!(detect_declared_http(&almost).is_some(), "{almost:?}");
         }
     }
 

@@ -177,8 +177,11 @@ pub(crate) struct PodInfo {
 /// A port of a [`Service`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServicePort {
-    /// `http` for the first port, `http-<port>` for the others.
+    /// With [`MiniCluster::service`]: `http` for the first port (declared HTTP by the name
+    /// convention), `tcp-<port>` for the others (no declaration: the router detects).
     pub name: String,
+    /// `appProtocol`, when set.
+    pub app_protocol: Option<String>,
     /// The ClusterIP port.
     pub port: u16,
     /// The pods' port.
@@ -470,6 +473,32 @@ impl MiniCluster {
         ports: &[(u16, u16)],
         backends: &[&Pod<'_>],
     ) -> Result<Service> {
+        let ports: Vec<ServicePort> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, &(port, target_port))| ServicePort {
+                name: if i == 0 {
+                    "http".to_string()
+                } else {
+                    format!("tcp-{port}")
+                },
+                app_protocol: None,
+                port,
+                target_port,
+            })
+            .collect();
+        self.service_with_ports(name, ip4, ip6, &ports, backends)
+    }
+
+    /// [`MiniCluster::service`] with ports named (and their `appProtocol` set) by the caller.
+    pub fn service_with_ports(
+        &self,
+        name: &str,
+        ip4: &str,
+        ip6: &str,
+        ports: &[ServicePort],
+        backends: &[&Pod<'_>],
+    ) -> Result<Service> {
         let ip4: Ipv4Addr = ip4.parse().with_context(|| format!("ClusterIP {ip4:?}"))?;
         let ip6: Ipv6Addr = ip6.parse().with_context(|| format!("ClusterIP {ip6:?}"))?;
         check_cluster_ip(IpAddr::V4(ip4))?;
@@ -489,19 +518,7 @@ impl MiniCluster {
             name: name.to_string(),
             ip4,
             ip6,
-            ports: ports
-                .iter()
-                .enumerate()
-                .map(|(i, &(port, target_port))| ServicePort {
-                    name: if i == 0 {
-                        "http".to_string()
-                    } else {
-                        format!("http-{port}")
-                    },
-                    port,
-                    target_port,
-                })
-                .collect(),
+            ports: ports.to_vec(),
         };
         // A route, so the node's own connects to the ClusterIP find one; OUTPUT DNAT then
         // reroutes them to the backend.

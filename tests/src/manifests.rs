@@ -82,6 +82,9 @@ pub(crate) fn service(s: &ServiceState) -> String {
     let _ = writeln!(y, "  ipFamilyPolicy: \"RequireDualStack\"\n  ports:");
     for p in &svc.ports {
         let _ = writeln!(y, "    - name: {}\n      protocol: \"TCP\"", q(&p.name));
+        if let Some(app) = &p.app_protocol {
+            let _ = writeln!(y, "      appProtocol: {}", q(app));
+        }
         let _ = writeln!(
             y,
             "      port: {}\n      targetPort: {}",

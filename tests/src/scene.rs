@@ -10,6 +10,9 @@
 //!            frontend 10.200.2.12 / fd00:200::2:12  :80 → 8080  no baseline pod
 //! sandbox:   feature-x (key feature-x) forks frontend → frontend-fork, checkout → checkout-fork
 //! ```
+//!
+//! Each service's first port is named `http` (declared HTTP: the router serves it as HTTP); the
+//! others are named `tcp-<port>` (undeclared: the router detects their protocol).
 
 use std::{
     fs,

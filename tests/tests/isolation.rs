@@ -21,6 +21,9 @@ const VIP4: &str = "10.200.2.20";
 const VIP6: &str = "fd00:200::2:20";
 const PORT: u16 = 8080;
 const H2_PORT: u16 = 9090;
+/// A shop port that declares no protocol: silent connections to it wait for detection and
+/// become opaque tunnels (on the declared port 80 they would wait for a request instead).
+const UNDECLARED_PORT: u16 = 8080;
 const H2PEER: &str = env!("CARGO_BIN_EXE_h2peer");
 
 fn podserver(pod: &Pod<'_>, name: &str) -> Proc {
@@ -41,7 +44,8 @@ fn h2_server(pod: &Pod<'_>, name: &str) -> Proc {
 }
 
 /// Two baseline client pods (an attacker and a victim), a baseline `shop` service (ports 80 →
-/// 8080 and 9090 → 9090) and its fork in the sandbox `tenant-x`; each test starts the servers.
+/// 8080 named `http`, so declared HTTP; 9090 → 9090 and 8080 → 8080, undeclared: the router
+/// detects) and its fork in the sandbox `tenant-x`; each test starts the servers.
 struct Scene<'c> {
     agent: Option<Agent>,
     _servers: Vec<Proc>,
@@ -74,7 +78,7 @@ impl<'c> Scene<'c> {
             "shop",
             VIP4,
             VIP6,
-            &[(80, PORT), (H2_PORT, H2_PORT)],
+            &[(80, PORT), (H2_PORT, H2_PORT), (UNDECLARED_PORT, PORT)],
             &[&base],
         )
         .unwrap();
@@ -454,16 +458,18 @@ fn http_scene<'c>(mc: &'c MiniCluster, agent_args: &[&str]) -> Scene<'c> {
     )
 }
 
-/// Starts `n` silent connections from the attacker, held `hold_s`; returns once they are open.
+/// Starts `n` silent connections from the attacker to the undeclared port, held `hold_s`;
+/// returns once they are open.
 fn silent_attack(scene: &Scene<'_>, n: usize, hold_s: u32) -> Proc {
     let script = scene.script("silent_client.py", SILENT_CLIENT);
+    let port = UNDECLARED_PORT.to_string();
     let mut p = scene
         .attacker
         .spawn(&[
             "python3",
             &script,
             VIP4,
-            "80",
+            &port,
             &n.to_string(),
             &hold_s.to_string(),
             "40",

@@ -368,16 +368,21 @@ print(round(time.monotonic() - t, 1), data.split(b"\r\n")[0].decode() or "closed
 }
 
 #[test]
-fn a_non_http_client_is_passed_through_untouched() {
+fn a_non_http_client_on_an_undeclared_port_is_passed_through_untouched() {
     let Some(mc) = MiniCluster::new_or_skip("opaque_client_first", TOOLS) else {
         return;
     };
     let shop = Shop::with_agent(&mc, true).unwrap();
+    // An HTTP server behind a port that declares no protocol (`tcp-2525`).
+    let _server = shop
+        .checkout_base
+        .spawn_server(&podserver_bin(), "checkout-base", OPAQUE_PORT)
+        .unwrap();
     // Bytes that are no HTTP (a TLS-like record): the router copies them to the original
     // destination; the baseline HTTP server answers 400 to them, which proves they arrived.
     let raw = r#"
 import socket
-s = socket.create_connection(("10.200.2.10", 80), timeout=5)
+s = socket.create_connection(("10.200.2.10", 2525), timeout=5)
 s.sendall(b"\x16\x03\x01\x00\x05hello\r\n\r\n")
 data = b""
 while True:
@@ -852,4 +857,221 @@ print(status.decode().split(" ")[1], data.decode())
             .unwrap();
         assert_eq!(out.trim(), format!("200 {want}"), "{header}");
     }
+}
+
+// The protocol from the Service: ports that declare HTTP (appProtocol or port name) are served
+// as HTTP whatever the first bytes look like; the others are detected.
+
+const ORDERS_VIP4: &str = "10.200.2.30";
+const ORDERS_VIP6: &str = "fd00:200::2:30";
+const ORDERS_KEY: &str = "orders-x";
+/// `appProtocol: http` on a port whose name declares nothing.
+const BY_APP_PROTOCOL: u16 = 80;
+/// Named `http-api`, no appProtocol.
+const BY_NAME: u16 = 81;
+/// Named `web`, no appProtocol: detected.
+const UNDECLARED: u16 = 82;
+/// Named `smtp`, no appProtocol: a server-first protocol, detected as opaque.
+const SERVER_FIRST: u16 = 2525;
+
+/// A client pod, an `orders` service with the ports above (HTTP ports → 8080), its baseline pod
+/// and its fork in the sandbox `orders-x`, podservers and banner servers on both, and the agent.
+struct Orders<'c> {
+    _agent: redirect_tests::agent::Agent,
+    _servers: Vec<redirect_tests::Proc>,
+    client: redirect_tests::Pod<'c>,
+}
+
+fn orders(mc: &MiniCluster) -> Orders<'_> {
+    use redirect_tests::{ServicePort, peers::*};
+    let client = mc.pod_with_labels("client", &[("app", "client")]).unwrap();
+    let base = mc
+        .pod_with_labels("orders-base", &[("app", "orders")])
+        .unwrap();
+    let fork = mc
+        .pod_with_labels(
+            "orders-fork",
+            &[("app", "orders"), ("redirect.dev/sandbox", ORDERS_KEY)],
+        )
+        .unwrap();
+    let mut servers = Vec::new();
+    for (pod, name) in [(&base, "orders-base"), (&fork, "orders-fork")] {
+        servers.push(
+            pod.spawn_server(&podserver_bin(), name, SERVER_PORT)
+                .unwrap(),
+        );
+        servers.push(peer_server(
+            pod,
+            OPAQUE_PEER,
+            name,
+            SERVER_FIRST,
+            &["--banner"],
+        ));
+    }
+    let port = |port: u16, target_port: u16, name: &str, app: Option<&str>| ServicePort {
+        name: name.to_string(),
+        app_protocol: app.map(str::to_string),
+        port,
+        target_port,
+    };
+    let ports = [
+        port(BY_APP_PROTOCOL, SERVER_PORT, "web", Some("http")),
+        port(BY_NAME, SERVER_PORT, "http-api", None),
+        port(UNDECLARED, SERVER_PORT, "web-plain", None),
+        port(SERVER_FIRST, SERVER_FIRST, "smtp", None),
+    ];
+    mc.service_with_ports("orders", ORDERS_VIP4, ORDERS_VIP6, &ports, &[&base])
+        .unwrap();
+    let manifests = mc.workdir().join("manifests");
+    mc.write_manifests(&manifests).unwrap();
+    std::fs::write(
+        manifests.join("sandbox.yaml"),
+        sandbox_manifest(ORDERS_KEY, "Unavailable", &["orders"]),
+    )
+    .unwrap();
+    let agent = redirect_tests::agent::Agent::start_with(mc, &manifests, &[]).unwrap();
+    Orders {
+        _agent: agent,
+        _servers: servers,
+        client,
+    }
+}
+
+/// One keyed request on a new connection to `port` of orders, sent after `delay_s` seconds of
+/// silence with `prefix` before the request line and `method`; prints the status code and the
+/// body (`status body`), or `closed`.
+const DECLARED_CLIENT: &str = r#"
+import socket, sys, time
+host, port, delay, prefix, method, key = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
+s = socket.create_connection((host, port), timeout=10)
+time.sleep(delay)
+prefix = prefix.encode().decode('unicode_escape').encode('latin-1')
+s.sendall(prefix + ('%s / HTTP/1.1\r\nHost: orders\r\nbaggage: routing-key=%s\r\nConnection: close\r\n\r\n' % (method, key)).encode())
+data = b''
+while True:
+    c = s.recv(65536)
+    if not c: break
+    data += c
+if not data:
+    print('closed')
+else:
+    head, _, body = data.partition(b'\r\n\r\n')
+    print(head.split(b' ')[1].decode(), body.decode(errors='replace').strip())
+"#;
+
+/// `(status, body)` of one keyed request to `port` of orders (see [`DECLARED_CLIENT`]).
+fn declared_request(o: &Orders<'_>, port: u16, delay_s: f64, prefix: &str, method: &str) -> String {
+    let out = o
+        .client
+        .run(
+            &[
+                "python3",
+                "-c",
+                DECLARED_CLIENT,
+                ORDERS_VIP4,
+                &port.to_string(),
+                &delay_s.to_string(),
+                prefix,
+                method,
+                ORDERS_KEY,
+            ],
+            CLIENT_TIMEOUT,
+        )
+        .unwrap()
+        .check()
+        .unwrap();
+    out.trim().to_string()
+}
+
+#[test]
+fn a_port_declared_http_routes_a_request_sent_late_by_its_key() {
+    let Some(mc) = MiniCluster::new_or_skip("declared_late", TOOLS) else {
+        return;
+    };
+    let o = orders(&mc);
+    // A pre-warmed connection: the request comes 700 ms after the connect, past the 500 ms
+    // in which an undeclared port decides that the server speaks first.
+    for port in [BY_APP_PROTOCOL, BY_NAME] {
+        let out = declared_request(&o, port, 0.7, "", "GET");
+        assert_eq!(out, "200 orders-fork", "port {port}");
+    }
+    // Undeclared, the same client is taken for a server-first protocol: tunnelled to baseline.
+    let out = declared_request(&o, UNDECLARED, 0.7, "", "GET");
+    assert_eq!(out, "200 orders-base", "port {UNDECLARED}");
+}
+
+#[test]
+fn a_port_declared_http_routes_a_request_after_a_leading_crlf_or_with_a_lowercase_method() {
+    let Some(mc) = MiniCluster::new_or_skip("declared_crlf", TOOLS) else {
+        return;
+    };
+    let o = orders(&mc);
+    for port in [BY_APP_PROTOCOL, BY_NAME] {
+        let out = declared_request(&o, port, 0.0, "\\r\\n", "GET");
+        assert_eq!(out, "200 orders-fork", "leading CRLF, port {port}");
+        let out = declared_request(&o, port, 0.0, "", "get");
+        assert_eq!(out, "200 orders-fork", "lowercase method, port {port}");
+    }
+}
+
+#[test]
+fn an_undeclared_port_still_detects_http_and_lets_a_server_first_protocol_through() {
+    use redirect_tests::peers::*;
+    let Some(mc) = MiniCluster::new_or_skip("undeclared_detects", TOOLS) else {
+        return;
+    };
+    let o = orders(&mc);
+    let out = declared_request(&o, UNDECLARED, 0.0, "", "GET");
+    assert_eq!(out, "200 orders-fork");
+    let target = format!("{ORDERS_VIP4}:{SERVER_FIRST}");
+    let started = std::time::Instant::now();
+    let res = run_json(
+        &o.client,
+        &[
+            "python3",
+            OPAQUE_PEER,
+            "client",
+            "--target",
+            &target,
+            "--expect-banner",
+            "--send",
+            "hello\n",
+        ],
+    );
+    assert_eq!(res["banner"], "orders-base ready", "{res}");
+    assert!(started.elapsed() < Duration::from_secs(5), "{res}");
+}
+
+#[test]
+fn a_port_declared_http_answers_400_to_bytes_that_are_not_http() {
+    let Some(mc) = MiniCluster::new_or_skip("declared_not_http", TOOLS) else {
+        return;
+    };
+    let o = orders(&mc);
+    // A TLS record on a port that says HTTP: the router answers, naming the declaration, and
+    // does not forward (the baseline never sees it).
+    let raw = format!(
+        r#"
+import socket
+s = socket.create_connection(("{ORDERS_VIP4}", {BY_APP_PROTOCOL}), timeout=5)
+s.sendall(b"\x16\x03\x01\x00\x05hello\r\n\r\n")
+data = b""
+while True:
+    c = s.recv(4096)
+    if not c: break
+    data += c
+print(data.decode(errors="replace"))
+"#
+    );
+    let out = o
+        .client
+        .run(&["python3", "-c", &raw], CLIENT_TIMEOUT)
+        .unwrap()
+        .check()
+        .unwrap();
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert!(
+        out.contains("default/orders:web declares HTTP"),
+        "the reason names the port: {out}"
+    );
 }

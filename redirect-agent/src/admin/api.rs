@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     router::{from_sockaddr, to_sockaddr},
-    routing::{KeyInfo, ServiceName, Tables},
+    routing::{KeyInfo, PortProtocol, ServiceName, Tables},
 };
 
 /// `schema` of [`TablesDoc`].
@@ -46,6 +46,10 @@ pub struct ServiceNameEntry {
     pub namespace: String,
     pub name: String,
     pub port: String,
+    /// What the port declares: `http` (served as HTTP, never opaque) or `detect` (the first
+    /// bytes decide). Absent in documents of agents that did not report it: `detect`.
+    #[serde(default)]
+    pub protocol: PortProtocol,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,6 +109,7 @@ impl TablesDoc {
                     namespace: n.namespace.clone(),
                     name: n.name.clone(),
                     port: n.port.clone(),
+                    protocol: t.service_protocols.get(id).copied().unwrap_or_default(),
                 })
                 .collect(),
             keys: t
@@ -167,6 +172,7 @@ impl TablesDoc {
                     port: n.port.clone(),
                 }),
             );
+            t.service_protocols.insert(n.service_id, n.protocol);
         }
         for k in &self.keys {
             t.keys.insert(
@@ -277,6 +283,7 @@ mod tests {
                 port: "http".into(),
             }),
         );
+        t.service_protocols.insert(7, PortProtocol::Http);
         t.keys.insert(
             3,
             Arc::new(KeyInfo {

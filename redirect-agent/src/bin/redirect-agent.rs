@@ -135,10 +135,13 @@ struct RunArgs {
     #[arg(long, env = "REDIRECT_DEBUG_HEADER")]
     debug_header: bool,
     /// Longest wait for a client's first bytes before its connection is treated as opaque
-    /// (server-speaks-first protocols), in milliseconds.
+    /// (server-speaks-first protocols), in milliseconds. Only on service ports that declare no
+    /// HTTP protocol: a port declared HTTP (appProtocol, or an http/grpc port name) waits for
+    /// its first request up to the header timeout.
     #[arg(long, env = "REDIRECT_DETECT_TIMEOUT_MS", default_value_t = 500)]
     detect_timeout_ms: u64,
-    /// Longest wait for a request's headers from a client, in milliseconds.
+    /// Longest wait for a request's headers from a client, in milliseconds (also for the
+    /// first request on a port declared HTTP, and between requests on a kept-alive connection).
     #[arg(long, env = "REDIRECT_HEADER_TIMEOUT_MS", default_value_t = 30_000)]
     header_timeout_ms: u64,
     /// Longest wait for an upstream's response headers before answering 504, in milliseconds.

@@ -50,6 +50,13 @@ impl Names {
         self.tables.service_names.get(&id).map(|n| n.to_string())
     }
 
+    /// What a service port id declares (`http` or `detect`), when the agent knows the port.
+    pub fn protocol(&self, id: u32) -> Option<String> {
+        self.tables.service_names.get(&id)?;
+        let p = self.tables.service_protocols.get(&id).copied();
+        Some(p.unwrap_or_default().to_string())
+    }
+
     /// The routing key of a key id.
     pub fn key(&self, id: u32) -> Option<String> {
         self.tables.keys.get(&id).map(|k| k.key.clone())

@@ -24,6 +24,9 @@ pub struct ServiceRow {
     pub service_id: u32,
     /// `namespace/name:port`, when the agent answers.
     pub service: Option<String>,
+    /// What the port declares, when the agent answers: `http` (served as HTTP) or `detect`
+    /// (the router detects the protocol from the first bytes).
+    pub protocol: Option<String>,
 }
 
 pub fn collect(ctx: &Ctx, names: &Names) -> Result<ServicesDoc, CtlError> {
@@ -36,6 +39,7 @@ pub fn collect(ctx: &Ctx, names: &Names) -> Result<ServicesDoc, CtlError> {
             address: from_sockaddr(a),
             service_id: v.service_id,
             service: names.service(v.service_id),
+            protocol: names.protocol(v.service_id),
         })
         .collect();
     services.sort_by(|a, b| (&a.service, a.address).cmp(&(&b.service, b.address)));
@@ -50,10 +54,11 @@ pub fn run(ctx: &Ctx) -> Result<(), CtlError> {
     let names = Names::fetch(&ctx.admin);
     let doc = collect(ctx, &names)?;
     ctx.print(&doc, || {
-        let mut t = Table::new(&["SERVICE", "ID", "ADDRESS"]);
+        let mut t = Table::new(&["SERVICE", "PROTOCOL", "ID", "ADDRESS"]);
         for s in &doc.services {
             t.row(vec![
                 or_dash(s.service.as_ref()),
+                or_dash(s.protocol.as_ref()),
                 format!("{:#010x}", s.service_id),
                 s.address.to_string(),
             ]);

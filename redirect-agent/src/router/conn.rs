@@ -10,7 +10,7 @@ use hyper::{server::conn, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use redirect_common::OrigDst;
 use tokio::{
-    io::AsyncReadExt,
+    io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     sync::TryAcquireError,
 };
@@ -18,7 +18,7 @@ use tokio::{
 use super::{
     Shared, Worker,
     addr::{from_sockaddr, to_sockaddr},
-    detect::{MAX_SNIFF, Protocol, detect},
+    detect::{MAX_SNIFF, Protocol, detect, detect_declared_http},
     http::{Proto, handle},
     overload::{Cause, is_exhaustion},
     pool::Pool,
@@ -26,6 +26,7 @@ use super::{
     stats::Outcome,
     tunnel::{Ended, tunnel},
 };
+use crate::routing::PortProtocol;
 
 /// One router thread: a single-threaded runtime accepting on every listener, with its own pool.
 pub fn worker(shared: Arc<Shared>, listeners: Vec<(u32, std::net::TcpListener)>) {
@@ -199,14 +200,25 @@ async fn serve(
 ) -> Outcome {
     let shared = &worker.shared;
     let _ = client.set_nodelay(true);
+    let declared = shared.view.load().port_protocol(orig.service_id);
     let Sniffed {
         protocol,
         prefix,
         stalled,
-    } = sniff(&mut client, shared).await;
+    } = sniff(&mut client, shared, declared).await;
     if stalled {
-        tracing::debug!(%peer, "cut: the first bytes did not become a request within the header timeout");
+        tracing::debug!(%peer, "cut: no request (or only its first bytes) within the header timeout");
         return Outcome::Reset;
+    }
+    if declared == PortProtocol::Http {
+        match protocol {
+            Some(Protocol::Opaque) => return not_http(client, peer, orig, shared).await,
+            None => {
+                tracing::debug!(%peer, "closed by the client before its first request");
+                return Outcome::Reset;
+            }
+            Some(Protocol::Http1 | Protocol::Http2) => {}
+        }
     }
     let io = TokioIo::new(Prefixed::new(prefix, client));
     match protocol {
@@ -284,16 +296,27 @@ struct Sniffed {
     stalled: bool,
 }
 
+/// A verdict on a connection's first bytes (`None`: more bytes needed).
+type Decide = fn(&[u8]) -> Option<Protocol>;
+
 /// Reads the first bytes until the protocol is known, the client is silent for the detection
 /// timeout (a server-speaks-first protocol), or the client closes. Once the client has sent
 /// bytes that may still become an HTTP request, it gets the header timeout to finish deciding,
 /// like any request head: a client trickling its first bytes is cut instead of tunnelled.
-async fn sniff(client: &mut TcpStream, shared: &Shared) -> Sniffed {
+///
+/// On a port declared HTTP nobody speaks first: the client gets the header timeout from the
+/// start (a pre-warmed connection may send its first request late), as an idle keep-alive
+/// connection gets before each later request, and silence through it is cut, never tunnelled.
+async fn sniff(client: &mut TcpStream, shared: &Shared, declared: PortProtocol) -> Sniffed {
+    let (decide, first_wait): (Decide, _) = match declared {
+        PortProtocol::Http => (detect_declared_http, shared.settings.header_timeout),
+        PortProtocol::Detect => (detect, shared.settings.detect_timeout),
+    };
     let mut buf = vec![0u8; MAX_SNIFF];
     let mut n = 0;
     let start = Instant::now();
     while n < MAX_SNIFF {
-        if let Some(p) = detect(&buf[..n]) {
+        if let Some(p) = decide(&buf[..n]) {
             buf.truncate(n);
             return Sniffed {
                 protocol: Some(p),
@@ -302,7 +325,7 @@ async fn sniff(client: &mut TcpStream, shared: &Shared) -> Sniffed {
             };
         }
         let limit = if n == 0 {
-            shared.settings.detect_timeout
+            first_wait
         } else {
             shared.settings.header_timeout
         };
@@ -312,9 +335,9 @@ async fn sniff(client: &mut TcpStream, shared: &Shared) -> Sniffed {
             Err(_) => {
                 buf.truncate(n);
                 return Sniffed {
-                    protocol: detect(&buf),
+                    protocol: decide(&buf),
                     prefix: buf,
-                    stalled: n > 0,
+                    stalled: n > 0 || declared == PortProtocol::Http,
                 };
             }
             Ok(Ok(k)) => n += k,
@@ -322,10 +345,65 @@ async fn sniff(client: &mut TcpStream, shared: &Shared) -> Sniffed {
     }
     buf.truncate(n);
     Sniffed {
-        protocol: detect(&buf),
+        protocol: decide(&buf),
         prefix: buf,
         stalled: false,
     }
+}
+
+/// Longest wait for a client to read the 400 of [`not_http`] before the socket closes.
+const NOT_HTTP_LINGER: Duration = Duration::from_secs(1);
+
+/// A port declared HTTP got bytes that cannot start an HTTP request (TLS on a port named
+/// `http`, a database client): answered with 400 naming the declaration, and closed. Not
+/// forwarded: the declaration is what routes the port's requests, and a misdeclared port
+/// shows up here (and in `redirect_router_connections_total{outcome="not_http"}`) instead of
+/// routing by first bytes again.
+async fn not_http(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    orig: OrigDst,
+    shared: &Shared,
+) -> Outcome {
+    let service = shared
+        .view
+        .load()
+        .tables
+        .service_names
+        .get(&orig.service_id)
+        .map(|s| s.to_string())
+        .unwrap_or_else(|| format!("service {}", orig.service_id));
+    if let Some(suppressed) = shared.not_http_log.allow() {
+        tracing::warn!(
+            pod = %peer.ip(),
+            %service,
+            suppressed,
+            "a port declared HTTP got a connection that is not HTTP: answered 400 (fix the port's appProtocol or name)"
+        );
+    }
+    let body = format!(
+        "{service} declares HTTP (appProtocol or port name), but this connection did not start with an HTTP request\n"
+    );
+    let resp = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    if client.write_all(resp.as_bytes()).await.is_ok() && client.shutdown().await.is_ok() {
+        // Read what the client still sends (bounded) before closing: closing with unread bytes
+        // resets the connection, which can discard the 400 before the client reads it.
+        let mut sink = [0u8; 4096];
+        let _ = tokio::time::timeout(NOT_HTTP_LINGER, async {
+            let mut left: usize = 64 * 1024;
+            while left > 0 {
+                match client.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => left = left.saturating_sub(k),
+                }
+            }
+        })
+        .await;
+    }
+    Outcome::NotHttp
 }
 
 /// Any other protocol: to the original destination, bytes copied both ways until a side

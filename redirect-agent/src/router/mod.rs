@@ -1,8 +1,9 @@
 //! The node-local router: accepts connections the kernel redirected to it, recovers each one's
-//! original destination from the kernel's record, detects the protocol and routes every HTTP
-//! request (every HTTP/2 stream) by its routing key; anything else (TLS, databases, unknown)
-//! goes to its original destination untouched. It registers its listeners in the liveness
-//! sockmap, so the kernel only redirects while a router is accepting.
+//! original destination from the kernel's record, takes the protocol from what the service port
+//! declares (or, when it declares none, detects it) and routes every HTTP request (every HTTP/2
+//! stream) by its routing key; anything else (TLS, databases, unknown) goes to its original
+//! destination untouched. It registers its listeners in the liveness sockmap, so the kernel
+//! only redirects while a router is accepting.
 
 mod addr;
 pub use redirect_l7::{detect, key};
@@ -56,7 +57,7 @@ pub struct RouterSettings {
     /// Add a response header naming the upstream a request went to.
     pub debug_header: bool,
     /// Longest wait for the client's first bytes before treating the connection as opaque
-    /// (protocols where the server speaks first).
+    /// (protocols where the server speaks first), on ports that declare no protocol.
     pub detect_timeout: Duration,
     /// Longest wait for a request's headers (slow or idle clients).
     pub header_timeout: Duration,
@@ -154,6 +155,7 @@ pub struct Shared {
     overload: overload::Overload,
     accept_log: log_limit::LogLimit,
     pod_log: log_limit::LogLimit,
+    not_http_log: log_limit::LogLimit,
     /// Set once on shutdown: workers stop accepting and close their listeners, connections
     /// finish their current request (HTTP/1) or streams (HTTP/2 GOAWAY) and close.
     drain: tokio::sync::watch::Sender<bool>,
@@ -325,6 +327,7 @@ impl Router {
             overload: overload::Overload::default(),
             accept_log: log_limit::LogLimit::new(Duration::from_secs(10)),
             pod_log: log_limit::LogLimit::new(Duration::from_secs(10)),
+            not_http_log: log_limit::LogLimit::new(Duration::from_secs(10)),
             settings,
             view: ArcSwap::default(),
             stats,

@@ -21,10 +21,12 @@ pub enum Outcome {
     PodLimit,
     /// Opaque connection closed after `--opaque-idle-timeout-ms` without a byte either way.
     IdleTimeout,
+    /// A port declared HTTP got bytes that cannot start an HTTP request: answered 400.
+    NotHttp,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 8] = [
+    pub const ALL: [Outcome; 9] = [
         Outcome::Forwarded,
         Outcome::Opaque,
         Outcome::NoOrigDst,
@@ -33,6 +35,7 @@ impl Outcome {
         Outcome::AcceptError,
         Outcome::PodLimit,
         Outcome::IdleTimeout,
+        Outcome::NotHttp,
     ];
 
     pub const fn label(self) -> &'static str {
@@ -45,6 +48,7 @@ impl Outcome {
             Outcome::AcceptError => "accept_error",
             Outcome::PodLimit => "pod_limit",
             Outcome::IdleTimeout => "idle_timeout",
+            Outcome::NotHttp => "not_http",
         }
     }
 }

@@ -3,9 +3,11 @@
 //! `redirectctl explain` calls the same decisions. Nothing here touches the kernel or an API.
 
 mod connect;
+mod protocol;
 mod request;
 mod tables;
 
 pub use connect::{ConnectDecision, ConnectInput, at_connect};
+pub use protocol::PortProtocol;
 pub use request::{BaselineWhy, RequestRoute, RouteView, for_request};
 pub use tables::{KeyInfo, ServiceName, Tables};

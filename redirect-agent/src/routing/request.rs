@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use redirect_common::{ForkKey, OrigDst, SockAddr};
 
-use super::Tables;
+use super::{PortProtocol, Tables};
 
 /// Where one request goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,6 +61,15 @@ impl RouteView {
 
     pub fn key_id(&self, key: &str) -> Option<u32> {
         self.key_ids.get(key).copied()
+    }
+
+    /// What the service port `service_id` declares (detection when the view does not know it).
+    pub fn port_protocol(&self, service_id: u32) -> PortProtocol {
+        self.tables
+            .service_protocols
+            .get(&service_id)
+            .copied()
+            .unwrap_or_default()
     }
 }
 

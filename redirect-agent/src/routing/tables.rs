@@ -7,6 +7,8 @@ use redirect_common::{
     ForkEndpoints, ForkKey, RouterConfig, ServiceValue, SockAddr, WorkloadValue,
 };
 
+use super::PortProtocol;
+
 /// A service port by name, for humans and for the router's lookups.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ServiceName {
@@ -46,5 +48,8 @@ pub struct Tables {
     pub router: RouterConfig,
     /// Names behind the ids, for the router, explain and logs (not in the kernel).
     pub service_names: BTreeMap<u32, Arc<ServiceName>>,
+    /// What each forked service port declares about its protocol (same ids as
+    /// `service_names`; router only: the kernel redirects every protocol alike).
+    pub service_protocols: BTreeMap<u32, PortProtocol>,
     pub keys: BTreeMap<u32, Arc<KeyInfo>>,
 }

@@ -31,7 +31,7 @@ use crate::cgroup::CgroupResolver;
 use crate::crd::{Fallback, RouteGroup, Sandbox, validate_routing_key};
 use crate::forkslice::ForkSliceRef;
 use crate::k8s::{pod_ips, pod_ready, pod_running, target_port, tcp_ports};
-use crate::routing::{KeyInfo, ServiceName, Tables};
+use crate::routing::{KeyInfo, PortProtocol, ServiceName, Tables};
 use crate::slice::Slice;
 use crate::store::{LabelIndex, ObjectName, Store, labels_match, ns_name};
 
@@ -534,7 +534,8 @@ impl<'s> Builder<'s, '_> {
         }
     }
 
-    /// `services` and `service_names` for every service port that some key forks.
+    /// `services`, `service_names` and `service_protocols` for every service port that some key
+    /// forks.
     ///
     /// Each address goes to the first service port that claims it, ClusterIPs before backend
     /// addresses (a backend address never shadows a VIP), each pass in service name order.
@@ -591,6 +592,14 @@ impl<'s> Builder<'s, '_> {
         self.out.tables.service_names = ports
             .iter()
             .map(|(service_id, f)| (*service_id, f.name.clone()))
+            .collect();
+        self.out.tables.service_protocols = ports
+            .iter()
+            .map(|(service_id, f)| {
+                let p = &f.port;
+                let declared = PortProtocol::declared(p.app_protocol.as_deref(), p.name.as_deref());
+                (*service_id, declared)
+            })
             .collect();
     }
 
@@ -875,6 +884,36 @@ mod tests {
         );
         assert_eq!(display_addr(&a), "10.200.128.10:80");
         assert_eq!(display_addr(&b), "[fd00:2::9]:80");
+    }
+
+    #[test]
+    fn each_forked_port_carries_what_its_service_declares() {
+        let ports = json!([
+            {"name": "web", "port": 80, "targetPort": 8080, "appProtocol": "kubernetes.io/h2c"},
+            {"name": "grpc-api", "port": 9000, "targetPort": 9000},
+            {"name": "db", "port": 5432, "targetPort": 5432},
+            {"name": "http-tls", "port": 443, "targetPort": 8443, "appProtocol": "https"},
+        ]);
+        let d = Scene::new()
+            .service("checkout", &[VIP], ports)
+            .pod("checkout-fx", "checkout-fx", "10.244.1.9")
+            .sandbox("fx", "feature-x", &[("checkout", "checkout-fx")])
+            .desired();
+        let declared: BTreeMap<String, PortProtocol> = d
+            .tables
+            .service_names
+            .iter()
+            .map(|(id, n)| (n.port.clone(), d.tables.service_protocols[id]))
+            .collect();
+        assert_eq!(
+            declared,
+            BTreeMap::from([
+                ("web".to_string(), PortProtocol::Http),
+                ("grpc-api".to_string(), PortProtocol::Http),
+                ("db".to_string(), PortProtocol::Detect),
+                ("http-tls".to_string(), PortProtocol::Detect),
+            ])
+        );
     }
 
     #[test]
@@ -1419,6 +1458,10 @@ mod tests {
                     "targetPort": if rng.below(2) == 0 { json!(8080) } else { json!("http") }})];
                 if rng.below(3) == 0 {
                     ports.push(json!({"name": "grpc", "port": 9000, "targetPort": 9000}));
+                }
+                // What the port declares changes with the Service alone.
+                if rng.below(3) == 0 {
+                    ports[0]["appProtocol"] = json!(rng.pick(&["http", "https", "example.com/x"]));
                 }
                 json!({"metadata": {"name": name, "namespace": ns},
                        "spec": {"clusterIP": format!("10.96.0.{}", rng.below(8)), "ports": ports}})

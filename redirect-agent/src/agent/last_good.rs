@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     loader::sys,
-    routing::{KeyInfo, ServiceName, Tables},
+    routing::{KeyInfo, PortProtocol, ServiceName, Tables},
 };
 
 /// Pin name of the document (the version is that of the pin's layout, as for the maps).
@@ -183,6 +183,9 @@ struct Doc {
     workloads: Vec<(u64, u32)>,
     router: Router,
     service_names: Vec<(u32, String, String, String)>,
+    /// How the router treats each forked port (declared HTTP or detected).
+    #[serde(default)]
+    service_protocols: Vec<(u32, PortProtocol)>,
     keys: Vec<Key>,
 }
 
@@ -277,6 +280,11 @@ pub fn encode(saved: &Saved) -> Vec<u8> {
             .iter()
             .map(|(id, n)| (*id, n.namespace.clone(), n.name.clone(), n.port.clone()))
             .collect(),
+        service_protocols: t
+            .service_protocols
+            .iter()
+            .map(|(id, p)| (*id, *p))
+            .collect(),
         keys: t
             .keys
             .iter()
@@ -369,6 +377,7 @@ pub fn decode(bytes: &[u8], what: &str) -> Result<Saved, StateError> {
             }),
         );
     }
+    t.service_protocols = doc.service_protocols.into_iter().collect();
     for k in doc.keys {
         t.keys.insert(
             k.id,
@@ -459,6 +468,7 @@ mod tests {
                 port: "http".into(),
             }),
         );
+        t.service_protocols.insert(7, PortProtocol::Http);
         t.keys.insert(
             3,
             Arc::new(KeyInfo {

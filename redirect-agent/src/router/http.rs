@@ -17,7 +17,7 @@ use redirect_common::OrigDst;
 use super::{
     Worker,
     addr::from_sockaddr,
-    body::UpstreamBody,
+    body::{BodyError, UpstreamBody},
     key::extract_key,
     overload::{Cause, is_exhaustion},
     pool::{Checkout, PoolKey, UpstreamError},
@@ -232,7 +232,11 @@ fn client_body_error(e: &hyper::Error) -> Option<&hyper::Error> {
     if !e.is_user() {
         return None;
     }
-    e.source()?.downcast_ref::<hyper::Error>()
+    // A body cut for silence (--body-idle-timeout-ms) stays an upstream failure, as documented.
+    match e.source()?.downcast_ref::<BodyError>()? {
+        BodyError::Client(cause) => Some(cause),
+        BodyError::Idle(_) => None,
+    }
 }
 
 /// Removes hop-by-hop fields (RFC 9110 7.6.1): `Connection` and every field it names,

@@ -366,7 +366,10 @@ began = time.monotonic()
 for i in range(n):
     if time.monotonic() - began > budget:
         failed += n - i; break
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    except OSError:  # out of descriptors: hold what is open
+        failed += n - i; break
     s.settimeout(2)
     try:
         s.connect((host, port))

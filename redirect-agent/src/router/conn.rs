@@ -237,7 +237,11 @@ async fn serve(
             let c = b.serve_connection(io, svc).with_upgrades();
             tokio::pin!(c);
             let mut drain = shared.drain.subscribe();
+            // The connection first: a drain that began between the accept and here must not
+            // close it before hyper has read the request its client already sent (detection
+            // holds its first bytes), or that client gets no answer.
             let ended = tokio::select! {
+                biased;
                 r = c.as_mut() => r,
                 _ = drained(&mut drain) => {
                     // The request in flight completes, then the connection closes.
@@ -268,6 +272,7 @@ async fn serve(
             tokio::pin!(c);
             let mut drain = shared.drain.subscribe();
             let ended = tokio::select! {
+                biased;
                 r = c.as_mut() => r,
                 _ = drained(&mut drain) => {
                     // GOAWAY: streams in flight complete, the client opens new ones elsewhere.

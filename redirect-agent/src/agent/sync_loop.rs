@@ -11,7 +11,7 @@ use crate::{
     sync::{
         MapError, RedirectMaps,
         desired::{DesiredState, NodeContext},
-        diff::{apply, diff},
+        diff::{apply, diff, diff_touched},
     },
 };
 
@@ -66,7 +66,14 @@ impl<M: RedirectMaps, C: CgroupResolver> Syncer<M, C> {
             router: self.router,
         };
         let want = self.state.desired(store, &mut node);
-        let ops = diff(&self.current, &want.tables);
+        // The maps hold the last desired tables (nothing failed since): only what the state
+        // says it touched can differ.
+        let ops = match self.state.touched() {
+            Some(touched) if Arc::ptr_eq(&self.current, &self.last) => {
+                diff_touched(&self.current, &want.tables, touched)
+            }
+            _ => diff(&self.current, &want.tables),
+        };
         let report = apply(ops, &mut self.maps);
         let failed: Vec<String> = report
             .failed

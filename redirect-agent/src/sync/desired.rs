@@ -16,15 +16,15 @@
 //! each Sandbox resolved to and each forked Service port's backends, so a change costs what it
 //! touches rather than a pass over every object of the cluster.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
-use redirect_common::{
-    ForkEndpoints, ForkKey, MAX_FORK_ENDPOINTS, RouterConfig, ServiceValue, SockAddr, WorkloadValue,
-};
+use redirect_common::{ForkEndpoints, MAX_FORK_ENDPOINTS, RouterConfig, SockAddr, WorkloadValue};
 
+use super::claims::{Port, ServiceClaims};
+use super::fork_table::{ForkTable, Made};
 pub use super::ids::IdAllocator;
 use super::index::{Index, StoreChanges};
 use crate::cgroup::CgroupResolver;
@@ -52,6 +52,16 @@ pub struct NodeContext<'a> {
 pub struct Desired {
     pub tables: Tables,
     pub warnings: Vec<String>,
+}
+
+/// Which entries of the `forks` and `services` tables a call of [`DesiredState::desired`] may
+/// have changed since the call before: every other entry is as it was.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Touched {
+    /// Key ids whose `forks` entries may differ.
+    pub fork_keys: Vec<u32>,
+    /// `services` addresses that may differ, sorted.
+    pub services: Vec<SockAddr>,
 }
 
 /// A socket address as the maps store it (IPv4 as IPv4-mapped, network-order words).
@@ -89,8 +99,49 @@ pub struct DesiredState {
     /// Per Sandbox object (its address: the entry holds the `Arc`, so the address stays its
     /// own).
     sandboxes: HashMap<usize, Resolved>,
-    backends: Backends,
+    /// The services table and the forked ports it was made of.
+    claims: ServiceClaims,
+    /// Services (namespace, name) whose Service or EndpointSlices changed since the last call:
+    /// their ports' backends are computed again.
+    stale: Stale,
+    /// Service ports of sandboxes resolved or forgotten since the last call.
+    dirty: HashSet<u32>,
+    /// Gives each [`Resolved`] its own number.
+    generation: u64,
+    groups: GroupMemo,
+    fork_table: ForkTable,
+    calls: u64,
+    touched: Option<Touched>,
 }
+
+/// What the route groups made of the sandboxes last time.
+#[derive(Debug, Default)]
+struct GroupMemo {
+    /// The sandboxes (in order) whose labels `members` was computed from.
+    sandboxes: Vec<Arc<Sandbox>>,
+    /// Per RouteGroup object (address; the entry holds it): positions of the sandboxes it
+    /// selects.
+    members: HashMap<usize, (Arc<RouteGroup>, Vec<usize>)>,
+    /// Per RouteGroup object (address): what it added to the tables.
+    made: HashMap<usize, GroupMade>,
+}
+
+/// What one route group added to the tables, and what from.
+#[derive(Debug)]
+struct GroupMade {
+    group: Arc<RouteGroup>,
+    /// Its own number, as [`Resolved::generation`].
+    generation: u64,
+    key_id: u32,
+    /// Generations of its members' [`Resolved`], in order.
+    members: Vec<u64>,
+    forks: Vec<(u32, ForkEndpoints)>,
+    key: Arc<KeyInfo>,
+    warnings: Vec<String>,
+}
+
+/// Service names by namespace.
+type Stale = HashMap<String, HashSet<String>>;
 
 impl DesiredState {
     pub fn new(ids: IdAllocator) -> Self {
@@ -107,8 +158,15 @@ impl DesiredState {
         sandboxes.sort_by(|a, b| ns_name(&a.metadata).cmp(&ns_name(&b.metadata)));
         for sb in &sandboxes {
             if !self.sandboxes.contains_key(&address(sb)) {
-                let r = resolve(&self.index, &mut self.ids, sb);
+                self.generation += 1;
+                let r = resolve(&self.index, &mut self.ids, sb, self.generation);
+                self.dirty.extend(r.forked.iter().map(|(id, _)| *id));
                 self.sandboxes.insert(address(sb), r);
+            }
+        }
+        for (ns, names) in &self.stale {
+            for name in names {
+                self.dirty.extend(self.claims.ports_of(ns, name));
             }
         }
         let resolved: Vec<&Resolved> = sandboxes
@@ -118,12 +176,29 @@ impl DesiredState {
         let mut b = Builder {
             index: &self.index,
             ids: &mut self.ids,
-            backends: &mut self.backends,
+            claims: &mut self.claims,
+            stale: &self.stale,
+            dirty: &self.dirty,
+            groups: &mut self.groups,
+            fork_table: &mut self.fork_table,
+            generation: &mut self.generation,
             out: Desired::default(),
+            touched: None,
             forked: HashMap::with_capacity(resolved.len() * 2),
         };
-        b.build(store, node, &resolved);
-        b.out
+        b.build(store, node, &sandboxes, &resolved);
+        let out = b.out;
+        self.touched = b.touched.filter(|_| self.calls > 0);
+        self.calls += 1;
+        self.stale.clear();
+        self.dirty.clear();
+        out
+    }
+
+    /// What the last call may have changed in the `forks` and `services` tables compared to the
+    /// call before; `None`: anything (the first call, or after starting over).
+    pub fn touched(&self) -> Option<&Touched> {
+        self.touched.as_ref()
     }
 
     /// Brings the index up to date with `store` and forgets what depends on objects that
@@ -139,7 +214,8 @@ impl DesiredState {
         if rebuild {
             self.index = Index::new(store);
             self.sandboxes.clear();
-            self.backends.clear();
+            self.claims = ServiceClaims::default();
+            self.groups = GroupMemo::default();
         } else {
             self.forget(&changes);
         }
@@ -157,34 +233,69 @@ impl DesiredState {
             services.insert(ns_name(&s.metadata));
         }
         for s in changes.endpoint_slices.objects() {
-            if let Some(owner) = &s.service
-                && let Some(names) = self.backends.get_mut(&s.namespace)
-            {
-                names.remove(owner);
+            if let Some(owner) = &s.service {
+                let names = self.stale.entry(s.namespace.clone()).or_default();
+                names.insert(owner.clone());
             }
             if let Some(r) = &s.fork {
                 sandboxes.insert((&r.sandbox_namespace, &r.sandbox_name));
             }
         }
         for (ns, name) in &services {
-            if let Some(names) = self.backends.get_mut(*ns) {
-                names.remove(*name);
-            }
+            let names = self.stale.entry(ns.to_string()).or_default();
+            names.insert(name.to_string());
         }
         for p in changes.pods.objects() {
             namespaces.insert(ns_name(&p.metadata).0);
         }
         for s in &changes.sandboxes.removed {
-            self.sandboxes.remove(&address(s));
+            if let Some(r) = self.sandboxes.remove(&address(s)) {
+                self.dirty.extend(r.forked.iter().map(|(id, _)| *id));
+            }
         }
+        let dirty = &mut self.dirty;
         self.sandboxes.retain(|_, r| {
             let (ns, name) = ns_name(&r.sandbox.metadata);
             let touched = r.sandbox.spec.forks.iter().any(|f| {
                 let fork_ns = f.namespace_or(ns);
                 namespaces.contains(fork_ns) || services.contains(&(fork_ns, f.service.as_str()))
             });
-            !touched && !sandboxes.contains(&(ns, name))
+            let keep = !touched && !sandboxes.contains(&(ns, name));
+            if !keep {
+                dirty.extend(r.forked.iter().map(|(id, _)| *id));
+            }
+            keep
         });
+    }
+}
+
+impl GroupMemo {
+    /// Makes `members` hold, for each of `groups`, the positions of the `sandboxes` it selects.
+    /// Computed again only when a sandbox's labels (or the list) changed, or for a new group.
+    fn members_of(&mut self, sandboxes: &[&Arc<Sandbox>], groups: &[&Arc<RouteGroup>]) {
+        let same_labels = self.sandboxes.len() == sandboxes.len()
+            && self.sandboxes.iter().zip(sandboxes).all(|(was, now)| {
+                Arc::ptr_eq(was, now) || was.metadata.labels == now.metadata.labels
+            });
+        if !same_labels {
+            self.members.clear();
+            self.sandboxes = sandboxes.iter().map(|sb| Arc::clone(sb)).collect();
+        }
+        let mut members = HashMap::with_capacity(groups.len());
+        let mut index = None;
+        for rg in groups {
+            let at = Arc::as_ptr(rg) as usize;
+            let positions = match self.members.remove(&at) {
+                Some((_, p)) => p,
+                None => index
+                    .get_or_insert_with(|| {
+                        LabelIndex::new(sandboxes.iter().map(|sb| sb.metadata.labels.as_ref()))
+                    })
+                    .matching(&rg.spec.sandbox_selector),
+            };
+            members.insert(at, (Arc::clone(rg), positions));
+        }
+        self.members = members;
     }
 }
 
@@ -198,6 +309,8 @@ fn address(sb: &Arc<Sandbox>) -> usize {
 #[derive(Debug)]
 struct Resolved {
     sandbox: Arc<Sandbox>,
+    /// Its own number: a Sandbox resolved again (its pods or services changed) gets a new one.
+    generation: u64,
     name: ObjectName,
     /// `namespace/name`.
     owner: String,
@@ -205,6 +318,8 @@ struct Resolved {
     key: Arc<KeyInfo>,
     /// Why its routing key cannot be used, if it cannot.
     key_error: Option<String>,
+    /// The id of its routing key (0 when the key cannot be used).
+    key_id: u32,
     /// Per forked service port: the ready fork endpoints.
     forks: Vec<(u32, ForkEndpoints)>,
     /// Per forked service port: which one it is.
@@ -219,11 +334,17 @@ struct Resolved {
 struct Forked {
     name: Arc<ServiceName>,
     port: ServicePort,
+    protocol: PortProtocol,
     /// Its ClusterIPs on the port.
-    vips: Vec<SockAddr>,
+    vips: Arc<[SockAddr]>,
 }
 
-fn resolve(index: &Index, ids: &mut IdAllocator, sandbox: &Arc<Sandbox>) -> Resolved {
+fn resolve(
+    index: &Index,
+    ids: &mut IdAllocator,
+    sandbox: &Arc<Sandbox>,
+    generation: u64,
+) -> Resolved {
     let name = ObjectName::new("Sandbox", &sandbox.metadata);
     let mut warnings = Vec::new();
     let mut forks = Vec::new();
@@ -275,30 +396,42 @@ fn resolve(index: &Index, ids: &mut IdAllocator, sandbox: &Arc<Sandbox>) -> Reso
                 Ok(vip_port) => cluster_ips(svc)
                     .into_iter()
                     .map(|ip| sockaddr(ip, vip_port))
-                    .collect(),
-                Err(_) => Vec::new(),
+                    .collect::<Vec<_>>()
+                    .into(),
+                Err(_) => Arc::from([]),
             };
             forked.push((
                 service_id,
                 Forked {
                     name: Arc::new(service),
                     port: port.clone(),
+                    protocol: PortProtocol::declared(
+                        port.app_protocol.as_deref(),
+                        port.name.as_deref(),
+                    ),
                     vips,
                 },
             ));
         }
     }
+    let key_error = validate_routing_key(&sandbox.spec.routing_key)
+        .err()
+        .map(|e| e.to_string());
+    let key_id = match key_error {
+        None => ids.key_id(&sandbox.spec.routing_key),
+        Some(_) => 0,
+    };
     Resolved {
         sandbox: sandbox.clone(),
+        generation,
         owner: name.ns_name(),
         key: Arc::new(KeyInfo {
             key: sandbox.spec.routing_key.clone(),
             owners: vec![name.ns_name()],
             fallback_to_baseline: sandbox.spec.fallback() == Fallback::Baseline,
         }),
-        key_error: validate_routing_key(&sandbox.spec.routing_key)
-            .err()
-            .map(|e| e.to_string()),
+        key_error,
+        key_id,
         name,
         forks,
         forked,
@@ -354,116 +487,169 @@ fn fork_endpoints(
     eps
 }
 
-/// Per Service namespace → name → service port id: its baseline backend addresses.
-type Backends = HashMap<String, HashMap<String, HashMap<u32, Arc<[SockAddr]>>>>;
-
 struct Builder<'s, 'i> {
     index: &'s Index,
     ids: &'i mut IdAllocator,
-    backends: &'i mut Backends,
+    claims: &'i mut ServiceClaims,
+    stale: &'i Stale,
+    dirty: &'i HashSet<u32>,
+    groups: &'i mut GroupMemo,
+    fork_table: &'i mut ForkTable,
+    generation: &'i mut u64,
     out: Desired,
+    touched: Option<Touched>,
     /// Every service port some fork names.
     forked: HashMap<u32, &'s Forked>,
 }
 
 impl<'s> Builder<'s, '_> {
-    fn build(&mut self, store: &Store, node: &mut NodeContext<'_>, resolved: &[&'s Resolved]) {
+    fn build(
+        &mut self,
+        store: &Store,
+        node: &mut NodeContext<'_>,
+        sandboxes: &[&Arc<Sandbox>],
+        resolved: &[&'s Resolved],
+    ) {
         self.out.tables.router = node.router;
         for sb in resolved {
             self.out.warnings.extend(sb.warnings.iter().cloned());
             self.forked.extend(sb.forked.iter().map(|(id, f)| (*id, f)));
         }
 
-        let groups: Vec<(ObjectName, &RouteGroup)> = {
-            let mut g: Vec<_> = store.route_groups.iter().collect();
-            g.sort_by(|a, b| ns_name(&a.metadata).cmp(&ns_name(&b.metadata)));
-            g.into_iter()
-                .map(|rg| (ObjectName::new("RouteGroup", &rg.metadata), &**rg))
-                .collect()
-        };
-        let mut key_owner: HashMap<&str, &ObjectName> = HashMap::new();
+        let mut groups: Vec<&Arc<RouteGroup>> = store.route_groups.iter().collect();
+        groups.sort_by(|a, b| ns_name(&a.metadata).cmp(&ns_name(&b.metadata)));
+        let group_names: Vec<ObjectName> = groups
+            .iter()
+            .map(|rg| ObjectName::new("RouteGroup", &rg.metadata))
+            .collect();
+        let mut key_owner: HashMap<u32, &ObjectName> = HashMap::with_capacity(resolved.len());
+        let mut fork_owners: Vec<Made<'_>> = Vec::with_capacity(resolved.len() + groups.len());
         for sb in resolved {
             let key = &sb.sandbox.spec.routing_key;
-            let Some(key_id) = self.claim_key(&mut key_owner, &sb.name, key, &sb.key_error) else {
+            let key_id = match &sb.key_error {
+                Some(e) => Err(e.as_str()),
+                None => Ok(sb.key_id),
+            };
+            let Some(key_id) = self.claim_key(&mut key_owner, &sb.name, key, key_id) else {
                 continue;
             };
-            for (service_id, eps) in &sb.forks {
-                self.out.tables.forks.insert(
-                    ForkKey {
-                        key_id,
-                        service_id: *service_id,
-                    },
-                    *eps,
-                );
-            }
+            fork_owners.push(Made {
+                key_id,
+                generation: sb.generation,
+                forks: &sb.forks,
+            });
             self.out.tables.keys.insert(key_id, sb.key.clone());
             self.workloads(node, sb, key_id);
         }
 
-        let sandbox_labels = LabelIndex::new(
-            resolved
-                .iter()
-                .map(|sb| sb.sandbox.metadata.labels.as_ref()),
-        );
-        for (name, rg) in &groups {
-            let key_error = validate_routing_key(&rg.spec.routing_key)
-                .err()
-                .map(|e| e.to_string());
-            let Some(key_id) =
-                self.claim_key(&mut key_owner, name, &rg.spec.routing_key, &key_error)
-            else {
+        self.groups.members_of(sandboxes, &groups);
+        let mut made = HashMap::with_capacity(groups.len());
+        let mut group_keys = Vec::with_capacity(groups.len());
+        for (rg, name) in groups.into_iter().zip(&group_names) {
+            let key = &rg.spec.routing_key;
+            let key_error = validate_routing_key(key).err().map(|e| e.to_string());
+            let key_id = match &key_error {
+                Some(e) => Err(e.as_str()),
+                None => Ok(self.ids.key_id(key)),
+            };
+            let Some(key_id) = self.claim_key(&mut key_owner, name, key, key_id) else {
                 continue;
             };
-            let members: Vec<&Resolved> = sandbox_labels
-                .matching(&rg.spec.sandbox_selector)
-                .into_iter()
-                .map(|i| resolved[i])
+            let at = Arc::as_ptr(rg) as usize;
+            let members: Vec<&Resolved> = self.groups.members[&at]
+                .1
+                .iter()
+                .map(|i| resolved[*i])
                 .collect();
-            if members.is_empty() {
-                self.warn(format!("{name}: sandboxSelector matches no Sandbox"));
+            let generations: Vec<u64> = members.iter().map(|sb| sb.generation).collect();
+            let group = match self.groups.made.remove(&at) {
+                Some(g)
+                    if Arc::ptr_eq(&g.group, rg)
+                        && g.key_id == key_id
+                        && g.members == generations =>
+                {
+                    g
+                }
+                _ => self.group(rg, name, key_id, &members, generations),
+            };
+            self.out.warnings.extend(group.warnings.iter().cloned());
+            self.out.tables.keys.insert(key_id, group.key.clone());
+            made.insert(at, group);
+            group_keys.push(at);
+        }
+        fork_owners.extend(group_keys.iter().map(|at| {
+            let g: &GroupMade = &made[at];
+            Made {
+                key_id: g.key_id,
+                generation: g.generation,
+                forks: &g.forks,
             }
-            let mut union: BTreeMap<u32, (&ObjectName, ForkEndpoints)> = BTreeMap::new();
-            for sb in &members {
-                for (service_id, eps) in &sb.forks {
-                    match union.get(service_id) {
-                        Some((first, _)) => {
-                            let service = &self.forked[service_id].name;
-                            let warning = format!(
-                                "{name}: {first} and {} both fork {service}; using {first}",
-                                sb.name
-                            );
-                            self.warn(warning);
-                        }
-                        None => {
-                            union.insert(*service_id, (&sb.name, *eps));
-                        }
+        }));
+        let touched = self.fork_table.update(&fork_owners);
+        drop(fork_owners);
+        self.groups.made = made;
+        self.out.tables.forks = self.fork_table.table.clone();
+        let services = self.services();
+        self.touched = services.map(|services| Touched {
+            fork_keys: touched,
+            services,
+        });
+    }
+
+    /// What route group `rg` adds to the tables with these members: the union of their forks
+    /// (the first member forking a service port wins it) under its key.
+    fn group(
+        &mut self,
+        rg: &Arc<RouteGroup>,
+        name: &ObjectName,
+        key_id: u32,
+        members: &[&Resolved],
+        generations: Vec<u64>,
+    ) -> GroupMade {
+        let mut warnings = Vec::new();
+        if members.is_empty() {
+            warnings.push(format!("{name}: sandboxSelector matches no Sandbox"));
+        }
+        let mut union: BTreeMap<u32, (&ObjectName, ForkEndpoints)> = BTreeMap::new();
+        for sb in members {
+            for (service_id, eps) in &sb.forks {
+                match union.get(service_id) {
+                    Some((first, _)) => {
+                        let service = &self.forked[service_id].name;
+                        warnings.push(format!(
+                            "{name}: {first} and {} both fork {service}; using {first}",
+                            sb.name
+                        ));
+                    }
+                    None => {
+                        union.insert(*service_id, (&sb.name, *eps));
                     }
                 }
             }
-            for (service_id, (_, eps)) in union {
-                self.out
-                    .tables
-                    .forks
-                    .insert(ForkKey { key_id, service_id }, eps);
-            }
-            let mut owners = vec![name.ns_name()];
-            owners.extend(members.iter().map(|sb| sb.owner.clone()));
-            self.out.tables.keys.insert(
-                key_id,
-                Arc::new(KeyInfo {
-                    key: rg.spec.routing_key.clone(),
-                    owners,
-                    fallback_to_baseline: !members.is_empty()
-                        && members
-                            .iter()
-                            .all(|sb| sb.sandbox.spec.fallback() == Fallback::Baseline),
-                }),
-            );
         }
-
-        self.services();
+        let mut owners = vec![name.ns_name()];
+        owners.extend(members.iter().map(|sb| sb.owner.clone()));
+        *self.generation += 1;
+        GroupMade {
+            group: rg.clone(),
+            generation: *self.generation,
+            key_id,
+            members: generations,
+            forks: union
+                .into_iter()
+                .map(|(service_id, (_, eps))| (service_id, eps))
+                .collect(),
+            key: Arc::new(KeyInfo {
+                key: rg.spec.routing_key.clone(),
+                owners,
+                fallback_to_baseline: !members.is_empty()
+                    && members
+                        .iter()
+                        .all(|sb| sb.sandbox.spec.fallback() == Fallback::Baseline),
+            }),
+            warnings,
+        }
     }
-
     fn warn(&mut self, warning: String) {
         self.out.warnings.push(warning);
     }
@@ -472,23 +658,26 @@ impl<'s> Builder<'s, '_> {
     /// taken.
     fn claim_key<'k>(
         &mut self,
-        taken: &mut HashMap<&'k str, &'k ObjectName>,
+        taken: &mut HashMap<u32, &'k ObjectName>,
         owner: &'k ObjectName,
-        key: &'k str,
-        key_error: &Option<String>,
+        key: &str,
+        key_id: Result<u32, &str>,
     ) -> Option<u32> {
-        if let Some(e) = key_error {
-            self.warn(format!("{owner}: ignored: {e}"));
-            return None;
-        }
-        if let Some(first) = taken.get(key) {
+        let key_id = match key_id {
+            Ok(id) => id,
+            Err(e) => {
+                self.warn(format!("{owner}: ignored: {e}"));
+                return None;
+            }
+        };
+        if let Some(first) = taken.get(&key_id) {
             self.warn(format!(
                 "{owner}: ignored: routing key {key:?} is already used by {first}"
             ));
             return None;
         }
-        taken.insert(key, owner);
-        Some(self.ids.key_id(key))
+        taken.insert(key_id, owner);
+        Some(key_id)
     }
 
     /// Workloads: the sandbox's pods on this node whose cgroup is known.
@@ -535,95 +724,46 @@ impl<'s> Builder<'s, '_> {
     }
 
     /// `services`, `service_names` and `service_protocols` for every service port that some key
-    /// forks.
-    ///
-    /// Each address goes to the first service port that claims it, ClusterIPs before backend
-    /// addresses (a backend address never shadows a VIP), each pass in service name order.
-    /// Built as one sorted list of claims rather than by inserting claim after claim: at
-    /// 10,000s of addresses, sorting once and building the map from sorted entries is several
-    /// times cheaper.
-    fn services(&mut self) {
-        let used: BTreeSet<u32> = self.out.tables.forks.keys().map(|k| k.service_id).collect();
-        let mut ports: Vec<(u32, &'s Forked)> =
-            used.iter().map(|id| (*id, self.forked[id])).collect();
-        ports.sort_by(|a, b| a.1.name.cmp(&b.1.name));
-        // (address, claim order, service id): the claim order is the position in the passes.
-        let mut claims: Vec<(SockAddr, u32, u32)> = Vec::new();
-        for (service_id, f) in &ports {
-            for vip in &f.vips {
-                claims.push((*vip, claims.len() as u32, *service_id));
+    /// forks (see [`ServiceClaims`] for who owns an address claimed twice). Only the ports
+    /// that came or went, or whose sandboxes or Service objects changed, are looked at again.
+    fn services(&mut self) -> Option<Vec<SockAddr>> {
+        let mut used: Vec<u32> = self.out.tables.forks.keys().map(|k| k.service_id).collect();
+        used.sort_unstable();
+        used.dedup();
+        let mut changes: Vec<(u32, Option<Port>)> = Vec::new();
+        for id in self.claims.ports().map(|(id, _)| id) {
+            if used.binary_search(&id).is_err() {
+                changes.push((id, None));
             }
         }
-        for (service_id, f) in &ports {
-            for addr in self.backends(*service_id, f).iter() {
-                claims.push((*addr, claims.len() as u32, *service_id));
+        for id in used {
+            let known = self.claims.port(id);
+            if known.is_some() && !self.dirty.contains(&id) {
+                continue;
             }
+            let f = self.forked[&id];
+            let stale = self
+                .stale
+                .get(&f.name.namespace)
+                .is_some_and(|names| names.contains(&f.name.name));
+            let backends = match known {
+                Some(p) if !stale => p.backends.clone(),
+                _ => backends(self.index, &f.name, &f.port),
+            };
+            let port = Port {
+                name: f.name.clone(),
+                protocol: f.protocol,
+                vips: f.vips.clone(),
+                backends,
+            };
+            changes.push((id, Some(port)));
         }
-        claims.sort_unstable();
-        // (claim order, address, first service id, this service id) of each losing claim.
-        let mut conflicts: Vec<(u32, SockAddr, u32, u32)> = Vec::new();
-        let mut entries: Vec<(SockAddr, ServiceValue)> = Vec::with_capacity(claims.len());
-        for (addr, order, service_id) in claims {
-            match entries.last() {
-                Some((a, first)) if *a == addr => {
-                    if first.service_id != service_id {
-                        conflicts.push((order, addr, first.service_id, service_id));
-                    }
-                }
-                _ => entries.push((
-                    addr,
-                    ServiceValue {
-                        service_id,
-                        flags: 0,
-                    },
-                )),
-            }
-        }
-        self.out.tables.services = entries.into_iter().collect();
-        conflicts.sort_unstable();
-        for (_, addr, first, second) in conflicts {
-            let (first, name) = (&self.forked[&first].name, &self.forked[&second].name);
-            let warning = format!(
-                "{} is an address of both {first} and {name}; connections to it count as {first}",
-                display_addr(&addr)
-            );
-            self.warn(warning);
-        }
-        self.out.tables.service_names = ports
-            .iter()
-            .map(|(service_id, f)| (*service_id, f.name.clone()))
-            .collect();
-        self.out.tables.service_protocols = ports
-            .iter()
-            .map(|(service_id, f)| {
-                let p = &f.port;
-                let declared = PortProtocol::declared(p.app_protocol.as_deref(), p.name.as_deref());
-                (*service_id, declared)
-            })
-            .collect();
-    }
-
-    /// Baseline backend addresses of a service port, as computed the last time none of its
-    /// Service's objects changed.
-    fn backends(&mut self, service_id: u32, f: &Forked) -> Arc<[SockAddr]> {
-        let known = self
-            .backends
-            .get(&f.name.namespace)
-            .and_then(|names| names.get(&f.name.name))
-            .and_then(|ports| ports.get(&service_id));
-        if let Some(known) = known {
-            return known.clone();
-        }
-        let per_port = self
-            .backends
-            .entry(f.name.namespace.clone())
-            .or_default()
-            .entry(f.name.name.clone())
-            .or_default();
-        per_port
-            .entry(service_id)
-            .or_insert_with(|| backends(self.index, &f.name, &f.port))
-            .clone()
+        let touched = self.claims.update(changes);
+        self.out.warnings.extend(self.claims.conflicts());
+        self.out.tables.services = self.claims.services.clone();
+        self.out.tables.service_names = self.claims.names.clone();
+        self.out.tables.service_protocols = self.claims.protocols.clone();
+        touched
     }
 }
 
@@ -692,7 +832,7 @@ pub fn display_addr(a: &SockAddr) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
+    use std::collections::{BTreeSet, HashMap};
     use std::path::Path;
     use std::sync::Arc;
 
@@ -700,6 +840,7 @@ mod tests {
 
     use super::*;
     use k8s_openapi::api::discovery::v1::EndpointSlice;
+    use redirect_common::ForkKey;
 
     use crate::crd::{Fork, RouteGroup, RouteGroupSpec, SandboxSpec};
     use crate::routing::RouteView;
@@ -1614,6 +1755,7 @@ mod tests {
             }
             let mut state = DesiredState::default();
             let mut fresh_ids = IdAllocator::new();
+            let mut before = Tables::default();
             for step in 0..40 {
                 let n = 1 + rng.below(3);
                 for _ in 0..n {
@@ -1640,6 +1782,15 @@ mod tests {
                     remembered, computed,
                     "seed {seed}, step {step}: the state differs from a fresh desired()"
                 );
+                // What it says it touched is all that changed.
+                if let Some(touched) = state.touched() {
+                    assert_eq!(
+                        crate::sync::diff_touched(&before, &remembered.tables, touched),
+                        crate::sync::diff(&before, &remembered.tables),
+                        "seed {seed}, step {step}: a change outside what was touched"
+                    );
+                }
+                before = remembered.tables;
             }
         }
     }

@@ -11,8 +11,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use redirect_common::{
-    ForkKey, MAX_FORK_ENDPOINTS, OrigDst, OriginCacheEntry, ROUTER_SOCK_V4, ROUTER_SOCK_V6,
-    Reason, SockAddr,
+    ForkKey, MAX_FORK_ENDPOINTS, OrigDst, OriginCacheEntry, ROUTER_SOCK_V4, ROUTER_SOCK_V6, Reason,
+    SockAddr,
     origin::{self, OriginLookups},
 };
 

@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use redirect_common::{
     ForkEndpoints, ForkKey, MAX_CONNS, MAX_FORKS, MAX_ORIGIN_CACHE, MAX_SERVICES, MAX_WORKLOADS,
-    OrigDst, OriginCacheEntry, Reason, RouterConfig, ServiceValue, SockAddr, TRACE_RING_BYTES, TRACE_STATS, TraceControl, TraceEvent,
-    WorkloadValue,
+    OrigDst, OriginCacheEntry, Reason, RouterConfig, ServiceValue, SockAddr, TRACE_RING_BYTES,
+    TRACE_STATS, TraceControl, TraceEvent, WorkloadValue,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;

@@ -59,12 +59,14 @@ const fn mix(mut z: u64) -> u64 {
 }
 
 impl OriginCacheEntry {
-    /// The entry recording what a walk found for `cgroup_id` at `generation`.
+    /// The entry recording what a walk found for `cgroup_id` at `generation`: the fork pod's
+    /// cgroup and key, or `(0, 0)` (see [`walk`]).
     #[inline(always)]
-    pub fn new(cgroup_id: u64, generation: u64, found: Option<(u64, u32)>) -> Self {
-        let (pod_cgroup_id, key_id, is_fork) = match found {
-            Some((pod, key)) => (pod, key, ORIGIN_FORK_POD),
-            None => (0, 0, ORIGIN_NOT_FORK_POD),
+    pub fn new(cgroup_id: u64, generation: u64, (pod_cgroup_id, key_id): (u64, u32)) -> Self {
+        let is_fork = if pod_cgroup_id != 0 {
+            ORIGIN_FORK_POD
+        } else {
+            ORIGIN_NOT_FORK_POD
         };
         let mut e = OriginCacheEntry {
             generation,
@@ -135,22 +137,25 @@ pub fn caller_key<L: OriginLookups>(l: &L, cgroup_id: u64) -> Option<(u64, u32)>
         cgroup_id,
         &OriginCacheEntry::new(cgroup_id, generation, found),
     );
-    found
+    if found.0 != 0 { Some(found) } else { None }
 }
 
-/// The uncached walk over at most `MAX_CGROUP_LEVELS` ancestors.
+/// The uncached walk over at most `MAX_CGROUP_LEVELS` ancestors: the fork pod's cgroup id and
+/// routing key, or `(0, 0)` for a caller in no fork pod (no cgroup has id 0). Plain integers
+/// rather than an `Option`: every path then defines every value that goes into the cache entry
+/// (the verifier rejects reading a register the compiler left undefined in a `None`).
 #[inline(always)]
-pub fn walk<L: OriginLookups>(l: &L) -> Option<(u64, u32)> {
+pub fn walk<L: OriginLookups>(l: &L) -> (u64, u32) {
     for level in 0..MAX_CGROUP_LEVELS {
         let id = l.ancestor(level);
         if id == 0 {
-            return None;
+            return (0, 0);
         }
         if let Some(key_id) = l.workload_key(id) {
-            return Some((id, key_id));
+            return (id, key_id);
         }
     }
-    None
+    (0, 0)
 }
 
 #[cfg(test)]
@@ -257,6 +262,7 @@ mod tests {
         n.agent_put(POD, 7);
         let stale_generation = n.generation();
         let stale = OriginCacheEntry::new(CONTAINER, stale_generation, walk(&n));
+        assert_eq!(stale.is_fork, ORIGIN_FORK_POD);
         n.agent_del(POD);
         n.remember(CONTAINER, &stale);
         assert_eq!(caller_key(&n, CONTAINER), None);
@@ -264,11 +270,11 @@ mod tests {
 
     #[test]
     fn an_entry_of_another_cgroup_or_a_torn_entry_is_a_miss() {
-        let e = OriginCacheEntry::new(CONTAINER, 3, Some((POD, 7)));
+        let e = OriginCacheEntry::new(CONTAINER, 3, (POD, 7));
         assert_eq!(e.answer(CONTAINER, 3), Some(Some((POD, 7))));
         assert_eq!(e.answer(CONTAINER, 4), None);
         assert_eq!(e.answer(99, 3), None);
-        let other = OriginCacheEntry::new(99, 3, Some((98, 5)));
+        let other = OriginCacheEntry::new(99, 3, (98, 5));
         for torn in [
             OriginCacheEntry {
                 key_id: other.key_id,
@@ -294,14 +300,14 @@ mod tests {
     #[test]
     fn the_walk_stops_at_the_callers_own_level_and_after_the_bound() {
         let n = Node::with_caller();
-        assert_eq!(walk(&n), None);
+        assert_eq!(walk(&n), (0, 0));
         let deep = Node {
             ancestors: (1..=(MAX_CGROUP_LEVELS as u64 + 2)).collect(),
             ..Default::default()
         };
         deep.agent_put(MAX_CGROUP_LEVELS as u64 + 1, 3);
-        assert_eq!(walk(&deep), None);
+        assert_eq!(walk(&deep), (0, 0));
         deep.agent_put(MAX_CGROUP_LEVELS as u64, 4);
-        assert_eq!(walk(&deep), Some((MAX_CGROUP_LEVELS as u64, 4)));
+        assert_eq!(walk(&deep), (MAX_CGROUP_LEVELS as u64, 4));
     }
 }

@@ -6,7 +6,9 @@
 #![no_std]
 
 pub mod maps;
+pub mod origin;
 pub mod reason;
 
 pub use maps::*;
+pub use origin::OriginCacheEntry;
 pub use reason::Reason;

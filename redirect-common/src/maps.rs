@@ -26,11 +26,20 @@ pub const MAP_TRACE_EVENTS: &str = "trace_events_v1";
 /// Per-CPU trace counters, indexed by `TRACE_STAT_*`.
 pub const MAP_TRACE_STATS: &str = "trace_stats_v1";
 
+/// Per task cgroup: the caller's fork pod and routing key, or "not a fork pod", as of one
+/// generation of `workloads_v1` (see `origin`).
+pub const MAP_ORIGIN_CACHE: &str = "origin_cache_v1";
+/// The single generation counter of `workloads_v1`: the agent increments it after every write
+/// to `workloads_v1`, which retires every `origin_cache_v1` entry.
+pub const MAP_ORIGIN_GEN: &str = "origin_gen_v1";
+
 /// Every map, for cleanup and status listings.
-pub const ALL_MAPS: [&str; 12] = [
+pub const ALL_MAPS: [&str; 14] = [
     MAP_SERVICES,
     MAP_FORKS,
     MAP_WORKLOADS,
+    MAP_ORIGIN_CACHE,
+    MAP_ORIGIN_GEN,
     MAP_ROUTER,
     MAP_ROUTER_SOCKS,
     MAP_ORIG_DST_SK,
@@ -61,6 +70,8 @@ pub const MAX_SERVICES: u32 = 65_536;
 pub const MAX_FORKS: u32 = 16_384;
 pub const MAX_WORKLOADS: u32 = 16_384;
 pub const MAX_CONNS: u32 = 65_536;
+/// Task cgroups whose caller lookup is cached (an LRU map: the least recently used go first).
+pub const MAX_ORIGIN_CACHE: u32 = 16_384;
 /// Bytes of the trace ring buffer (a power-of-two number of pages): ~2,900 events. When a reader
 /// falls behind, events are dropped and counted, never queued without bound.
 pub const TRACE_RING_BYTES: u32 = 256 * 1024;
@@ -300,6 +311,7 @@ mod pod {
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for TraceControl {}
     unsafe impl aya::Pod for TraceEvent {}
+    unsafe impl aya::Pod for crate::origin::OriginCacheEntry {}
 }
 
 #[cfg(test)]

@@ -11,13 +11,17 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use redirect_common::{
-    ForkKey, MAX_CGROUP_LEVELS, MAX_FORK_ENDPOINTS, OrigDst, ROUTER_SOCK_V4, ROUTER_SOCK_V6,
-    Reason, SockAddr,
+    ForkKey, MAX_FORK_ENDPOINTS, OrigDst, OriginCacheEntry, ROUTER_SOCK_V4, ROUTER_SOCK_V6, Reason,
+    SockAddr,
+    origin::{self, OriginLookups},
 };
 
 use crate::{
     counters::count,
-    maps::{FORKS, ORIG_SK, PEER_SK, ROUTER, ROUTER_SOCKS, SERVICES, WORKLOADS},
+    maps::{
+        FORKS, ORIG_SK, ORIGIN_CACHE, ORIGIN_GEN, PEER_SK, ROUTER, ROUTER_SOCKS, SERVICES,
+        WORKLOADS,
+    },
     trace::{self, Seen},
 };
 
@@ -143,20 +147,50 @@ fn remember_peer(ctx: &SockAddrContext, dst: &SockAddr) {
     }
 }
 
-/// The pod cgroup and routing key of the caller, when the caller runs in a fork pod: the first
-/// cgroup ancestor (from the root down) found in `workloads_v1`.
+/// The pod cgroup and routing key of the caller, when the caller runs in a fork pod: decided by
+/// `redirect_common::origin::caller_key` over the cache and, on a cache miss, the cgroup walk.
 #[inline(always)]
 fn caller_key() -> Option<(u64, u32)> {
-    for level in 0..MAX_CGROUP_LEVELS {
-        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
-        if id == 0 {
-            return None;
-        }
-        if let Some(w) = unsafe { WORKLOADS.get(&id) } {
-            return Some((id, w.key_id));
-        }
+    // SAFETY: no arguments; returns the current task's cgroup id.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    origin::caller_key(&KernelOrigin, cgroup_id)
+}
+
+/// The caller lookup's view of the kernel: helpers and the pinned maps.
+struct KernelOrigin;
+
+impl OriginLookups for KernelOrigin {
+    #[inline(always)]
+    fn generation(&self) -> u64 {
+        ORIGIN_GEN.get(0).copied().unwrap_or(0)
     }
-    None
+
+    #[inline(always)]
+    fn cached(&self, cgroup_id: u64) -> Option<OriginCacheEntry> {
+        // Copied at once: an LRU element may be recycled under us; the entry's check catches it.
+        ORIGIN_CACHE
+            .get_ptr(&cgroup_id)
+            // SAFETY: a non-null map value pointer, read once into a local copy.
+            .map(|p| unsafe { core::ptr::read_volatile(p) })
+    }
+
+    #[inline(always)]
+    fn ancestor(&self, level: i32) -> u64 {
+        // SAFETY: returns 0 for a level past the task's own cgroup.
+        unsafe { bpf_get_current_ancestor_cgroup_id(level) }
+    }
+
+    #[inline(always)]
+    fn workload_key(&self, cgroup_id: u64) -> Option<u32> {
+        // SAFETY: the value is read at once, not held across helper calls.
+        unsafe { WORKLOADS.get(&cgroup_id) }.map(|w| w.key_id)
+    }
+
+    #[inline(always)]
+    fn remember(&self, cgroup_id: u64, entry: &OriginCacheEntry) {
+        // Best effort: without the entry the next connect walks again.
+        let _ = ORIGIN_CACHE.insert(&cgroup_id, entry, 0);
+    }
 }
 
 /// Whether the router's listener for this family sits in the liveness sockmap.

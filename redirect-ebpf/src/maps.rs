@@ -3,13 +3,13 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, PerCpuArray, RingBuf, SkStorage, SockMap},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SkStorage, SockMap},
     macros::btf_map,
 };
 use redirect_common::{
-    ForkEndpoints, ForkKey, MAX_CONNS, MAX_FORKS, MAX_SERVICES, MAX_WORKLOADS, OrigDst, Reason,
-    RouterConfig, ServiceValue, SockAddr, TRACE_RING_BYTES, TRACE_STATS, TraceControl, TraceEvent,
-    WorkloadValue,
+    ForkEndpoints, ForkKey, MAX_CONNS, MAX_FORKS, MAX_ORIGIN_CACHE, MAX_SERVICES, MAX_WORKLOADS,
+    OrigDst, OriginCacheEntry, Reason, RouterConfig, ServiceValue, SockAddr, TRACE_RING_BYTES,
+    TRACE_STATS, TraceControl, TraceEvent, WorkloadValue,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -25,6 +25,16 @@ pub static FORKS: HashMap<ForkKey, ForkEndpoints, { MAX_FORKS as usize }, NO_PRE
 #[btf_map(name = "workloads_v1", pin_by_name)]
 pub static WORKLOADS: HashMap<u64, WorkloadValue, { MAX_WORKLOADS as usize }, NO_PREALLOC> =
     HashMap::new();
+
+/// The caller lookup's answer per task cgroup, tagged with the `workloads_v1` generation it was
+/// computed from (`redirect_common::origin`).
+#[btf_map(name = "origin_cache_v1", pin_by_name)]
+pub static ORIGIN_CACHE: LruHashMap<u64, OriginCacheEntry, { MAX_ORIGIN_CACHE as usize }> =
+    LruHashMap::new();
+
+/// The generation of `workloads_v1`, incremented by the agent after each write to it.
+#[btf_map(name = "origin_gen_v1", pin_by_name)]
+pub static ORIGIN_GEN: Array<u64, 1> = Array::new();
 
 #[btf_map(name = "router_v1", pin_by_name)]
 pub static ROUTER: Array<RouterConfig, 1> = Array::new();

@@ -155,6 +155,91 @@ fn baseline_pod_reaches_a_forked_service_through_the_router_which_recovers_the_d
     );
 }
 
+/// Polls the kernel's `workloads_v1` until `pod`'s entry satisfies `want`, then gives the agent's
+/// map write the moment it needs to finish (the generation increment follows the write in the
+/// same call). Returns the entry.
+fn wait_workload(
+    shop: &Shop<'_>,
+    pod: &redirect_tests::Pod<'_>,
+    want: impl Fn(Option<u32>) -> bool,
+) -> Option<u32> {
+    use redirect_agent::{loader::KernelMaps, sync::RedirectMaps};
+    let pin_dir = shop.agent.as_ref().unwrap().pin_dir.clone();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let tables = KernelMaps::open(&pin_dir).unwrap().read().unwrap();
+        let key = tables.workloads.get(&pod.cgroup_id()).map(|w| w.key_id);
+        if want(key) {
+            std::thread::sleep(Duration::from_millis(100));
+            return key;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "workload of {} is {key:?}",
+            pod.name()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_fork_pod_whose_workload_changes_or_goes_never_connects_with_its_old_key() {
+    let Some(mc) = MiniCluster::new_or_skip("origin_cache_invalidation", TOOLS) else {
+        return;
+    };
+    let shop = Shop::with_agent(&mc, true).unwrap();
+    let caller = &shop.frontend_fork;
+    let old_key = wait_workload(&shop, caller, |k| k.is_some());
+    // Twice: the first connect walks the cgroups and caches the key, the second is served from
+    // the cache.
+    for _ in 0..2 {
+        let (body, reason) = get_checked(&shop, caller, CHECKOUT_VIP4, "");
+        assert_eq!(
+            (body.as_str(), reason),
+            ("checkout-fork\n", Reason::OriginFork)
+        );
+    }
+
+    // The sandbox's routing key changes: the same pod, the same forks, a new key id. A cached
+    // old key would find no fork under it (origin_baseline) and reach checkout-base.
+    let renamed = |services: &[&str]| {
+        sandbox_manifest(SANDBOX_KEY, "Unavailable", services).replace(
+            &format!("routingKey: {SANDBOX_KEY}"),
+            "routingKey: feature-renamed",
+        )
+    };
+    shop.write_manifest(SANDBOX_FILE, &renamed(&["frontend", "checkout"]))
+        .unwrap();
+    let new_key = wait_workload(&shop, caller, |k| k.is_some() && k != old_key);
+    let (body, reason) = get_checked(&shop, caller, CHECKOUT_VIP4, "");
+    assert_eq!(
+        (body.as_str(), reason),
+        ("checkout-fork\n", Reason::OriginFork)
+    );
+
+    // The caller stops being a fork pod while checkout stays forked (its fork pod keeps its
+    // workload: the removal is the only write): the caller is a baseline caller now, through
+    // the router without a key to baseline, never to the fork through its cached key.
+    shop.write_manifest(SANDBOX_FILE, &renamed(&["checkout"]))
+        .unwrap();
+    wait_workload(&shop, caller, |k| k.is_none());
+    let (body, reason) = get_checked(&shop, caller, CHECKOUT_VIP4, "");
+    assert_eq!(
+        (body.as_str(), reason),
+        ("checkout-base\n", Reason::ToRouter)
+    );
+
+    // And back: the cached "not a fork pod" goes as well.
+    shop.write_manifest(SANDBOX_FILE, &renamed(&["frontend", "checkout"]))
+        .unwrap();
+    assert_eq!(wait_workload(&shop, caller, |k| k.is_some()), new_key);
+    let (body, reason) = get_checked(&shop, caller, CHECKOUT_VIP4, "");
+    assert_eq!(
+        (body.as_str(), reason),
+        ("checkout-fork\n", Reason::OriginFork)
+    );
+}
+
 #[test]
 fn the_router_refuses_connections_the_kernel_did_not_redirect() {
     let Some(mc) = MiniCluster::new_or_skip("router_no_open_proxy", TOOLS) else {

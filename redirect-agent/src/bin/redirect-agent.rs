@@ -389,7 +389,8 @@ async fn run(a: RunArgs, log_control: LogControl, log_filter: String) -> Result<
         mark: a.router_mark,
         _pad: 0,
     };
-    let maps = KernelMaps::open(&pin_dir)?;
+    let mut maps = KernelMaps::open(&pin_dir)?;
+    maps.invalidate_origin_cache()?;
     let mut syncer = Syncer::new(maps, PodCgroups::new(&cgroup_root), a.node_name, router_cfg)?;
 
     let settings = RouterSettings {

@@ -126,7 +126,7 @@ pub fn map_fill(pin_dir: &Path) -> Vec<MapFill> {
                     .unwrap_or_else(|_| "unknown".into());
             }
             f.entries = match Map::from_map_data(data) {
-                Ok(Map::HashMap(d)) => {
+                Ok(Map::HashMap(d)) | Ok(Map::LruHashMap(d)) => {
                     Some(sys::count_keys(d.fd().as_fd(), u64::from(f.max_entries)))
                 }
                 Ok(Map::Array(_)) | Ok(Map::PerCpuArray(_)) => Some(u64::from(f.max_entries)),

@@ -8,9 +8,9 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError as AyaMapError, PerCpuArray, SockMap};
 use redirect_common::{
-    ForkEndpoints, ForkKey, MAP_CONNS, MAP_COUNTERS, MAP_FORKS, MAP_ROUTER, MAP_ROUTER_SOCKS,
-    MAP_SERVICES, MAP_WORKLOADS, MAX_FORKS, MAX_SERVICES, MAX_WORKLOADS, OrigDst, Reason,
-    RouterConfig, ServiceValue, SockAddr, WorkloadValue,
+    ForkEndpoints, ForkKey, MAP_CONNS, MAP_COUNTERS, MAP_FORKS, MAP_ORIGIN_GEN, MAP_ROUTER,
+    MAP_ROUTER_SOCKS, MAP_SERVICES, MAP_WORKLOADS, MAX_FORKS, MAX_SERVICES, MAX_WORKLOADS, OrigDst,
+    Reason, RouterConfig, ServiceValue, SockAddr, WorkloadValue,
 };
 
 use super::sys;
@@ -61,6 +61,9 @@ pub struct KernelMaps {
     services: HashMap<MapData, SockAddr, ServiceValue>,
     forks: HashMap<MapData, ForkKey, ForkEndpoints>,
     workloads: HashMap<MapData, u64, WorkloadValue>,
+    /// The generation of `workloads_v1`: incremented after every write to it, which retires
+    /// every entry of the programs' caller cache (`redirect_common::origin`).
+    origin_gen: Array<MapData, u64>,
     router: Array<MapData, RouterConfig>,
     counters: PerCpuArray<MapData, u64>,
 }
@@ -78,6 +81,9 @@ impl KernelMaps {
             workloads: open(pin_dir, MAP_WORKLOADS)?
                 .try_into()
                 .map_err(|e| other(MAP_WORKLOADS, e))?,
+            origin_gen: open(pin_dir, MAP_ORIGIN_GEN)?
+                .try_into()
+                .map_err(|e| other(MAP_ORIGIN_GEN, e))?,
             router: open(pin_dir, MAP_ROUTER)?
                 .try_into()
                 .map_err(|e| other(MAP_ROUTER, e))?,
@@ -85,6 +91,21 @@ impl KernelMaps {
                 .try_into()
                 .map_err(|e| other(MAP_COUNTERS, e))?,
         })
+    }
+
+    /// Retires every cached caller lookup of the programs: the next `connect()` from each cgroup
+    /// walks `workloads_v1` again. Called after every write to `workloads_v1` (never before: a
+    /// program that walked the old map meanwhile would cache the old answer under the new
+    /// generation), and once when the agent starts, in case the previous one died between a
+    /// write and its increment.
+    pub fn invalidate_origin_cache(&mut self) -> Result<(), MapError> {
+        let generation = self
+            .origin_gen
+            .get(&0, 0)
+            .map_err(|e| other(MAP_ORIGIN_GEN, e))?;
+        self.origin_gen
+            .set(0, &generation.wrapping_add(1), 0)
+            .map_err(|e| other(MAP_ORIGIN_GEN, e))
     }
 
     /// Decision counters, summed over CPUs, in `Reason` order.
@@ -141,13 +162,19 @@ impl RedirectMaps for KernelMaps {
     }
 
     fn put_workload(&mut self, cgroup_id: u64, value: WorkloadValue) -> Result<(), MapError> {
-        self.workloads
+        let put = self
+            .workloads
             .insert(&cgroup_id, &value, 0)
-            .map_err(|e| insert_err(MAP_WORKLOADS, MAX_WORKLOADS, e))
+            .map_err(|e| insert_err(MAP_WORKLOADS, MAX_WORKLOADS, e));
+        // Whatever the insert did, the write is over: retire what the programs cached before.
+        self.invalidate_origin_cache()?;
+        put
     }
 
     fn del_workload(&mut self, cgroup_id: u64) -> Result<(), MapError> {
-        remove_ok(MAP_WORKLOADS, self.workloads.remove(&cgroup_id))
+        let del = remove_ok(MAP_WORKLOADS, self.workloads.remove(&cgroup_id));
+        self.invalidate_origin_cache()?;
+        del
     }
 
     fn set_router(&mut self, value: RouterConfig) -> Result<(), MapError> {

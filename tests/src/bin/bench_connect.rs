@@ -306,9 +306,9 @@ fn bench(args: &[String]) -> Result<()> {
         Err(e) => return Err(e.into()),
     };
     // The scene (agent, servers, pods) lives and is dropped inside `measure`, before `mc`.
-    let samples = measure(&mc, &o)?;
+    let (samples, programs) = measure(&mc, &o)?;
     drop(mc);
-    report(&samples, &o)
+    report(&samples, &programs, &o)
 }
 
 /// One client run.
@@ -332,7 +332,10 @@ struct Scene<'c> {
     target_fork: Pod<'c>,
 }
 
-fn measure(mc: &MiniCluster, o: &Options) -> Result<Samples> {
+/// One figure of `--json`: name, value, unit.
+type JsonEntry = (String, f64, &'static str);
+
+fn measure(mc: &MiniCluster, o: &Options) -> Result<(Samples, Vec<JsonEntry>)> {
     let exe = std::env::current_exe().context("own path")?;
     let exe = exe.to_str().context("non-UTF-8 own path")?.to_string();
     let fork = |app: &'static str| [("app", app), ("redirect.dev/sandbox", KEY)];
@@ -426,10 +429,14 @@ fn measure(mc: &MiniCluster, o: &Options) -> Result<Samples> {
         }
         println!("{line}");
     }
-    if let Err(e) = program_time(&scene, o.warmup.max(1.0)) {
-        println!("program run time not measured: {e:#}");
-    }
-    Ok(samples)
+    let programs = match program_time(&scene, o.warmup.max(1.0)) {
+        Ok(entries) => entries,
+        Err(e) => {
+            println!("program run time not measured: {e:#}");
+            Vec::new()
+        }
+    };
+    Ok((samples, programs))
 }
 
 /// BPF_ENABLE_STATS (bpf(2) command 32) with type BPF_STATS_RUN_TIME (0): the kernel times
@@ -512,8 +519,11 @@ fn run_stats(progs: &[(String, String)]) -> Result<Vec<(String, u64, u64)>> {
 
 /// The programs' own run time per connection, measured by the kernel (BPF run-time stats,
 /// enabled only for these extra samples because timing every run costs a little), against the
-/// client's CPU time per connection.
-fn program_time(scene: &Scene<'_>, seconds: f64) -> Result<()> {
+/// client's CPU time per connection. Returns the figures for `--json`, per scenario:
+/// `connect4_<sc>_ns` (per run), `sock_ops_<sc>_runs` (per connection), `sock_ops_<sc>_ns`
+/// (per run), `programs_<sc>_ns` (per connection), `programs_<sc>_share` (% of the client's CPU
+/// time per connection), and `connect4_origin_ns_over_miss_ns`.
+fn program_time(scene: &Scene<'_>, seconds: f64) -> Result<Vec<JsonEntry>> {
     let progs = attached(scene.mc.cgroup_root())?;
     let _stats = enable_bpf_stats()?;
     println!();
@@ -522,6 +532,8 @@ fn program_time(scene: &Scene<'_>, seconds: f64) -> Result<()> {
         "{:<12} {:>13} {:>19} {:>12} {:>15} {:>7}",
         "scenario", "connect4 ns", "sock_ops runs x ns", "programs ns", "client CPU ns", "share"
     );
+    let mut json = Vec::new();
+    let mut connect4_ns = [0.0; 4];
     for sc in [Scenario::Miss, Scenario::Origin, Scenario::DirectFork] {
         let before = run_stats(&progs)?;
         let s = scene.sample(sc, seconds)?;
@@ -540,18 +552,38 @@ fn program_time(scene: &Scene<'_>, seconds: f64) -> Result<()> {
         let (ops_ns, ops_runs) = delta("cgroup_sock_ops");
         let total = (connect_ns + ops_ns) / n;
         let cpu = 1e9 / s.cpu_rate;
+        let per_connect = connect_ns / connect_runs.max(1.0);
+        let (runs, per_op) = (ops_runs / n, ops_ns / ops_runs.max(1.0));
+        let share = total / cpu * 100.0;
+        connect4_ns[sc as usize] = per_connect;
         println!(
-            "{:<12} {:>13.1} {:>10.1} x {:<6.1} {:>12.0} {:>15.0} {:>6.2}%",
+            "{:<12} {per_connect:>13.1} {runs:>10.1} x {per_op:<6.1} {total:>12.0} {cpu:>15.0} \
+             {share:>6.2}%",
             sc.name(),
-            connect_ns / connect_runs.max(1.0),
-            ops_runs / n,
-            ops_ns / ops_runs.max(1.0),
-            total,
-            cpu,
-            total / cpu * 100.0,
         );
+        let name = sc.name();
+        json.extend([
+            (format!("connect4_{name}_ns"), per_connect, "ns/run"),
+            (format!("sock_ops_{name}_runs"), runs, "runs/conn"),
+            (format!("sock_ops_{name}_ns"), per_op, "ns/run"),
+            (format!("programs_{name}_ns"), total, "ns/conn"),
+            (format!("programs_{name}_share"), share, "%"),
+        ]);
     }
-    Ok(())
+    let (origin, miss) = (
+        connect4_ns[Scenario::Origin as usize],
+        connect4_ns[Scenario::Miss as usize],
+    );
+    println!(
+        "connect4 origin / miss: {:.2} (goal <= 2.00)",
+        origin / miss
+    );
+    json.push((
+        "connect4_origin_ns_over_miss_ns".into(),
+        origin / miss,
+        "ratio",
+    ));
+    Ok(json)
 }
 
 impl Scene<'_> {
@@ -628,7 +660,7 @@ fn max(v: &[f64]) -> f64 {
     v.iter().copied().fold(f64::NEG_INFINITY, f64::max)
 }
 
-fn report(samples: &Samples, o: &Options) -> Result<()> {
+fn report(samples: &Samples, programs: &[JsonEntry], o: &Options) -> Result<()> {
     let rates =
         |sc: Scenario| -> Vec<f64> { samples[sc as usize].iter().map(|s| s.rate).collect() };
     let cpu_rates =
@@ -686,6 +718,7 @@ fn report(samples: &Samples, o: &Options) -> Result<()> {
         );
         json.push((name, value, "ratio"));
     }
+    json.extend(programs.iter().cloned());
     if let Some(path) = &o.json {
         write_json(path, &json)?;
         println!("\nwrote {}", path.display());
@@ -694,12 +727,14 @@ fn report(samples: &Samples, o: &Options) -> Result<()> {
 }
 
 /// `[{"name": …, "value": …, "unit": …}, …]`; names and units are plain ASCII identifiers.
-fn write_json(path: &Path, entries: &[(String, f64, &str)]) -> Result<()> {
+fn write_json(path: &Path, entries: &[JsonEntry]) -> Result<()> {
     let body: Vec<String> = entries
         .iter()
         .map(|(name, value, unit)| {
             let value = if *unit == "ratio" {
                 format!("{value:.4}")
+            } else if *unit == "%" {
+                format!("{value:.2}")
             } else {
                 format!("{value:.1}")
             };

@@ -65,7 +65,9 @@ pub struct AdminState {
     started: SystemTime,
     ready: AtomicBool,
     generation: AtomicU64,
-    tables: ArcSwap<api::TablesDoc>,
+    /// What `GET /tables` shows, kept as the sync left it: the document is made when asked
+    /// for (at 10,000s of entries, making it on every sync would cost more than the sync).
+    tables: ArcSwap<Published>,
     last_sync: Mutex<Option<api::SyncInfo>>,
     pub sync: SyncMetrics,
     router: Mutex<Option<Arc<Shared>>>,
@@ -74,6 +76,14 @@ pub struct AdminState {
     source: Mutex<SourceInfo>,
     log: Option<LogControl>,
     log_filter: Mutex<String>,
+}
+
+/// The tables of the last sync (or of the persisted state), with what names their pods.
+#[derive(Default)]
+struct Published {
+    tables: Arc<Tables>,
+    generation: u64,
+    pods: Vec<api::PodEntry>,
 }
 
 impl AdminState {
@@ -89,10 +99,7 @@ impl AdminState {
             started: SystemTime::now(),
             ready: AtomicBool::new(false),
             generation: AtomicU64::new(0),
-            tables: ArcSwap::from_pointee(api::TablesDoc {
-                schema: api::TABLES_SCHEMA.into(),
-                ..Default::default()
-            }),
+            tables: ArcSwap::from_pointee(Published::default()),
             last_sync: Mutex::new(None),
             sync: SyncMetrics::default(),
             router: Mutex::new(None),
@@ -136,16 +143,19 @@ impl AdminState {
     }
 
     /// Publishes the state an earlier agent persisted, which routes until the first sync.
-    pub fn restored(&self, tables: &Tables) {
+    pub fn restored(&self, tables: &Arc<Tables>) {
         *lock(&self.state_from) = api::STATE_PERSISTED;
-        self.tables
-            .store(Arc::new(api::TablesDoc::new(tables, 0, Vec::new())));
+        self.tables.store(Arc::new(Published {
+            tables: tables.clone(),
+            generation: 0,
+            pods: Vec::new(),
+        }));
     }
 
     /// Records a sync and publishes its tables. `ok`: no map operation failed.
     pub fn synced(
         &self,
-        tables: &Tables,
+        tables: &Arc<Tables>,
         pods: Vec<api::PodEntry>,
         generation: u64,
         took: Duration,
@@ -155,8 +165,11 @@ impl AdminState {
         self.sync.record_sync(took.as_secs_f64(), applied, failed);
         *lock(&self.state_from) = api::STATE_SYNCED;
         self.generation.store(generation, Ordering::Relaxed);
-        self.tables
-            .store(Arc::new(api::TablesDoc::new(tables, generation, pods)));
+        self.tables.store(Arc::new(Published {
+            tables: tables.clone(),
+            generation,
+            pods,
+        }));
         *lock(&self.last_sync) = Some(api::SyncInfo {
             at_unix_ms: unix_ms(SystemTime::now()),
             duration_ms: took.as_secs_f64() * 1000.0,
@@ -359,7 +372,14 @@ async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Body> {
                 body,
             )
         }
-        (Method::GET, "/tables") => json(&**state.tables.load()),
+        (Method::GET, "/tables") => {
+            let p = state.tables.load();
+            json(&api::TablesDoc::new(
+                &p.tables,
+                p.generation,
+                p.pods.clone(),
+            ))
+        }
         (Method::GET, "/status") => json(&state.status()),
         (Method::GET, "/loglevel") => text(
             StatusCode::OK,

@@ -252,7 +252,7 @@ fn start_router<M: RedirectMaps, C: CgroupResolver>(
         else {
             unreachable!("checked above");
         };
-        let shared = start(Arc::new(RouteView::new((*syncer.last).clone())))?;
+        let shared = start(Arc::new(RouteView::new(syncer.last.clone())))?;
         ctx.admin.set_router(shared.clone());
         ctx.router = RouterHandle::Running(shared);
     }
@@ -264,7 +264,7 @@ fn publish<M: RedirectMaps, C: CgroupResolver>(syncer: &Syncer<M, C>, ctx: &Loop
     if let Some(router) = ctx.router.running() {
         router
             .view
-            .store(Arc::new(RouteView::new((*syncer.last).clone())));
+            .store(Arc::new(RouteView::new(syncer.last.clone())));
     }
 }
 

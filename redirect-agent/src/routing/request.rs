@@ -2,6 +2,7 @@
 //! request for the original destination `orig` that carries routing key `key`.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use redirect_common::{ForkKey, OrigDst, SockAddr};
 
@@ -45,12 +46,14 @@ impl BaselineWhy {
 /// `Tables` with an index from routing key to key id, built once per sync.
 #[derive(Clone, Debug, Default)]
 pub struct RouteView {
-    pub tables: Tables,
+    /// Shared with the sync that made them (and `/tables`): a view costs no copy.
+    pub tables: Arc<Tables>,
     key_ids: HashMap<String, u32>,
 }
 
 impl RouteView {
-    pub fn new(tables: Tables) -> Self {
+    pub fn new(tables: impl Into<Arc<Tables>>) -> Self {
+        let tables = tables.into();
         let key_ids = tables
             .keys
             .iter()

@@ -665,7 +665,7 @@ async fn agent_loop(
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     resync.tick().await;
     let mut generation = 1u64;
-    let mut view = Arc::new(RouteView::new((*syncer.last).clone()));
+    let mut view = Arc::new(RouteView::new(syncer.last.clone()));
     loop {
         tokio::select! {
             update = source.next() => {
@@ -678,7 +678,7 @@ async fn agent_loop(
                 };
                 generation += 1;
                 let (ended, _) = sync_step(&mut syncer, &store, generation, &admin);
-                view = Arc::new(RouteView::new((*syncer.last).clone()));
+                view = Arc::new(RouteView::new(syncer.last.clone()));
                 let published = Instant::now();
                 // The last map write; the end of the sync when it wrote nothing.
                 let (applied, cpu_applied) = syncer.maps.last_write.unwrap_or(ended);
@@ -699,7 +699,7 @@ async fn agent_loop(
             _ = resync.tick() => {
                 let (_, wrote) = sync_step(&mut syncer, &last_good, generation, &admin);
                 if wrote {
-                    view = Arc::new(RouteView::new((*syncer.last).clone()));
+                    view = Arc::new(RouteView::new(syncer.last.clone()));
                 }
             }
             _ = &mut stop => {

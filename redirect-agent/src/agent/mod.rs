@@ -1,6 +1,7 @@
 //! The node agent's main loop: attach the programs, start the router, and keep the kernel maps
 //! equal to the desired state of the current source.
 
+pub mod allocator;
 pub mod last_good;
 pub mod run_loop;
 mod sync_loop;

@@ -289,6 +289,7 @@ fn init_logging(filter: &str, json: bool) -> Result<LogControl> {
 }
 
 fn main() -> Result<()> {
+    redirect_agent::agent::allocator::one_arena();
     let cli = Cli::parse();
     let log_control = init_logging(&cli.log, cli.log_json)?;
     match cli.command {

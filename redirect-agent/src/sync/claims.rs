@@ -91,7 +91,16 @@ impl ServiceClaims {
     /// only the addresses of ports that changed. Returns those addresses (sorted), or `None`
     /// when so many changed that the table was built anew.
     pub fn update(&mut self, changes: Vec<(u32, Option<Port>)>) -> Option<Vec<SockAddr>> {
-        let mut touched: Vec<SockAddr> = Vec::new();
+        let added: usize = changes
+            .iter()
+            .filter_map(|(_, p)| p.as_ref())
+            .map(|p| p.vips.len() + p.backends.len())
+            .sum();
+        // Room for all at once: growing by doubling would move the table's entries again
+        // and again on a first call.
+        self.claims.reserve(added);
+        self.ports.reserve(changes.len());
+        let mut touched: Vec<SockAddr> = Vec::with_capacity(added);
         for (id, port) in changes {
             match (self.ports.get(&id), &port) {
                 (Some(old), Some(new)) if old.same(new) => continue,

@@ -178,6 +178,8 @@ async fn interrupted() {
 }
 
 fn main() {
+    // As the agent does: the RSS figures are the agent's.
+    redirect_agent::agent::allocator::one_arena();
     let cli = Cli::parse();
     let result = match &cli.generate_into {
         Some(dir) => generate(&Plan::new(cli.scale()), dir),

@@ -153,7 +153,7 @@ impl DesiredState {
 
     /// The desired routing state of this node for `store`.
     pub fn desired(&mut self, store: &Store, node: &mut NodeContext<'_>) -> Desired {
-        self.take_in(store);
+        let rebuilt = self.take_in(store);
         let mut sandboxes: Vec<&Arc<Sandbox>> = store.sandboxes.iter().collect();
         sandboxes.sort_by(|a, b| ns_name(&a.metadata).cmp(&ns_name(&b.metadata)));
         for sb in &sandboxes {
@@ -188,7 +188,9 @@ impl DesiredState {
         };
         b.build(store, node, &sandboxes, &resolved);
         let out = b.out;
-        self.touched = b.touched.filter(|_| self.calls > 0);
+        // Built anew (a first call, or the claims started over): what the previous tables held
+        // is not known here, so everything may have changed.
+        self.touched = b.touched.filter(|_| self.calls > 0 && !rebuilt);
         self.calls += 1;
         self.stale.clear();
         self.dirty.clear();
@@ -202,8 +204,8 @@ impl DesiredState {
     }
 
     /// Brings the index up to date with `store` and forgets what depends on objects that
-    /// changed.
-    fn take_in(&mut self, store: &Store) {
+    /// changed. Returns whether it started over (a new index, nothing remembered).
+    fn take_in(&mut self, store: &Store) -> bool {
         let changes = StoreChanges::between(&self.seen, store);
         let objects = |s: &Store| {
             s.services.len() + s.endpoint_slices.len() + s.pods.len() + s.sandboxes.len()
@@ -221,6 +223,7 @@ impl DesiredState {
         }
         self.seen = store.clone();
         self.seen.warnings = Vec::new();
+        rebuild
     }
 
     /// Drops the sandboxes and backends `changes` may have made different.
@@ -1756,13 +1759,20 @@ mod tests {
             let mut state = DesiredState::default();
             let mut fresh_ids = IdAllocator::new();
             let mut before = Tables::default();
-            for step in 0..40 {
-                let n = 1 + rng.below(3);
-                for _ in 0..n {
-                    world.mutate(&mut rng);
-                }
-                // Now and then every object is new, as after a relist or a manifest reload.
-                let store = world.store(rng.below(10) == 0);
+            for step in 0..41 {
+                let fresh = if step < 40 {
+                    let n = 1 + rng.below(3);
+                    for _ in 0..n {
+                        world.mutate(&mut rng);
+                    }
+                    // Now and then every object is new, as after a relist or a manifest reload.
+                    rng.below(10) == 0
+                } else {
+                    // Last, a reload without any Sandbox: every fork goes at once.
+                    world.objects[3].clear();
+                    true
+                };
+                let store = world.store(fresh);
                 let mut node = |cgroups: &mut HashMap<String, u64>| -> Desired {
                     let mut ctx = NodeContext {
                         node_name: Some(NODE.into()),

@@ -74,24 +74,38 @@ const STANDARD_METHODS: [&[u8]; 9] = [
 /// needed to tell. Only the first [`MAX_SNIFF`] bytes are looked at.
 pub fn detect(prefix: &[u8]) -> Option<Protocol> {
     let prefix = &prefix[..prefix.len().min(MAX_SNIFF)];
-
     // The preface comes first: its beginning `PRI ` also looks like a method and SP.
+    match preface(prefix) {
+        Preface::Whole => Some(Protocol::Http2),
+        Preface::Undecided => None,
+        Preface::Differs { common } if common >= b"PRI ".len() => Some(Protocol::Opaque),
+        Preface::Differs { .. } => http1(prefix),
+    }
+}
+
+/// How a prefix stands against the HTTP/2 connection preface.
+enum Preface {
+    /// It starts with the whole preface.
+    Whole,
+    /// It is a beginning of the preface: more bytes decide.
+    Undecided,
+    /// It departs from the preface after `common` bytes.
+    Differs { common: usize },
+}
+
+fn preface(prefix: &[u8]) -> Preface {
     let common = prefix
         .iter()
         .zip(HTTP2_PREFACE)
         .take_while(|(a, b)| a == b)
         .count();
     if common == HTTP2_PREFACE.len() {
-        return Some(Protocol::Http2);
+        Preface::Whole
+    } else if common == prefix.len() {
+        Preface::Undecided
+    } else {
+        Preface::Differs { common }
     }
-    if common == prefix.len() {
-        return None;
-    }
-    if common >= b"PRI ".len() {
-        return Some(Protocol::Opaque);
-    }
-
-    http1(prefix)
 }
 
 /// The protocol of a connection to a port declared HTTP (`appProtocol`, port name), whose
@@ -112,16 +126,10 @@ pub fn detect(prefix: &[u8]) -> Option<Protocol> {
 /// changes when more bytes arrive.
 pub fn detect_declared_http(prefix: &[u8]) -> Option<Protocol> {
     let prefix = &prefix[..prefix.len().min(MAX_SNIFF)];
-    let common = prefix
-        .iter()
-        .zip(HTTP2_PREFACE)
-        .take_while(|(a, b)| a == b)
-        .count();
-    if common == HTTP2_PREFACE.len() {
-        return Some(Protocol::Http2);
-    }
-    if common == prefix.len() {
-        return None;
+    match preface(prefix) {
+        Preface::Whole => return Some(Protocol::Http2),
+        Preface::Undecided => return None,
+        Preface::Differs { .. } => {}
     }
     match prefix.iter().find(|b| !matches!(b, b'\r' | b'\n')) {
         Some(&b) if is_tchar(b) => Some(Protocol::Http1),

@@ -549,22 +549,7 @@ fn getpeername_reports_the_address_the_application_connected_to() {
 
 /// `GET /status` of the agent's admin endpoint (in the node netns).
 fn status(mc: &MiniCluster) -> serde_json::Value {
-    let out = mc
-        .node()
-        .run(
-            &[
-                "curl",
-                "-sS",
-                "--max-time",
-                "5",
-                "http://127.0.0.1:9967/status",
-            ],
-            CLIENT_TIMEOUT,
-        )
-        .unwrap()
-        .check()
-        .unwrap();
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    mc.node().admin_status().unwrap()
 }
 
 #[test]

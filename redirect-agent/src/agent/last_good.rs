@@ -438,51 +438,9 @@ pub fn restore(store: &dyn StateStore, pinned: &Tables) -> Restore {
 mod tests {
     use super::*;
 
-    fn tables() -> Tables {
-        let mut t = Tables::default();
-        let vip = SockAddr::v4(u32::from_ne_bytes([10, 96, 0, 10]), 80);
-        t.services.insert(
-            vip,
-            ServiceValue {
-                service_id: 7,
-                flags: 0,
-            },
-        );
-        let ep = SockAddr::v4(u32::from_ne_bytes([10, 200, 1, 9]), 8080);
-        t.forks.insert(
-            ForkKey {
-                key_id: 3,
-                service_id: 7,
-            },
-            ForkEndpoints::from_endpoints(&[ep]).0,
-        );
-        t.workloads
-            .insert(4242, WorkloadValue { key_id: 3, _pad: 0 });
-        t.router.v4 = SockAddr::v4(u32::from_ne_bytes([10, 0, 0, 1]), 15001);
-        t.router.mark = 0x5244_0000;
-        t.service_names.insert(
-            7,
-            Arc::new(ServiceName {
-                namespace: "default".into(),
-                name: "checkout".into(),
-                port: "http".into(),
-            }),
-        );
-        t.service_protocols.insert(7, PortProtocol::Http);
-        t.keys.insert(
-            3,
-            Arc::new(KeyInfo {
-                key: "feature-x".into(),
-                owners: vec!["default/feature-x".into()],
-                fallback_to_baseline: true,
-            }),
-        );
-        t
-    }
-
     fn saved() -> Saved {
         Saved {
-            tables: tables(),
+            tables: Tables::sample(),
             pods: vec![("10.200.1.9".parse().unwrap(), "uid-1".into())],
         }
     }
@@ -508,7 +466,7 @@ mod tests {
     fn a_state_that_matches_the_pinned_maps_is_used_with_its_names() {
         let store = MemoryState::default();
         store.save(&encode(&saved())).unwrap();
-        match restore(&store, &kernel_part(&tables())) {
+        match restore(&store, &kernel_part(&Tables::sample())) {
             Restore::Use(s) => assert_eq!(s.tables.keys[&3].key, "feature-x"),
             other => panic!("{other:?}"),
         }
@@ -518,7 +476,7 @@ mod tests {
     fn a_state_the_maps_moved_away_from_is_ignored_as_stale() {
         let store = MemoryState::default();
         store.save(&encode(&saved())).unwrap();
-        let mut pinned = kernel_part(&tables());
+        let mut pinned = kernel_part(&Tables::sample());
         pinned.forks.clear();
         match restore(&store, &pinned) {
             Restore::Ignored(why) => assert!(why.contains("differs from"), "{why}"),

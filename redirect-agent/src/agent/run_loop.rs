@@ -487,6 +487,14 @@ spec:
         (syncer, ctx)
     }
 
+    /// An agent that synced `store_with_sandbox()` (and persisted it in `state`), then stopped.
+    async fn synced_with_sandbox(
+        state: &last_good::MemoryState,
+    ) -> Syncer<MemoryMaps, HashMap<String, u64>> {
+        let updates = vec![Update::Snapshot(store_with_sandbox())];
+        run_once(MemoryMaps::default(), state, updates).await.0
+    }
+
     fn rejected() -> Update {
         Update::Rejected(vec![Rejection {
             message: "zz.yaml:3: bad".into(),
@@ -497,12 +505,7 @@ spec:
     #[tokio::test]
     async fn a_restarted_agent_routes_with_the_persisted_state_while_its_source_is_rejected() {
         let state = last_good::MemoryState::default();
-        let (first, _) = run_once(
-            MemoryMaps::default(),
-            &state,
-            vec![Update::Snapshot(store_with_sandbox())],
-        )
-        .await;
+        let first = synced_with_sandbox(&state).await;
         assert!(state.load().unwrap().is_some(), "persisted after the sync");
         let (second, ctx) = run_once(first.maps.clone(), &state, vec![rejected()]).await;
         let keys: Vec<_> = second.last.keys.values().map(|k| k.key.clone()).collect();
@@ -515,12 +518,7 @@ spec:
     #[tokio::test]
     async fn a_persisted_state_the_maps_no_longer_match_is_not_used() {
         let state = last_good::MemoryState::default();
-        let (first, _) = run_once(
-            MemoryMaps::default(),
-            &state,
-            vec![Update::Snapshot(store_with_sandbox())],
-        )
-        .await;
+        let first = synced_with_sandbox(&state).await;
         // A later writer removed the fork from the maps without updating the state.
         let mut maps = first.maps.clone();
         let fork = *maps.read().unwrap().forks.keys().next().unwrap();

@@ -53,3 +53,50 @@ pub struct Tables {
     pub service_protocols: BTreeMap<u32, PortProtocol>,
     pub keys: BTreeMap<u32, Arc<KeyInfo>>,
 }
+
+#[cfg(test)]
+impl Tables {
+    /// One forked service port (a VIP, a fork with an endpoint of each family, a workload, its
+    /// name, protocol and key) and a router: for tests of what carries whole tables.
+    pub fn sample() -> Tables {
+        let mut t = Tables::default();
+        let vip = SockAddr::v4(u32::from_ne_bytes([10, 200, 2, 10]), 80);
+        t.services.insert(
+            vip,
+            ServiceValue {
+                service_id: 7,
+                flags: 0,
+            },
+        );
+        t.service_names.insert(
+            7,
+            Arc::new(ServiceName {
+                namespace: "default".into(),
+                name: "checkout".into(),
+                port: "http".into(),
+            }),
+        );
+        t.service_protocols.insert(7, PortProtocol::Http);
+        t.keys.insert(
+            3,
+            Arc::new(KeyInfo {
+                key: "feature-x".into(),
+                owners: vec!["default/feature-x".into()],
+                fallback_to_baseline: true,
+            }),
+        );
+        let ep6 = SockAddr::v6([u32::from_ne_bytes([0xfd, 0, 2, 0]), 0, 0, 5], 8080);
+        let ep4 = SockAddr::v4(u32::from_ne_bytes([10, 200, 1, 4]), 8080);
+        t.forks.insert(
+            ForkKey {
+                key_id: 3,
+                service_id: 7,
+            },
+            ForkEndpoints::from_endpoints(&[ep6, ep4]).0,
+        );
+        t.workloads.insert(99, WorkloadValue { key_id: 3, _pad: 0 });
+        t.router.v4 = SockAddr::v4(u32::from_ne_bytes([10, 200, 0, 1]), 15001);
+        t.router.mark = 0x5244_0000;
+        t
+    }
+}

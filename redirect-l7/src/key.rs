@@ -57,6 +57,19 @@ use percent_encoding::percent_decode;
 
 use crate::{InvalidRoutingKey, validate_routing_key};
 
+/// A request's header lines, looked up by name: an `http::HeaderMap`, or the lines of a head
+/// parsed in place (the router's HTTP/1.1 path never builds a map).
+pub trait HeaderLines {
+    /// The value of every line named `name` (case-insensitive), in the order received.
+    fn lines<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a;
+}
+
+impl HeaderLines for HeaderMap {
+    fn lines<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.get_all(name).iter().map(|v| v.as_bytes())
+    }
+}
+
 /// Most baggage list-members accepted (W3C Baggage limit).
 pub const MAX_BAGGAGE_MEMBERS: usize = 180;
 /// Longest baggage accepted, all `baggage` header lines combined (W3C Baggage limit).
@@ -173,7 +186,10 @@ pub struct BaggageMember {
 }
 
 /// The routing key of a request, `None` when no configured place carries one.
-pub fn extract_key(cfg: &KeyConfig, headers: &HeaderMap) -> Result<Option<String>, KeyError> {
+pub fn extract_key(
+    cfg: &KeyConfig,
+    headers: &impl HeaderLines,
+) -> Result<Option<String>, KeyError> {
     for name in &cfg.headers {
         if let Some(value) = plain_header(headers, name)? {
             return valid(value, || format!("header {}", name.to_ascii_lowercase()));
@@ -218,13 +234,11 @@ fn valid(key: String, from: impl FnOnce() -> String) -> Result<Option<String>, K
 
 /// The trimmed value of a plain header; `None` when absent or empty. Lines repeating one value
 /// count once.
-fn plain_header(headers: &HeaderMap, name: &str) -> Result<Option<String>, KeyError> {
+fn plain_header(headers: &impl HeaderLines, name: &str) -> Result<Option<String>, KeyError> {
     let mut found: Option<&str> = None;
-    for value in headers.get_all(name) {
-        let value = std::str::from_utf8(trim_ows(value.as_bytes())).map_err(|_| {
-            KeyError::HeaderNotUtf8 {
-                name: name.to_ascii_lowercase(),
-            }
+    for value in headers.lines(name) {
+        let value = std::str::from_utf8(trim_ows(value)).map_err(|_| KeyError::HeaderNotUtf8 {
+            name: name.to_ascii_lowercase(),
         })?;
         match found {
             _ if value.is_empty() => {}
@@ -241,12 +255,12 @@ fn plain_header(headers: &HeaderMap, name: &str) -> Result<Option<String>, KeyEr
 }
 
 /// All lines of a list-valued header joined with commas; `None` when absent.
-fn combined(headers: &HeaderMap, name: &str) -> Option<Vec<u8>> {
-    let mut lines = headers.get_all(name).iter();
-    let mut list = lines.next()?.as_bytes().to_vec();
+fn combined(headers: &impl HeaderLines, name: &str) -> Option<Vec<u8>> {
+    let mut lines = headers.lines(name);
+    let mut list = lines.next()?.to_vec();
     for line in lines {
         list.push(b',');
-        list.extend_from_slice(line.as_bytes());
+        list.extend_from_slice(line);
     }
     Some(list)
 }

@@ -1,8 +1,10 @@
 //! Request-level parsing for the node router, kept apart from the agent so it is small, pure and
-//! quick to fuzz: protocol detection on a connection's first bytes, and routing-key extraction
-//! from request headers.
+//! quick to fuzz: protocol detection on a connection's first bytes, routing-key extraction from
+//! request headers, and HTTP/1.1 heads and chunked bodies framed in place.
 
+pub mod chunked;
 pub mod detect;
+pub mod head;
 pub mod key;
 mod routing_key;
 

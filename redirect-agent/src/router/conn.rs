@@ -19,6 +19,7 @@ use super::{
     Shared, Worker,
     addr::{from_sockaddr, to_sockaddr},
     detect::{MAX_SNIFF, Protocol, detect, detect_declared_http},
+    h1,
     http::{Proto, handle},
     overload::{Cause, is_exhaustion},
     pool::Pool,
@@ -89,7 +90,7 @@ async fn sweep_pool(worker: Arc<Worker>) {
 }
 
 /// Completes once the router drains (at once if it already does).
-async fn drained(rx: &mut tokio::sync::watch::Receiver<bool>) {
+pub(super) async fn drained(rx: &mut tokio::sync::watch::Receiver<bool>) {
     // The guard `wait_for` returns is dropped here, not held across the caller's awaits.
     let _ = rx.wait_for(|d| *d).await;
 }
@@ -220,44 +221,13 @@ async fn serve(
             Some(Protocol::Http1 | Protocol::Http2) => {}
         }
     }
-    let io = TokioIo::new(Prefixed::new(prefix, client));
     match protocol {
-        Some(Protocol::Http1) => {
-            let w = worker.clone();
-            let svc = service_fn(move |req| handle(req, w.clone(), peer.ip(), orig, Proto::Http1));
-            let mut b = conn::http1::Builder::new();
-            b.timer(TokioTimer::new())
-                .header_read_timeout(shared.settings.header_timeout)
-                .max_buf_size(shared.settings.max_header_bytes.max(8192))
-                // Per head: the buffer limit alone lets a pipelined head through when it
-                // arrives in one read with the request before it.
-                .max_header_size(shared.settings.max_header_bytes)
-                .max_headers(shared.settings.max_headers)
-                .preserve_header_case(true);
-            let c = b.serve_connection(io, svc).with_upgrades();
-            tokio::pin!(c);
-            let mut drain = shared.drain.subscribe();
-            // The connection first: a drain that began between the accept and here must not
-            // close it before hyper has read the request its client already sent (detection
-            // holds its first bytes), or that client gets no answer.
-            let ended = tokio::select! {
-                biased;
-                r = c.as_mut() => r,
-                _ = drained(&mut drain) => {
-                    // The request in flight completes, then the connection closes.
-                    c.as_mut().graceful_shutdown();
-                    c.await
-                }
-            };
-            match ended {
-                Ok(()) => Outcome::Forwarded,
-                Err(error) => {
-                    tracing::debug!(%peer, %error, "HTTP/1 connection ended with an error");
-                    Outcome::Reset
-                }
-            }
-        }
+        Some(Protocol::Http1) => match h1::serve(client, prefix, peer, orig, worker).await {
+            h1::Served::Done(outcome) => outcome,
+            h1::Served::HandOff(io) => serve_general_h1(TokioIo::new(io), peer, orig, worker).await,
+        },
         Some(Protocol::Http2) => {
+            let io = TokioIo::new(Prefixed::new(prefix, client));
             let w = worker.clone();
             let svc = service_fn(move |req| handle(req, w.clone(), peer.ip(), orig, Proto::Http2));
             let mut b = conn::http2::Builder::new(TokioExecutor::new());
@@ -288,7 +258,52 @@ async fn serve(
                 }
             }
         }
-        Some(Protocol::Opaque) | None => opaque(io.into_inner(), peer, orig, shared).await,
+        Some(Protocol::Opaque) | None => {
+            opaque(Prefixed::new(prefix, client), peer, orig, shared).await
+        }
+    }
+}
+
+/// HTTP/1 through hyper, for what the in-place path hands over (upgrades, CONNECT,
+/// HTTP/1.0): the rest of the connection, starting with the request that needed it.
+async fn serve_general_h1(
+    io: TokioIo<Prefixed<TcpStream>>,
+    peer: SocketAddr,
+    orig: OrigDst,
+    worker: &Arc<Worker>,
+) -> Outcome {
+    let shared = &worker.shared;
+    let w = worker.clone();
+    let svc = service_fn(move |req| handle(req, w.clone(), peer.ip(), orig, Proto::Http1));
+    let mut b = conn::http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(shared.settings.header_timeout)
+        .max_buf_size(shared.settings.max_header_bytes.max(8192))
+        // Per head: the buffer limit alone lets a pipelined head through when it arrives in
+        // one read with the request before it.
+        .max_header_size(shared.settings.max_header_bytes)
+        .max_headers(shared.settings.max_headers)
+        .preserve_header_case(true);
+    let c = b.serve_connection(io, svc).with_upgrades();
+    tokio::pin!(c);
+    let mut drain = shared.drain.subscribe();
+    // The connection first: a drain that began before hyper read the request the client
+    // already sent must not close it unanswered.
+    let ended = tokio::select! {
+        biased;
+        r = c.as_mut() => r,
+        _ = drained(&mut drain) => {
+            // The request in flight completes, then the connection closes.
+            c.as_mut().graceful_shutdown();
+            c.await
+        }
+    };
+    match ended {
+        Ok(()) => Outcome::Forwarded,
+        Err(error) => {
+            tracing::debug!(%peer, %error, "HTTP/1 connection ended with an error");
+            Outcome::Reset
+        }
     }
 }
 
@@ -356,8 +371,8 @@ async fn sniff(client: &mut TcpStream, shared: &Shared, declared: PortProtocol) 
     }
 }
 
-/// Longest wait for a client to read the 400 of [`not_http`] before the socket closes.
-const NOT_HTTP_LINGER: Duration = Duration::from_secs(1);
+/// Longest wait for a client to read the router's last response before the socket closes.
+const LINGER: Duration = Duration::from_secs(1);
 
 /// A port declared HTTP got bytes that cannot start an HTTP request (TLS on a port named
 /// `http`, a database client): answered with 400 naming the declaration, and closed. Not
@@ -393,11 +408,17 @@ async fn not_http(
         "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
-    if client.write_all(resp.as_bytes()).await.is_ok() && client.shutdown().await.is_ok() {
-        // Read what the client still sends (bounded) before closing: closing with unread bytes
-        // resets the connection, which can discard the 400 before the client reads it.
+    linger_close(&mut client, resp.as_bytes()).await;
+    Outcome::NotHttp
+}
+
+/// Writes the router's last response on a connection and closes it, reading what the client
+/// still sends (bounded) first: closing with unread bytes resets the connection, which can
+/// discard the response before the client reads it.
+pub(super) async fn linger_close(client: &mut TcpStream, resp: &[u8]) {
+    if client.write_all(resp).await.is_ok() && client.shutdown().await.is_ok() {
         let mut sink = [0u8; 4096];
-        let _ = tokio::time::timeout(NOT_HTTP_LINGER, async {
+        let _ = tokio::time::timeout(LINGER, async {
             let mut left: usize = 64 * 1024;
             while left > 0 {
                 match client.read(&mut sink).await {
@@ -408,7 +429,6 @@ async fn not_http(
         })
         .await;
     }
-    Outcome::NotHttp
 }
 
 /// Any other protocol: to the original destination, bytes copied both ways until a side

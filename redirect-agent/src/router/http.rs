@@ -16,14 +16,13 @@ use redirect_common::OrigDst;
 
 use super::{
     Worker,
-    addr::from_sockaddr,
     body::{BodyError, UpstreamBody},
     key::extract_key,
     overload::{Cause, is_exhaustion},
     pool::{Checkout, PoolKey, UpstreamError},
-    stats::{Dest, RequestOutcome},
+    route::{Decided, decide, key_or_none},
+    stats::RequestOutcome,
 };
-use crate::routing::{RequestRoute, for_request};
 
 pub type RouterBody = Either<Incoming, Full<Bytes>>;
 
@@ -48,66 +47,20 @@ pub async fn handle(
 ) -> Result<Response<RouterBody>, std::convert::Infallible> {
     let shared = &worker.shared;
     let started = Instant::now();
-    let key = match extract_key(&shared.settings.keys, req.headers()) {
-        Ok(k) => k,
-        Err(error) => {
-            // A malformed key header must not break the request: it goes to baseline.
-            tracing::debug!(%error, "routing key ignored");
-            shared.stats.count_key_error();
-            None
-        }
-    };
-    let view = shared.view.load();
-    let route = for_request(&view, &orig, key.as_deref(), rand_u32());
-    let (upstream, label) = match &route {
-        RequestRoute::Unavailable { key_id } => {
-            shared
-                .stats
-                .count_request(Dest::Fork, RequestOutcome::Unavailable);
-            let owners = view
-                .tables
-                .keys
-                .get(key_id)
-                .map(|k| k.owners.join(", "))
-                .unwrap_or_default();
-            let service = view
-                .tables
-                .service_names
-                .get(&orig.service_id)
-                .map(|s| s.to_string())
-                .unwrap_or_else(|| format!("service {}", orig.service_id));
-            let mut resp = error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!("sandbox {owners} has no ready endpoint for {service}"),
-            );
-            if shared.settings.debug_header {
-                let key = view.tables.keys.get(key_id).map_or("", |k| k.key.as_str());
-                set_debug_header(&mut resp, &format!("unavailable {key} {service}"));
+    let key = key_or_none(shared, extract_key(&shared.settings.keys, req.headers()));
+    let (upstream, dest, label) = match decide(shared, &orig, key.as_deref()) {
+        Decided::Unavailable { message, label } => {
+            let mut resp = error_response(StatusCode::SERVICE_UNAVAILABLE, &message);
+            if let Some(label) = label {
+                set_debug_header(&mut resp, &label);
             }
             return Ok(resp);
         }
-        RequestRoute::Fork { endpoint, key_id } => {
-            let addr = from_sockaddr(endpoint);
-            let label = shared.settings.debug_header.then(|| {
-                let key = view.tables.keys.get(key_id).map_or("", |k| k.key.as_str());
-                format!("fork {key} {addr}")
-            });
-            (addr, label)
-        }
-        RequestRoute::Baseline(why) => {
-            let addr = from_sockaddr(&orig.dst);
-            let label = shared
-                .settings
-                .debug_header
-                .then(|| format!("baseline {} {addr}", why.label()));
-            (addr, label)
-        }
-    };
-    drop(view);
-    let dest = if matches!(route, RequestRoute::Fork { .. }) {
-        Dest::Fork
-    } else {
-        Dest::Baseline
+        Decided::Go {
+            upstream,
+            dest,
+            label,
+        } => (upstream, dest, label),
     };
 
     let upgrade = proto == Proto::Http1 && is_upgrade(&req);
@@ -324,24 +277,4 @@ fn error_response(status: StatusCode, reason: &str) -> Response<RouterBody> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     resp
-}
-
-/// A cheap per-request random number to spread requests over fork endpoints.
-fn rand_u32() -> u32 {
-    use std::{
-        cell::Cell,
-        hash::{BuildHasher, RandomState},
-    };
-    thread_local! {
-        static STATE: Cell<u64> = Cell::new(RandomState::new().hash_one(0u8) | 1);
-    }
-    STATE.with(|s| {
-        // xorshift64*
-        let mut x = s.get();
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        s.set(x);
-        (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 32) as u32
-    })
 }

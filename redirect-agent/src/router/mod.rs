@@ -11,6 +11,8 @@ mod body;
 mod client_netns;
 mod conn;
 mod connector;
+mod deadline;
+mod h1;
 mod http;
 mod listener;
 mod log_limit;
@@ -19,6 +21,7 @@ mod peek;
 mod pod_conns;
 mod pool;
 mod prefixed;
+mod route;
 mod stats;
 mod tunnel;
 

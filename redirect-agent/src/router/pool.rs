@@ -1,5 +1,6 @@
 //! Upstream connections, pooled per (client pod, upstream address) and reused: HTTP/1.1
-//! connections one request at a time, one multiplexed HTTP/2 connection per key. No connection
+//! connections one request at a time (plain sockets for the in-place HTTP/1.1 path, hyper
+//! connections for the general one), one multiplexed HTTP/2 connection per key. No connection
 //! is shared between client pods, so one pod's stalled windows, exhausted stream limits or a
 //! misbehaving upstream's stray bytes never reach another pod's requests.
 
@@ -12,6 +13,7 @@ use std::{
 
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
 
 use super::{
     body::UpstreamBody,
@@ -69,9 +71,17 @@ pub struct Checkout {
     pub discarded: u64,
 }
 
+/// Idle plain sockets of the in-place HTTP/1.1 path.
+#[derive(Default)]
+struct IdleSockets {
+    by_key: HashMap<PoolKey, Vec<(TcpStream, Instant)>>,
+    total: usize,
+}
+
 pub struct Pool {
-    connector: Arc<Connector>,
+    pub connector: Arc<Connector>,
     h1: Mutex<HashMap<PoolKey, Vec<IdleH1>>>,
+    sockets: Mutex<IdleSockets>,
     h2: Mutex<HashMap<PoolKey, SharedH2>>,
 }
 
@@ -80,7 +90,45 @@ impl Pool {
         Pool {
             connector,
             h1: Mutex::default(),
+            sockets: Mutex::default(),
             h2: Mutex::default(),
+        }
+    }
+
+    /// A clean idle socket for `key` (newest first), if one is pooled. One on which anything
+    /// arrived since its last response (stray bytes, the upstream's close) is dropped.
+    pub fn take_socket(&self, key: PoolKey, found: &mut Checkout) -> Option<TcpStream> {
+        let mut idle = self.sockets.lock().ok()?;
+        let IdleSockets { by_key, total } = &mut *idle;
+        let list = by_key.get_mut(&key)?;
+        let mut clean = None;
+        while let Some((s, _)) = list.pop() {
+            *total -= 1;
+            if is_quiet(&s) {
+                clean = Some(s);
+                break;
+            }
+            found.discarded += 1;
+        }
+        if list.is_empty() {
+            by_key.remove(&key);
+        }
+        clean
+    }
+
+    /// Keeps a socket whose last response was read whole, for the next request of `key`.
+    pub fn put_socket(&self, key: PoolKey, s: TcpStream) {
+        let Ok(mut idle) = self.sockets.lock() else {
+            return;
+        };
+        // Bounded: keys come with client pods, and each idle socket holds a descriptor.
+        if idle.total >= MAX_IDLE_H1_TOTAL {
+            return;
+        }
+        let list = idle.by_key.entry(key).or_default();
+        if list.len() < MAX_IDLE_H1 {
+            list.push((s, Instant::now()));
+            idle.total += 1;
         }
     }
 
@@ -201,8 +249,26 @@ impl Pool {
                 !list.is_empty()
             });
         }
+        if let Ok(mut m) = self.sockets.lock() {
+            let IdleSockets { by_key, total } = &mut *m;
+            by_key.retain(|_, list| {
+                list.retain(|(s, since)| {
+                    let keep = now - *since < idle && is_quiet(s);
+                    *total -= usize::from(!keep);
+                    keep
+                });
+                !list.is_empty()
+            });
+        }
         if let Ok(mut m) = self.h2.lock() {
             m.retain(|_, c| !c.send.is_closed() && now - c.used < idle);
         }
     }
+}
+
+/// Whether nothing arrived on an idle socket: no byte, no close, no error. Costs no system
+/// call unless the runtime saw it become readable (then the byte read is lost with the socket).
+pub fn is_quiet(s: &TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    matches!(s.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }

@@ -47,7 +47,8 @@
 //! Every sample is checked: no non-2xx response and no socket error, and the request counters
 //! of both servers (`GET /stats`, read from the node before and after) show that every
 //! request reached the intended server and none the other. Before measuring, one `curl` per
-//! scenario and pattern, with the same headers, must see the expected `x-served-by`. The
+//! scenario and pattern, with the same headers, must see the expected `x-served-by` (and for
+//! HAProxy and nginx, one without the key must see checkout-base). The
 //! node's `TcpActiveOpens` (its netns only holds the router and the two proxies) gives the
 //! upstream connections each proxy opened per request: the pool reuse.
 //!
@@ -572,7 +573,7 @@ fn run(mc: &MiniCluster, o: &Options) -> Result<(Samples, Memory)> {
         server_pids,
         log_seq: AtomicU32::new(0),
     };
-    // Dropped (killed) with `procs`, whatever happens from here.
+    // Killed when dropped: here on an error, else with `procs`.
     let waited = scene
         .wait_proxy(&mut haproxy, "haproxy", [HAPROXY_H1_PORT, HAPROXY_H2_PORT])
         .and_then(|()| scene.wait_proxy(&mut nginx, "nginx", [NGINX_H1_PORT, NGINX_H2_PORT]));
@@ -596,11 +597,19 @@ fn run(mc: &MiniCluster, o: &Options) -> Result<(Samples, Memory)> {
         for sc in Scenario::ALL {
             stop_requested()?;
             let seen = scene.curl_served_by(load, sc)?;
+            // The proxies' default route: an unkeyed request reaches the baseline.
+            let unkeyed = match sc {
+                Scenario::Haproxy | Scenario::Nginx => {
+                    let base = scene.curl_check(load, sc, false, BASE)?;
+                    format!(", unkeyed {base}")
+                }
+                _ => String::new(),
+            };
             let s = scene
                 .sample(load, sc, o.warmup)
                 .with_context(|| format!("warm-up {} {}", load.name(), sc.name()))?;
             println!(
-                "warm-up {:<8} {:<15} {:>9.0} req/s  curl: x-served-by {seen} (checked)",
+                "warm-up {:<8} {:<15} {:>9.0} req/s  curl: x-served-by {seen}{unkeyed} (checked)",
                 load.name(),
                 sc.name(),
                 s.m.rps
@@ -731,6 +740,12 @@ impl Scene<'_> {
     /// One curl from the client pod with the scenario's headers and protocol: the
     /// `x-served-by` it saw, which must be the scenario's server.
     fn curl_served_by(&self, load: Load, sc: Scenario) -> Result<String> {
+        self.curl_check(load, sc, sc.key(), sc.served_by())
+    }
+
+    /// The same with the key sent or not, expecting `want` to answer: a proxy in the node
+    /// must send unkeyed requests to the baseline.
+    fn curl_check(&self, load: Load, sc: Scenario, key: bool, want: &str) -> Result<String> {
         let url = self.url(load, sc);
         let mut argv = vec![
             "curl",
@@ -742,7 +757,7 @@ impl Scene<'_> {
             "-D",
             "-",
         ];
-        if sc.key() {
+        if key {
             argv.extend(["-H", KEY_HEADER]);
         }
         match load {
@@ -777,11 +792,11 @@ impl Scene<'_> {
             })
             .unwrap_or_default();
         ensure!(
-            seen == sc.served_by(),
+            seen == want,
             "{} {}: served by {seen:?}, expected {}:\n{head}",
             load.name(),
             sc.name(),
-            sc.served_by()
+            want
         );
         Ok(seen)
     }

@@ -1,6 +1,7 @@
 //! `cargo xtask bench router`: HTTP requests through the node router next to direct requests
-//! and HAProxy doing the same header routing (see docs/benchmarks.md). Builds everything
-//! optimised (the agent too: the router's speed is what is measured), runs
+//! and HAProxy and nginx doing the same header routing, and the memory each proxy holds per
+//! idle connection and per HTTP/2 stream (see docs/benchmarks.md). Builds everything optimised
+//! (the agent too: the router's speed is what is measured), runs
 //! `tests/src/bin/bench_router.rs` and checks the JSON it writes to target/bench/router.json.
 
 use std::process::Command;
@@ -24,7 +25,7 @@ pub struct RouterOptions {
 }
 
 /// Builds and runs the benchmark: `rounds` rounds of `seconds`-second samples. Needs root
-/// (prints why and succeeds without), wrk, h2load and haproxy.
+/// (prints why and succeeds without), wrk, h2load, haproxy, nginx, curl and python3.
 pub fn run(rounds: u64, seconds: u64) -> Result<()> {
     if !cmd::is_root() {
         println!(

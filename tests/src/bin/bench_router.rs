@@ -1,51 +1,71 @@
 //! The HTTP benchmark of the node router behind `cargo xtask bench router` (see
 //! `docs/benchmarks.md`): what the router costs a request next to a direct connection, and how
-//! it compares with HAProxy doing the same header routing.
+//! it compares with HAProxy and nginx doing the same header routing, in CPU and in memory.
 //!
 //! `bench_router [--rounds N] [--seconds S] [--warmup S] [--json PATH] [--loads h1,h1_close,h2]`
 //!
 //! Defaults: 3 rounds, 3 s samples, 1 s warm-up per scenario, every load pattern. Needs root
-//! (prints why and exits 0 without), wrk, h2load, haproxy and curl. The agent is
-//! `$REDIRECT_AGENT_BIN` (`cargo xtask bench router` passes a release build), the server
+//! (prints why and exits 0 without), wrk, h2load, haproxy, nginx, curl and python3. The agent
+//! is `$REDIRECT_AGENT_BIN` (`cargo xtask bench router` passes a release build), the server
 //! `$REDIRECT_BENCHSERVER_BIN` or `benchserver` next to this program.
 //!
 //! Builds a mini-cluster (pods `client`, `checkout-base`, `checkout-fork`; Service `checkout`
 //! `10.200.2.40:80 → 8080`; Sandbox `feature-x` forking checkout), starts the agent (its
-//! router) and `benchserver` (HTTP/1.1 and h2c) in both checkout pods, and HAProxy in the
-//! node. Then, for three load patterns, measures four scenarios, interleaved within each round
-//! (the order rotates from round to round), and prints the medians over the rounds:
+//! router) and `benchserver` (HTTP/1.1 and h2c) in both checkout pods, and HAProxy and nginx
+//! in the node. Then, for three load patterns, measures five scenarios, interleaved within
+//! each round (the order rotates from round to round), and prints the medians over the rounds:
 //!
-//! | scenario          | the client pod sends to                | key | served by       |
-//! |-------------------|----------------------------------------|-----|-----------------|
-//! | `direct`          | checkout-fork's `ip:8080`              | yes | checkout-fork   |
-//! | `router_baseline` | ClusterIP `:80` (kernel → router)      | no  | checkout-base   |
-//! | `router_fork`     | ClusterIP `:80` (kernel → router)      | yes | checkout-fork   |
-//! | `haproxy`         | HAProxy in the node, `10.200.0.1:1808x`| yes | checkout-fork   |
+//! | scenario          | the client pod sends to                 | key | served by       |
+//! |-------------------|-----------------------------------------|-----|-----------------|
+//! | `direct`          | checkout-fork's `ip:8080`               | yes | checkout-fork   |
+//! | `router_baseline` | ClusterIP `:80` (kernel → router)       | no  | checkout-base   |
+//! | `router_fork`     | ClusterIP `:80` (kernel → router)       | yes | checkout-fork   |
+//! | `haproxy`         | HAProxy in the node, `10.200.0.1:18080` | yes | checkout-fork   |
+//! | `nginx`           | nginx in the node, `10.200.0.1:18082`   | yes | checkout-fork   |
 //!
-//! The key is `baggage: routing-key=feature-x`; `direct` sends it too (ignored), so every
-//! scenario sends the same request. Load patterns, all run inside the client pod:
-//! `h1` (`wrk -t1 -c32 --latency`, HTTP/1.1 keep-alive), `h1_close` (the same with
-//! `Connection: close`: one connection per request) and `h2` (`h2load -c8 -m16`, h2c with prior
-//! knowledge; p50/p99 computed from its `--log-file`).
+//! (For h2: HAProxy `:18081`, nginx `:18083`.) The key is
+//! `baggage: routing-key=feature-x`; `direct` sends it too (ignored), so every scenario sends
+//! the same request. Load patterns, all run inside the client pod: `h1` (`wrk -t1 -c32
+//! --latency`, HTTP/1.1 keep-alive), `h1_close` (the same with `Connection: close`: one
+//! connection per request) and `h2` (`h2load -c8 -m16`, h2c with prior knowledge; p50/p99
+//! computed from its `--log-file`).
 //!
 //! HAProxy (Debian's package) runs with `nbthread 2` (the router's tokio runtime has one
 //! worker per CPU, 2 here), keep-alive to the servers and `http-reuse always`, and routes with
 //! an ACL on `req.hdr(baggage)`; one frontend per protocol (`:18080` HTTP/1.1, `:18081` h2c),
 //! whose backends speak the client's protocol, as the router does.
 //!
+//! nginx (Debian's `nginx-light`, 1.22) runs in the foreground with one master and
+//! `worker_processes 2`, everything it writes under the cluster's work dir, no access log, and
+//! routes with `map $http_baggage $upstream` on the same baggage member as HAProxy's ACL (its
+//! baseline is the ClusterIP too). Its upstreams keep idle connections (`keepalive`,
+//! `proxy_http_version 1.1`, an empty `Connection`). One server with a plain HTTP/1.1 listener
+//! and an `http2` one (h2c with prior knowledge). Unlike HAProxy and the router, nginx
+//! forwards HTTP/2 requests to its upstreams in HTTP/1.1: one upstream connection per stream
+//! in flight.
+//!
 //! Every sample is checked: no non-2xx response and no socket error, and the request counters
 //! of both servers (`GET /stats`, read from the node before and after) show that every
 //! request reached the intended server and none the other. Before measuring, one `curl` per
-//! scenario and pattern, with the same headers, must see the expected `x-served-by`. The
-//! node's `TcpActiveOpens` (its netns only holds the router and HAProxy) gives the upstream
-//! connections each proxy opened per request: the pool reuse.
+//! scenario and pattern, with the same headers, must see the expected `x-served-by` (and for
+//! HAProxy and nginx, one without the key must see checkout-base). The
+//! node's `TcpActiveOpens` (its netns only holds the router and the two proxies) gives the
+//! upstream connections each proxy opened per request: the pool reuse.
 //!
 //! CPU time per request is reported for the load generator (`getrusage` of the reaped child),
-//! the proxy (every thread of the agent process, or of HAProxy, from `schedstat`) and the
-//! servers: unlike req/s, it hardly depends on what else the machine runs at the time, and its
-//! sum over the chain explains the throughput ratios when the CPUs are saturated.
+//! the proxy (every thread of every process of it, from `schedstat`: the agent, HAProxy, or
+//! nginx's master and workers) and the servers: unlike req/s, it hardly depends on what else
+//! the machine runs at the time, and its sum over the chain explains the throughput ratios
+//! when the CPUs are saturated.
 //!
-//! Everything runs on this machine at once (load generator, router, HAProxy, servers): the
+//! After the rounds, memory: each proxy's RSS (`VmRSS`, summed over its processes) before and
+//! while the client pod holds `IDLE_H1_CONNS` idle HTTP/1.1 keep-alive connections through it
+//! (a python3 program, one keyed request answered on each, one after the other), and before
+//! and while `H2_CONNS` x `H2_STREAMS` HTTP/2 streams are in flight through it (h2load on
+//! `GET /delay`, which checkout-fork holds; the RSS is read once the server holds them all):
+//! the growth per connection or stream.
+//!
+//! Everything runs on this machine at once (load generator, router, proxies, servers): the
 //! figures compare the scenarios with each other, not with other machines.
 
 use std::{
@@ -57,6 +77,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
+use nix::sys::signal::Signal;
 use redirect_tests::{MiniCluster, Pod, Proc, ROUTER_IP4, SetupError, agent::Agent};
 
 const VIP4: &str = "10.200.2.40";
@@ -66,17 +87,29 @@ const SERVICE_PORT: u16 = 80;
 const SERVER_PORT: u16 = 8080;
 const HAPROXY_H1_PORT: u16 = 18080;
 const HAPROXY_H2_PORT: u16 = 18081;
+const NGINX_H1_PORT: u16 = 18082;
+const NGINX_H2_PORT: u16 = 18083;
 const KEY: &str = "feature-x";
 const KEY_HEADER: &str = "baggage: routing-key=feature-x";
 const BASE: &str = "checkout-base";
 const FORK: &str = "checkout-fork";
-const TOOLS: &[&str] = &["wrk", "h2load", "haproxy", "curl"];
+const TOOLS: &[&str] = &["wrk", "h2load", "haproxy", "nginx", "curl", "python3"];
 /// Longest sample accepted.
 const MAX_SECONDS: f64 = 60.0;
 /// How long a load generator may take beyond its measuring time (start-up, exit).
 const LOAD_SLACK: Duration = Duration::from_secs(15);
 const SHORT: Duration = Duration::from_secs(10);
 const READY: Duration = Duration::from_secs(10);
+/// Idle HTTP/1.1 keep-alive connections the client holds through each proxy for the memory
+/// figures.
+const IDLE_H1_CONNS: u64 = 1000;
+/// HTTP/2 connections, and streams on each, held in flight through each proxy.
+const H2_CONNS: u64 = 8;
+const H2_STREAMS: u64 = 100;
+/// How long the server holds each of those streams (`GET /delay?ms=N`).
+const H2_DELAY: Duration = Duration::from_secs(8);
+/// Wait between the last connection or stream in place and the RSS reading.
+const SETTLE: Duration = Duration::from_millis(300);
 
 const USAGE: &str = "usage: bench_router [--rounds N] [--seconds S] [--warmup S] [--json PATH] \
                      [--loads h1,h1_close,h2]";
@@ -155,14 +188,16 @@ enum Scenario {
     RouterBaseline,
     RouterFork,
     Haproxy,
+    Nginx,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 4] = [
+    const ALL: [Scenario; 5] = [
         Scenario::Direct,
         Scenario::RouterBaseline,
         Scenario::RouterFork,
         Scenario::Haproxy,
+        Scenario::Nginx,
     ];
 
     fn name(self) -> &'static str {
@@ -171,6 +206,7 @@ impl Scenario {
             Scenario::RouterBaseline => "router_baseline",
             Scenario::RouterFork => "router_fork",
             Scenario::Haproxy => "haproxy",
+            Scenario::Nginx => "nginx",
         }
     }
 
@@ -229,10 +265,10 @@ struct Measured {
 #[derive(Debug, Clone, Copy)]
 struct Sample {
     m: Measured,
-    /// Connections the node (router or HAProxy) opened to upstreams during the sample.
+    /// Connections the node (router, HAProxy or nginx) opened to upstreams during the sample.
     upstream_opens: u64,
-    /// CPU time of the proxy of the scenario (the agent process or HAProxy; none for
-    /// `direct`) and of both servers during the sample, in nanoseconds.
+    /// CPU time of the proxy of the scenario (the agent process, HAProxy, or nginx's master and
+    /// workers; none for `direct`) and of both servers during the sample, in nanoseconds.
     proxy_cpu_ns: u64,
     server_cpu_ns: u64,
     /// CPU time of the load generator (wrk or h2load), in nanoseconds.
@@ -251,6 +287,7 @@ struct Scene<'c> {
     fork: Pod<'c>,
     agent_pid: u32,
     haproxy_pid: u32,
+    nginx_pid: u32,
     server_pids: Vec<u32>,
     log_seq: AtomicU32,
 }
@@ -300,6 +337,70 @@ backend base_h2
     )
 }
 
+/// nginx's configuration: the same routing as [`haproxy_cfg`] with `map`, everything it
+/// writes under `dir` (its prefix), in the foreground with one master and 2 workers.
+fn nginx_cfg(dir: &str, base: &str, fork: &str) -> String {
+    // One baggage member `routing-key=feature-x` (optionally `;properties`) anywhere in the
+    // comma-separated list, as HAProxy's per-member match. nginx 1.22's `$http_baggage` is the
+    // first baggage field only (the benchmark sends one).
+    let member = r#""~(^|,) *routing-key *= *feature-x *(;[^,]*)?(,|$)""#;
+    format!(
+        "daemon off;
+master_process on;
+user root;
+worker_processes 2;
+worker_rlimit_nofile 16384;
+pid {dir}/nginx.pid;
+error_log stderr warn;
+
+events {{
+    worker_connections 8192;
+}}
+
+http {{
+    access_log off;
+    client_body_temp_path {dir}/client_body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    keepalive_timeout 30s;
+    keepalive_requests 1000000;
+
+    map $http_baggage $upstream {{
+        default base;
+        {member} fork;
+    }}
+
+    upstream fork {{
+        server {fork};
+        keepalive 256;
+        keepalive_requests 1000000;
+        keepalive_timeout 30s;
+    }}
+
+    upstream base {{
+        server {base};
+        keepalive 256;
+        keepalive_requests 1000000;
+        keepalive_timeout 30s;
+    }}
+
+    server {{
+        listen {ROUTER_IP4}:{NGINX_H1_PORT};
+        listen {ROUTER_IP4}:{NGINX_H2_PORT} http2;
+        location / {{
+            proxy_pass http://$upstream;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+            proxy_set_header Host $host;
+        }}
+    }}
+}}
+"
+    )
+}
+
 /// `$REDIRECT_BENCHSERVER_BIN`, else `benchserver` next to this program.
 fn benchserver_bin() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("REDIRECT_BENCHSERVER_BIN") {
@@ -322,9 +423,11 @@ fn bench(args: &[String]) -> Result<()> {
     let missing: Vec<&str> = TOOLS.iter().copied().filter(|t| !on_path(t)).collect();
     ensure!(
         missing.is_empty(),
-        "{missing:?} not found: the benchmark needs wrk, h2load (nghttp2-client), haproxy and \
-         curl (Debian: apt-get install wrk nghttp2-client haproxy curl)"
+        "{missing:?} not found: the benchmark needs wrk, h2load (nghttp2-client), haproxy, \
+         nginx (nginx-light), curl and python3 (Debian: apt-get install wrk nghttp2-client \
+         haproxy nginx-light curl python3)"
     );
+    raise_fd_limit()?;
     let mc = match MiniCluster::new() {
         Ok(mc) => mc,
         Err(SetupError::Skip(why)) => {
@@ -349,8 +452,8 @@ fn bench(args: &[String]) -> Result<()> {
     if !left.is_empty() {
         eprintln!("bench_router: namespaces left behind: {left:?}");
     }
-    let samples = result?;
-    report(&samples, &o)
+    let (samples, memory) = result?;
+    report(&samples, &memory, &o)
 }
 
 /// Whether an executable `name` is on `$PATH` (`wrk` has no flag that exits 0).
@@ -365,9 +468,9 @@ fn on_path(name: &str) -> bool {
 }
 
 /// Samples per load pattern and scenario, indexed like `Load::ALL` and `Scenario::ALL`.
-type Samples = [[Vec<Sample>; 4]; 3];
+type Samples = [[Vec<Sample>; 5]; 3];
 
-fn run(mc: &MiniCluster, o: &Options) -> Result<Samples> {
+fn run(mc: &MiniCluster, o: &Options) -> Result<(Samples, Memory)> {
     let server = benchserver_bin()?;
     ensure!(
         server.exists(),
@@ -433,20 +536,51 @@ fn run(mc: &MiniCluster, o: &Options) -> Result<Samples> {
         check.stderr
     );
     let server_pids = procs.iter().map(Proc::pid).collect();
-    procs.push(mc.node().spawn(&["haproxy", "-db", "-f", cfg])?);
+    let mut haproxy = mc.node().spawn(&["haproxy", "-db", "-f", cfg])?;
+
+    let prefix = mc.workdir().join("nginx");
+    fs::create_dir(&prefix).with_context(|| format!("creating {}", prefix.display()))?;
+    let prefix = prefix.to_str().context("non-UTF-8 work dir")?;
+    let cfg = format!("{prefix}/nginx.conf");
+    fs::write(
+        &cfg,
+        nginx_cfg(
+            prefix,
+            &format!("{VIP4}:{SERVICE_PORT}"),
+            &format!("{}:{SERVER_PORT}", fork.ip4()),
+        ),
+    )?;
+    // `-e stderr`: nginx opens its error log before reading the configuration.
+    let nginx_argv = ["nginx", "-p", prefix, "-e", "stderr", "-c", &cfg];
+    let check = mc
+        .node()
+        .run(&[&nginx_argv[..], &["-t", "-q"]].concat(), SHORT)?;
+    ensure!(
+        check.success(),
+        "nginx rejects its configuration:\n{}{}",
+        check.stdout,
+        check.stderr
+    );
+    let mut nginx = mc.node().spawn(&nginx_argv)?;
     let scene = Scene {
         mc,
         client,
         base,
         fork,
         agent_pid: agent.pid().context("agent pid")?,
-        haproxy_pid: procs.last().map(Proc::pid).context("haproxy pid")?,
+        haproxy_pid: haproxy.pid(),
+        nginx_pid: nginx.pid(),
         server_pids,
         log_seq: AtomicU32::new(0),
     };
-    scene.wait_haproxy(procs.last_mut().expect("haproxy"))?;
+    // Killed when dropped: here on an error, else with `procs`.
+    let waited = scene
+        .wait_proxy(&mut haproxy, "haproxy", [HAPROXY_H1_PORT, HAPROXY_H2_PORT])
+        .and_then(|()| scene.wait_proxy(&mut nginx, "nginx", [NGINX_H1_PORT, NGINX_H2_PORT]));
+    procs.extend([haproxy, nginx]);
+    waited?;
     println!(
-        "mini-cluster {} ready: agent {} (router {}), HAProxy {}",
+        "mini-cluster {} ready: agent {} (router {}), HAProxy {}, nginx {}",
         mc.id(),
         agent_bin.display(),
         if agent_bin.components().any(|c| c.as_os_str() == "release") {
@@ -455,6 +589,7 @@ fn run(mc: &MiniCluster, o: &Options) -> Result<Samples> {
             "NOT a release build: figures are not representative"
         },
         haproxy_version(mc),
+        nginx_version(mc),
     );
 
     // Checks and warm-up: every scenario and pattern once, its route proven by curl.
@@ -462,11 +597,19 @@ fn run(mc: &MiniCluster, o: &Options) -> Result<Samples> {
         for sc in Scenario::ALL {
             stop_requested()?;
             let seen = scene.curl_served_by(load, sc)?;
+            // The proxies' default route: an unkeyed request reaches the baseline.
+            let unkeyed = match sc {
+                Scenario::Haproxy | Scenario::Nginx => {
+                    let base = scene.curl_check(load, sc, false, BASE)?;
+                    format!(", unkeyed {base}")
+                }
+                _ => String::new(),
+            };
             let s = scene
                 .sample(load, sc, o.warmup)
                 .with_context(|| format!("warm-up {} {}", load.name(), sc.name()))?;
             println!(
-                "warm-up {:<8} {:<15} {:>9.0} req/s  curl: x-served-by {seen} (checked)",
+                "warm-up {:<8} {:<15} {:>9.0} req/s  curl: x-served-by {seen}{unkeyed} (checked)",
                 load.name(),
                 sc.name(),
                 s.m.rps
@@ -496,6 +639,8 @@ fn run(mc: &MiniCluster, o: &Options) -> Result<Samples> {
         }
     }
     println!("measured in {:.0} s", started.elapsed().as_secs_f64());
+    stop_requested()?;
+    let memory = scene.memory().context("memory figures")?;
     let agent_log = agent.log();
     if agent_log.contains("panicked") {
         eprintln!("bench_router: the agent panicked:\n{agent_log}");
@@ -503,7 +648,7 @@ fn run(mc: &MiniCluster, o: &Options) -> Result<Samples> {
     drop(scene);
     drop(procs);
     drop(agent);
-    Ok(samples)
+    Ok((samples, memory))
 }
 
 fn stop_requested() -> Result<()> {
@@ -524,6 +669,19 @@ fn widen_ports(run: impl Fn(&[&str]) -> Result<redirect_tests::RunOutput>) -> Re
         .context("widening the ephemeral port range")
 }
 
+/// `1.22.1` from `nginx -v` (`nginx version: nginx/1.22.1`, on stderr).
+fn nginx_version(mc: &MiniCluster) -> String {
+    mc.node()
+        .run(&["nginx", "-v"], SHORT)
+        .ok()
+        .and_then(|o| {
+            let text = format!("{}{}", o.stdout, o.stderr);
+            let v = text.split("nginx/").nth(1)?.split_whitespace().next()?;
+            Some(v.to_string())
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
 fn haproxy_version(mc: &MiniCluster) -> String {
     mc.node()
         .run(&["haproxy", "-v"], SHORT)
@@ -542,35 +700,36 @@ impl Scene<'_> {
         match sc {
             Scenario::Direct => format!("http://{}:{SERVER_PORT}/", self.fork.ip4()),
             Scenario::RouterBaseline | Scenario::RouterFork => format!("http://{VIP4}/"),
-            Scenario::Haproxy => {
-                let port = if load == Load::H2 {
-                    HAPROXY_H2_PORT
+            Scenario::Haproxy | Scenario::Nginx => {
+                let (h1, h2) = if sc == Scenario::Haproxy {
+                    (HAPROXY_H1_PORT, HAPROXY_H2_PORT)
                 } else {
-                    HAPROXY_H1_PORT
+                    (NGINX_H1_PORT, NGINX_H2_PORT)
                 };
+                let port = if load == Load::H2 { h2 } else { h1 };
                 format!("http://{ROUTER_IP4}:{port}/")
             }
         }
     }
 
-    /// Waits until HAProxy answers on both frontends.
-    fn wait_haproxy(&self, haproxy: &mut Proc) -> Result<()> {
+    /// Waits until a proxy in the node answers on its HTTP/1.1 and its h2c port.
+    fn wait_proxy(&self, proxy: &mut Proc, name: &str, [h1, h2]: [u16; 2]) -> Result<()> {
         let deadline = Instant::now() + READY;
-        for (port, h2) in [(HAPROXY_H1_PORT, false), (HAPROXY_H2_PORT, true)] {
+        for (port, h2) in [(h1, false), (h2, true)] {
             let url = format!("http://{ROUTER_IP4}:{port}/");
             let mut argv = vec!["curl", "-sf", "--max-time", "2", "-o", "/dev/null", &url];
             if h2 {
                 argv.push("--http2-prior-knowledge");
             }
             loop {
-                if let Some(status) = haproxy.try_status()? {
-                    bail!("haproxy exited ({status}):\n{}", haproxy.log());
+                if let Some(status) = proxy.try_status()? {
+                    bail!("{name} exited ({status}):\n{}", proxy.log());
                 }
                 if self.mc.node().run(&argv, SHORT)?.success() {
                     break;
                 }
                 if Instant::now() > deadline {
-                    bail!("haproxy does not answer on {url}:\n{}", haproxy.log());
+                    bail!("{name} does not answer on {url}:\n{}", proxy.log());
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -581,6 +740,12 @@ impl Scene<'_> {
     /// One curl from the client pod with the scenario's headers and protocol: the
     /// `x-served-by` it saw, which must be the scenario's server.
     fn curl_served_by(&self, load: Load, sc: Scenario) -> Result<String> {
+        self.curl_check(load, sc, sc.key(), sc.served_by())
+    }
+
+    /// The same with the key sent or not, expecting `want` to answer: a proxy in the node
+    /// must send unkeyed requests to the baseline.
+    fn curl_check(&self, load: Load, sc: Scenario, key: bool, want: &str) -> Result<String> {
         let url = self.url(load, sc);
         let mut argv = vec![
             "curl",
@@ -592,7 +757,7 @@ impl Scene<'_> {
             "-D",
             "-",
         ];
-        if sc.key() {
+        if key {
             argv.extend(["-H", KEY_HEADER]);
         }
         match load {
@@ -627,11 +792,11 @@ impl Scene<'_> {
             })
             .unwrap_or_default();
         ensure!(
-            seen == sc.served_by(),
+            seen == want,
             "{} {}: served by {seen:?}, expected {}:\n{head}",
             load.name(),
             sc.name(),
-            sc.served_by()
+            want
         );
         Ok(seen)
     }
@@ -654,7 +819,7 @@ impl Scene<'_> {
         Ok((read(&self.base)?, read(&self.fork)?))
     }
 
-    /// The node netns's `Tcp: ActiveOpens`: connections the router and HAProxy opened.
+    /// The node netns's `Tcp: ActiveOpens`: connections the router and the proxies opened.
     fn node_active_opens(&self) -> Result<u64> {
         let snmp = self
             .mc
@@ -670,9 +835,11 @@ impl Scene<'_> {
             Scenario::Direct => None,
             Scenario::RouterBaseline | Scenario::RouterFork => Some(self.agent_pid),
             Scenario::Haproxy => Some(self.haproxy_pid),
+            Scenario::Nginx => Some(self.nginx_pid),
         };
         let servers_cpu = || -> Result<u64> { self.server_pids.iter().map(|p| cpu_ns(*p)).sum() };
-        let proxy_cpu = || proxy.map_or(Ok(0), cpu_ns);
+        // Every process of the proxy: nginx's workers are children of its master.
+        let proxy_cpu = || proxy.map_or(Ok(0), tree_cpu_ns);
         let (base0, fork0) = self.served()?;
         let opens0 = self.node_active_opens()?;
         let (proxy0, servers0, machine0) = (proxy_cpu()?, servers_cpu()?, machine_cpu()?);
@@ -780,6 +947,67 @@ fn cpu_ns(pid: u32) -> Result<u64> {
     Ok(total)
 }
 
+/// `pid` and every process below it, from `/proc/<pid>/task/*/children`, recursively
+/// (bounded: at most `MAX_TREE` processes).
+fn process_tree(pid: u32) -> Vec<u32> {
+    const MAX_TREE: usize = 4096;
+    let mut tree = vec![pid];
+    let mut next = 0;
+    while next < tree.len() && tree.len() < MAX_TREE {
+        let p = tree[next];
+        next += 1;
+        let Ok(tasks) = fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            if let Ok(text) = fs::read_to_string(task.path().join("children")) {
+                tree.extend(
+                    text.split_whitespace()
+                        .filter_map(|c| c.parse::<u32>().ok()),
+                );
+            }
+        }
+    }
+    tree.truncate(MAX_TREE);
+    tree
+}
+
+/// [`cpu_ns`] of `pid` and of every process below it (a process that exits takes its time
+/// with it: nginx's workers live as long as the master).
+fn tree_cpu_ns(pid: u32) -> Result<u64> {
+    let mut total = cpu_ns(pid)?;
+    for child in process_tree(pid).into_iter().skip(1) {
+        total += cpu_ns(child).unwrap_or(0);
+    }
+    Ok(total)
+}
+
+/// Resident memory of process `pid` (`VmRSS` in `/proc/<pid>/status`), in bytes.
+fn rss_bytes(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = fs::read_to_string(&path).with_context(|| path.clone())?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .with_context(|| format!("no VmRSS in {path}"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .with_context(|| format!("VmRSS in {path}"))?;
+    Ok(kib * 1024)
+}
+
+/// [`rss_bytes`] summed over `pid` and every process below it (pages shared between them,
+/// like nginx's code, count once per process; a difference of two sums cancels them).
+fn tree_rss_bytes(pid: u32) -> Result<u64> {
+    let mut total = rss_bytes(pid)?;
+    for child in process_tree(pid).into_iter().skip(1) {
+        total += rss_bytes(child).unwrap_or(0);
+    }
+    Ok(total)
+}
+
 /// User and system CPU time of every child this process has waited for, in nanoseconds:
 /// around one `run` it is the CPU time of that program (the load generator).
 fn children_cpu_ns() -> u64 {
@@ -807,6 +1035,301 @@ fn machine_cpu() -> Result<(u64, u64)> {
     ensure!(v.len() >= 5, "short cpu line in /proc/stat");
     let total: u64 = v.iter().sum();
     Ok((total - v[3] - v[4], total))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory.
+
+/// Holds `N` idle HTTP/1.1 keep-alive connections to `HOST:PORT`, each after one `GET /` with
+/// `HEADER` answered `200` by `SERVED_BY`, made one after the other; prints `ready N`, then on
+/// SIGUSR1 checks that every connection is still open, prints `open K` and exits (at most
+/// `HOLD` seconds after `ready`).
+const IDLE_H1_SCRIPT: &str = r#"
+import resource, signal, socket, sys, time
+host, port, n, header, served_by, hold = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], float(sys.argv[6])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+if soft < n + 64:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, n + 1024), hard))
+released = []
+signal.signal(signal.SIGUSR1, lambda *_: released.append(1))
+req = ("GET / HTTP/1.1\r\nHost: %s\r\n%s\r\n\r\n" % (host, header)).encode()
+conns = []
+for i in range(n):
+    s = socket.create_connection((host, port), timeout=10)
+    s.sendall(req)
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = s.recv(65536)
+        if not chunk:
+            sys.exit("connection %d: closed before a response" % i)
+        buf += chunk
+    head, _, body = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    fields = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        fields[k.strip().lower()] = v.strip()
+    if not lines[0].startswith("HTTP/1.1 200"):
+        sys.exit("connection %d: %r" % (i, lines[0]))
+    if fields.get("x-served-by") != served_by:
+        sys.exit("connection %d: served by %r" % (i, fields.get("x-served-by")))
+    if "close" in fields.get("connection", "").lower():
+        sys.exit("connection %d: the proxy closes it" % i)
+    length = int(fields.get("content-length", "-1"))
+    if length < 0:
+        sys.exit("connection %d: no content-length" % i)
+    while len(body) < length:
+        chunk = s.recv(65536)
+        if not chunk:
+            sys.exit("connection %d: closed in the body" % i)
+        body += chunk
+    conns.append(s)
+print("ready %d" % len(conns), flush=True)
+deadline = time.monotonic() + hold
+while not released and time.monotonic() < deadline:
+    time.sleep(0.02)
+if not released:
+    sys.exit("not released within %.0f s" % hold)
+still = 0
+for s in conns:
+    s.setblocking(False)
+    try:
+        still += s.recv(1, socket.MSG_PEEK) != b""
+    except BlockingIOError:
+        still += 1
+    except OSError:
+        pass
+print("open %d" % still, flush=True)
+"#;
+
+/// RSS growth per idle HTTP/1.1 connection and per HTTP/2 stream in flight, in bytes, per
+/// proxy (`router`, `haproxy`, `nginx`).
+#[derive(Debug, Default)]
+struct Memory {
+    idle_h1: Vec<(&'static str, f64)>,
+    h2_stream: Vec<(&'static str, f64)>,
+}
+
+impl Memory {
+    fn idle_h1(&self, proxy: &str) -> Option<f64> {
+        self.idle_h1.iter().find(|(p, _)| *p == proxy).map(|e| e.1)
+    }
+
+    fn h2_stream(&self, proxy: &str) -> Option<f64> {
+        self.h2_stream
+            .iter()
+            .find(|(p, _)| *p == proxy)
+            .map(|e| e.1)
+    }
+}
+
+/// Raises this process's soft limit of open files towards its hard limit (the proxies and the
+/// client programs inherit it): the memory figures hold `IDLE_H1_CONNS` connections at once.
+fn raise_fd_limit() -> Result<()> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct they are given.
+    ensure!(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0,
+        "getrlimit: {}",
+        std::io::Error::last_os_error()
+    );
+    let want = (IDLE_H1_CONNS * 4 + 1024).min(lim.rlim_max);
+    if lim.rlim_cur < want {
+        lim.rlim_cur = want;
+        ensure!(
+            unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0,
+            "setrlimit: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    ensure!(
+        lim.rlim_cur >= IDLE_H1_CONNS + 256,
+        "the open-file limit ({}) is too low to hold {IDLE_H1_CONNS} connections",
+        lim.rlim_cur
+    );
+    Ok(())
+}
+
+impl Scene<'_> {
+    /// The memory figures, after the throughput rounds: each proxy's RSS (all its processes)
+    /// before and with `IDLE_H1_CONNS` idle HTTP/1.1 keep-alive connections from the client,
+    /// and before and with `H2_CONNS` x `H2_STREAMS` HTTP/2 streams in flight, per connection
+    /// or stream.
+    fn memory(&self) -> Result<Memory> {
+        let proxies = [
+            (
+                "router",
+                self.agent_pid,
+                VIP4.to_string(),
+                SERVICE_PORT,
+                SERVICE_PORT,
+            ),
+            (
+                "haproxy",
+                self.haproxy_pid,
+                ROUTER_IP4.to_string(),
+                HAPROXY_H1_PORT,
+                HAPROXY_H2_PORT,
+            ),
+            (
+                "nginx",
+                self.nginx_pid,
+                ROUTER_IP4.to_string(),
+                NGINX_H1_PORT,
+                NGINX_H2_PORT,
+            ),
+        ];
+        let mut memory = Memory::default();
+        for (name, pid, host, h1, _) in &proxies {
+            stop_requested()?;
+            let per = self
+                .rss_per_idle_h1_conn(*pid, host, *h1)
+                .with_context(|| format!("{name}: idle HTTP/1.1 connections"))?;
+            println!(
+                "memory {name:<8} {IDLE_H1_CONNS} idle HTTP/1.1 connections: {:.0} bytes of RSS each",
+                per
+            );
+            memory.idle_h1.push((name, per));
+        }
+        for (name, pid, host, _, h2) in &proxies {
+            stop_requested()?;
+            let per = self
+                .rss_per_h2_stream(*pid, host, *h2)
+                .with_context(|| format!("{name}: HTTP/2 streams in flight"))?;
+            println!(
+                "memory {name:<8} {} HTTP/2 streams in flight ({H2_CONNS} connections): {:.0} \
+                 bytes of RSS each",
+                H2_CONNS * H2_STREAMS,
+                per
+            );
+            memory.h2_stream.push((name, per));
+        }
+        Ok(memory)
+    }
+
+    /// RSS growth of the proxy `pid` (and its children) per idle keep-alive connection the
+    /// client holds to `host:port`, each after one keyed request that checkout-fork answered.
+    fn rss_per_idle_h1_conn(&self, pid: u32, host: &str, port: u16) -> Result<f64> {
+        let (base0, fork0) = self.served()?;
+        let before = tree_rss_bytes(pid)?;
+        let hold = READY + LOAD_SLACK;
+        let mut holder = self.client.spawn(&[
+            "python3",
+            "-c",
+            IDLE_H1_SCRIPT,
+            host,
+            &port.to_string(),
+            &IDLE_H1_CONNS.to_string(),
+            KEY_HEADER,
+            FORK,
+            &hold.as_secs().to_string(),
+        ])?;
+        // Sequential requests: about a millisecond each through a proxy.
+        holder.wait_for_log("ready", Duration::from_secs(60))?;
+        std::thread::sleep(SETTLE);
+        let with = tree_rss_bytes(pid)?;
+        holder.signal(Signal::SIGUSR1)?;
+        let status = holder
+            .wait_timeout(SHORT)?
+            .with_context(|| format!("the connection holder did not exit:\n{}", holder.log()))?;
+        let log = holder.log();
+        ensure!(
+            status.success(),
+            "the connection holder failed ({status}):\n{log}"
+        );
+        ensure!(
+            log.contains(&format!("open {IDLE_H1_CONNS}\n")),
+            "the proxy closed idle connections before the RSS was read:\n{log}"
+        );
+        let (base1, fork1) = self.served()?;
+        ensure!(
+            base1 == base0 && fork1 - fork0 == IDLE_H1_CONNS,
+            "{IDLE_H1_CONNS} requests: {FORK} served {}, {BASE} {}",
+            fork1 - fork0,
+            base1 - base0
+        );
+        Ok((with as f64 - before as f64) / IDLE_H1_CONNS as f64)
+    }
+
+    /// RSS growth of the proxy `pid` (and its children) per HTTP/2 stream in flight: h2load
+    /// sends `H2_CONNS` x `H2_STREAMS` keyed `GET /delay` at once to `host:port` (h2c), which
+    /// checkout-fork holds for `H2_DELAY`; the RSS is read once the server holds them all.
+    fn rss_per_h2_stream(&self, pid: u32, host: &str, port: u16) -> Result<f64> {
+        let streams = H2_CONNS * H2_STREAMS;
+        let (base0, fork0) = self.served()?;
+        ensure!(
+            self.in_flight()? == 0,
+            "{FORK} still holds delayed requests"
+        );
+        let before = tree_rss_bytes(pid)?;
+        let url = format!("http://{host}:{port}/delay?ms={}", H2_DELAY.as_millis());
+        let mut load = self.client.spawn(&[
+            "h2load",
+            &format!("-c{H2_CONNS}"),
+            &format!("-m{H2_STREAMS}"),
+            &format!("-n{streams}"),
+            "-H",
+            KEY_HEADER,
+            &url,
+        ])?;
+        // Leave a margin before the server answers the first of them.
+        let deadline = Instant::now() + H2_DELAY.saturating_sub(Duration::from_secs(2));
+        loop {
+            let held = self.in_flight()?;
+            if held >= streams {
+                break;
+            }
+            if let Some(status) = load.try_status()? {
+                bail!(
+                    "h2load exited ({status}) with {held} of {streams} streams at the server:\n{}",
+                    load.log()
+                );
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "only {held} of {streams} streams reached {FORK} within {:?}",
+                H2_DELAY.saturating_sub(Duration::from_secs(2))
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(SETTLE);
+        let with = tree_rss_bytes(pid)?;
+        let status = load
+            .wait_timeout(H2_DELAY + LOAD_SLACK)?
+            .with_context(|| format!("h2load did not finish:\n{}", load.log()))?;
+        let text = load.log();
+        ensure!(status.success(), "h2load failed ({status}):\n{text}");
+        let (_, done) = parse_h2load_summary(&text).with_context(|| text.clone())?;
+        ensure!(
+            done == streams,
+            "{done} of {streams} streams succeeded:\n{text}"
+        );
+        let (base1, fork1) = self.served()?;
+        ensure!(
+            base1 == base0 && fork1 - fork0 == streams,
+            "{streams} requests: {FORK} served {}, {BASE} {}",
+            fork1 - fork0,
+            base1 - base0
+        );
+        Ok((with as f64 - before as f64) / streams as f64)
+    }
+
+    /// `/delay` requests checkout-fork holds now, read from the node.
+    fn in_flight(&self) -> Result<u64> {
+        let url = format!("http://{}:{SERVER_PORT}/inflight", self.fork.ip4());
+        let out = self
+            .mc
+            .node()
+            .run(&["curl", "-sS", "--max-time", "5", &url], SHORT)?
+            .check()
+            .with_context(|| format!("GET {url}"))?;
+        out.trim()
+            .parse()
+            .with_context(|| format!("GET {url}: {out:?}"))
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -874,6 +1397,31 @@ fn parse_wrk(text: &str) -> Result<Measured> {
 
 /// h2load's summary and its per-request log (`start_us\tstatus\tduration_us`).
 fn parse_h2load(text: &str, tsv: &str) -> Result<Measured> {
+    let (rps, done) = parse_h2load_summary(text)?;
+    let mut durations: Vec<f64> = Vec::new();
+    for line in tsv.lines() {
+        let cols: Vec<&str> = line.split('\t').collect();
+        ensure!(cols.len() >= 3, "log line {line:?}");
+        ensure!(
+            cols[1] == "200",
+            "a response with status {} in the log",
+            cols[1]
+        );
+        durations.push(cols[2].trim().parse::<f64>()? / 1000.0);
+    }
+    ensure!(!durations.is_empty(), "empty h2load log");
+    durations.sort_by(f64::total_cmp);
+    Ok(Measured {
+        rps,
+        p50_ms: percentile(&durations, 0.50),
+        p99_ms: percentile(&durations, 0.99),
+        done,
+    })
+}
+
+/// Checks h2load's summary (no failed, errored or timed-out request, only 2xx): its req/s and
+/// the requests that succeeded.
+fn parse_h2load_summary(text: &str) -> Result<(f64, u64)> {
     let mut rps = None;
     let mut succeeded = None;
     for line in text.lines().map(str::trim) {
@@ -909,25 +1457,7 @@ fn parse_h2load(text: &str, tsv: &str) -> Result<Measured> {
         bail!("no req/s or succeeded count in h2load's output")
     };
     ensure!(done > 0, "no request succeeded");
-    let mut durations: Vec<f64> = Vec::new();
-    for line in tsv.lines() {
-        let cols: Vec<&str> = line.split('\t').collect();
-        ensure!(cols.len() >= 3, "log line {line:?}");
-        ensure!(
-            cols[1] == "200",
-            "a response with status {} in the log",
-            cols[1]
-        );
-        durations.push(cols[2].trim().parse::<f64>()? / 1000.0);
-    }
-    ensure!(!durations.is_empty(), "empty h2load log");
-    durations.sort_by(f64::total_cmp);
-    Ok(Measured {
-        rps,
-        p50_ms: percentile(&durations, 0.50),
-        p99_ms: percentile(&durations, 0.99),
-        done,
-    })
+    Ok((rps, done))
 }
 
 /// Nearest-rank percentile of sorted values.
@@ -984,7 +1514,7 @@ fn medians(samples: &[Sample]) -> Medians {
     }
 }
 
-fn report(samples: &Samples, o: &Options) -> Result<()> {
+fn report(samples: &Samples, memory: &Memory, o: &Options) -> Result<()> {
     let mut json: Vec<(String, f64, &str)> = Vec::new();
     println!();
     println!(
@@ -994,7 +1524,7 @@ fn report(samples: &Samples, o: &Options) -> Result<()> {
     println!(
         "xdir, p99xd: req/s and p99 over direct's. upconn/r: upstream connections the node \
          opened per request.\nCPU us/req: CPU time per request of the load generator, the \
-         proxy (router or HAProxy) and the server, and their sum.\nbusy: the machine's CPU \
+         proxy (router, HAProxy or nginx: all its processes) and the server, and their sum.\nbusy: the machine's CPU \
          busy (other work on the machine included)."
     );
     for (li, load) in Load::ALL.into_iter().enumerate() {
@@ -1098,12 +1628,81 @@ fn report(samples: &Samples, o: &Options) -> Result<()> {
             direct.rps / haproxy.rps,
             "ratio",
         ));
+        let nginx = m[4];
+        let (tput, p99, cpu) = (
+            fork.rps / nginx.rps,
+            fork.p99 / nginx.p99,
+            fork.proxy_us / nginx.proxy_us,
+        );
+        println!(
+            "router_fork vs nginx: req/s x{tput:.2}, p99 x{p99:.2}; proxy CPU per request \
+             x{cpu:.2}"
+        );
+        json.push((format!("{p}_router_fork_over_nginx"), tput, "ratio"));
+        json.push((format!("{p}_router_fork_p99_over_nginx_p99"), p99, "ratio"));
+        json.push((
+            format!("{p}_router_fork_proxy_cpu_over_nginx_proxy_cpu"),
+            cpu,
+            "ratio",
+        ));
     }
+    report_memory(memory, &mut json);
     if let Some(path) = &o.json {
         write_json(path, &json)?;
         println!("\nwrote {}", path.display());
     }
     Ok(())
+}
+
+fn report_memory(memory: &Memory, json: &mut Vec<(String, f64, &str)>) {
+    println!();
+    println!(
+        "Memory: RSS growth of the proxy (all its processes), per idle HTTP/1.1 keep-alive \
+         connection ({IDLE_H1_CONNS}, one request each) and per HTTP/2 stream in flight \
+         ({H2_CONNS} connections x {H2_STREAMS} streams)"
+    );
+    println!(
+        "{:<8} {:>16} {:>16}",
+        "proxy", "idle h1 conn B", "h2 stream B"
+    );
+    for (name, h1) in &memory.idle_h1 {
+        let h2 = memory.h2_stream(name).unwrap_or(f64::NAN);
+        println!("{name:<8} {h1:>16.0} {h2:>16.0}");
+    }
+    for (name, v) in &memory.idle_h1 {
+        json.push((format!("{name}_rss_per_idle_h1_conn_bytes"), *v, "bytes"));
+    }
+    for (name, v) in &memory.h2_stream {
+        json.push((format!("{name}_rss_per_h2_stream_bytes"), *v, "bytes"));
+    }
+    let mut ratios = Vec::new();
+    for peer in ["haproxy", "nginx"] {
+        ratios.push((
+            format!("router_rss_per_idle_h1_conn_over_{peer}"),
+            peer,
+            memory.idle_h1("router"),
+            memory.idle_h1(peer),
+        ));
+    }
+    // nginx forwards each stream on an HTTP/1.1 connection of its own: no ratio to it.
+    ratios.push((
+        "router_rss_per_h2_stream_over_haproxy".into(),
+        "haproxy",
+        memory.h2_stream("router"),
+        memory.h2_stream("haproxy"),
+    ));
+    for (name, peer, router, other) in ratios {
+        let (Some(router), Some(other)) = (router, other) else {
+            continue;
+        };
+        // A peer whose RSS did not grow (it reused memory it already had) gives no ratio.
+        if other > 0.0 {
+            println!("{name}: x{:.2}", router / other);
+            json.push((name, router / other, "ratio"));
+        } else {
+            println!("{name}: none ({peer}'s RSS did not grow)");
+        }
+    }
 }
 
 /// `[{"name": …, "value": …, "unit": …}, …]`, one entry a line.

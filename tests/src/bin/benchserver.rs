@@ -7,9 +7,13 @@
 //! Every request gets `200 OK`, `x-served-by: NAME` and the body `NAME\n`, except
 //! `GET /stats`, which answers how many other requests this server has served (`<n>\n`) and is
 //! not counted itself: the benchmark reads it before and after a sample to prove every request
-//! of the sample reached this server. Request bodies are ignored. Keep-alive, `Connection:
-//! close` and HTTP/2 multiplexing are hyper's (`hyper_util::server::conn::auto`). Prints
-//! `listening` once every address is bound. `--threads` sets the tokio workers (default 2).
+//! of the sample reached this server. `GET /delay?ms=N` (N at most 60000) answers like any
+//! request, but only after N ms, so that requests stay in flight through a proxy (the
+//! benchmark's memory figures); `GET /inflight` answers how many of those are waiting
+//! (`<n>\n`, not counted either). Request bodies are ignored. Keep-alive, `Connection: close`
+//! and HTTP/2 multiplexing are hyper's (`hyper_util::server::conn::auto`), with up to
+//! 1024 concurrent streams per HTTP/2 connection. Prints `listening` once every address is
+//! bound. `--threads` sets the tokio workers (default 2).
 
 use std::{
     convert::Infallible,
@@ -24,6 +28,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
+use futures::future::Either;
 use http_body_util::Full;
 use hyper::{
     Request, Response,
@@ -44,7 +49,15 @@ struct State {
     body: Bytes,
     served_by: HeaderValue,
     served: AtomicU64,
+    /// `/delay` requests waiting.
+    delayed: AtomicU64,
 }
+
+/// Longest `/delay` accepted, in milliseconds.
+const MAX_DELAY_MS: u64 = 60_000;
+/// Concurrent streams per HTTP/2 connection: above what the memory figures hold on one
+/// upstream connection (hyper's default is 200).
+const MAX_H2_STREAMS: u32 = 1024;
 
 fn main() {
     if let Err(e) = run() {
@@ -75,6 +88,7 @@ fn run() -> Result<()> {
         body: Bytes::from(format!("{name}\n")),
         served_by: HeaderValue::from_str(&name).context("--name is not a header value")?,
         served: AtomicU64::new(0),
+        delayed: AtomicU64::new(0),
     });
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
@@ -94,7 +108,8 @@ async fn serve(listen: Vec<SocketAddr>, state: Arc<State>) -> Result<()> {
     }
     println!("listening");
     std::io::stdout().flush()?;
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http2().max_concurrent_streams(MAX_H2_STREAMS);
     let mut tasks = tokio::task::JoinSet::new();
     for l in listeners {
         tasks.spawn(accept_loop(l, builder.clone(), state.clone()));
@@ -116,18 +131,64 @@ async fn accept_loop(l: TcpListener, builder: auto::Builder<TokioExecutor>, stat
         let _ = stream.set_nodelay(true);
         let (builder, state) = (builder.clone(), state.clone());
         tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let resp = respond(&state, &req);
-                async move { Ok::<_, Infallible>(resp) }
+            let svc = service_fn(move |req| match delay(&req) {
+                None => Either::Left(std::future::ready(Ok::<_, Infallible>(respond(
+                    &state, &req,
+                )))),
+                Some(wait) => {
+                    let state = state.clone();
+                    Either::Right(async move {
+                        let waiting = Delayed::enter(&state);
+                        tokio::time::sleep(wait).await;
+                        drop(waiting);
+                        Ok(respond(&state, &req))
+                    })
+                }
             });
             let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
         });
     }
 }
 
+/// How long a `GET /delay?ms=N` waits before its answer; `None` for every other request.
+fn delay(req: &Request<Incoming>) -> Option<Duration> {
+    if req.uri().path() != "/delay" {
+        return None;
+    }
+    let ms = req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("ms="))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        .min(MAX_DELAY_MS);
+    Some(Duration::from_millis(ms))
+}
+
+/// Counts a `/delay` request as waiting while it lives (also when its connection goes away
+/// and the wait is dropped).
+struct Delayed<'s>(&'s State);
+
+impl<'s> Delayed<'s> {
+    fn enter(state: &'s State) -> Self {
+        state.delayed.fetch_add(1, Ordering::Relaxed);
+        Delayed(state)
+    }
+}
+
+impl Drop for Delayed<'_> {
+    fn drop(&mut self) {
+        self.0.delayed.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 fn respond(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let body = if req.uri().path() == "/stats" {
         Bytes::from(format!("{}\n", state.served.load(Ordering::Relaxed)))
+    } else if req.uri().path() == "/inflight" {
+        Bytes::from(format!("{}\n", state.delayed.load(Ordering::Relaxed)))
     } else {
         state.served.fetch_add(1, Ordering::Relaxed);
         state.body.clone()

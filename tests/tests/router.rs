@@ -218,6 +218,54 @@ fn a_pipelined_request_head_over_the_limit_gets_431() {
     );
 }
 
+/// The framings a smuggling attempt plays on: refused when two readings are possible, else
+/// followed exactly, so a request hidden in a body stays body and the request after a body is
+/// routed by its own key.
+#[test]
+fn request_bodies_are_framed_one_way_only() {
+    let Some(mc) = MiniCluster::new_or_skip("framing_one_way", TOOLS) else {
+        return;
+    };
+    let shop = Shop::with_agent(&mc, true).unwrap();
+    let keyed_next = "b'GET / HTTP/1.1\\r\\nHost: x\\r\\nx-routing-key: feature-x\\r\\n\\r\\n'";
+    for framing in [
+        "Transfer-Encoding: chunked\\r\\nContent-Length: 3",
+        "Content-Length: 3\\r\\nTransfer-Encoding: chunked",
+        "Content-Length: 3\\r\\nContent-Length: 4",
+        "Transfer-Encoding: chunked, identity",
+        "Transfer-Encoding: identity",
+        "Content-Length: -3",
+    ] {
+        let payload = format!(
+            "b'POST / HTTP/1.1\\r\\nHost: x\\r\\n{framing}\\r\\n\\r\\n3\\r\\nabc\\r\\n0\\r\\n\\r\\n' + {keyed_next}"
+        );
+        assert_eq!(raw_statuses(&shop, &payload), [400], "{framing}");
+    }
+    let hidden = "GET / HTTP/1.1\r\nHost: x\r\nx-routing-key: feature-x\r\n\r\n";
+    let last = "GET / HTTP/1.1\r\nHost: x\r\nx-routing-key: feature-x\r\nConnection: close\r\n\r\n";
+    let chunked = format!(
+        "POST /echo HTTP/1.1\r\nHost: x\r\nConnection: transfer-encoding, content-length\r\n\
+         Transfer-Encoding: chunked\r\n\r\n{:x}\r\n{hidden}\r\n0\r\n\r\n{last}",
+        hidden.len()
+    );
+    let by_length = format!(
+        "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{hidden}{last}",
+        hidden.len()
+    );
+    for request in [chunked, by_length] {
+        let out = redirect_tests::peers::raw_http(&shop.client, CHECKOUT_VIP4, 80, &request);
+        let served: Vec<&str> = out
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("x-served-by: "))
+            .collect();
+        assert_eq!(served, ["checkout-base", "checkout-fork"], "{out}");
+        assert!(
+            out.contains(hidden),
+            "the hidden request was not echoed as body: {out}"
+        );
+    }
+}
+
 /// A request with `n` headers in all (Host included).
 fn with_headers(n: usize) -> String {
     format!(

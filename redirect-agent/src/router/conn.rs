@@ -213,7 +213,7 @@ async fn serve(
     }
     if declared == PortProtocol::Http {
         match protocol {
-            Some(Protocol::Opaque) => return not_http(client, peer, orig, shared).await,
+            Some(Protocol::Opaque) => return Box::pin(not_http(client, peer, orig, shared)).await,
             None => {
                 tracing::debug!(%peer, "closed by the client before its first request");
                 return Outcome::Reset;
@@ -222,44 +222,59 @@ async fn serve(
         }
     }
     match protocol {
-        Some(Protocol::Http1) => match h1::serve(client, prefix, peer, orig, worker).await {
-            h1::Served::Done(outcome) => outcome,
-            h1::Served::HandOff(io) => serve_general_h1(TokioIo::new(io), peer, orig, worker).await,
-        },
-        Some(Protocol::Http2) => {
-            let io = TokioIo::new(Prefixed::new(prefix, client));
-            let w = worker.clone();
-            let svc = service_fn(move |req| handle(req, w.clone(), peer.ip(), orig, Proto::Http2));
-            let mut b = conn::http2::Builder::new(TokioExecutor::new());
-            b.timer(TokioTimer::new())
-                .max_header_list_size(shared.settings.max_header_bytes as u32)
-                // What a client can make the router hold per connection (node-local round
-                // trips are short: small windows cost no throughput).
-                .initial_connection_window_size(CLIENT_H2_CONN_WINDOW)
-                .initial_stream_window_size(CLIENT_H2_STREAM_WINDOW)
-                .keep_alive_interval(std::time::Duration::from_secs(30));
-            let c = b.serve_connection(io, svc);
-            tokio::pin!(c);
-            let mut drain = shared.drain.subscribe();
-            let ended = tokio::select! {
-                biased;
-                r = c.as_mut() => r,
-                _ = drained(&mut drain) => {
-                    // GOAWAY: streams in flight complete, the client opens new ones elsewhere.
-                    c.as_mut().graceful_shutdown();
-                    c.await
-                }
-            };
-            match ended {
-                Ok(()) => Outcome::Forwarded,
-                Err(error) => {
-                    tracing::debug!(%peer, %error, "HTTP/2 connection ended with an error");
-                    Outcome::Reset
+        Some(Protocol::Http1) => {
+            match Box::pin(h1::serve(client, prefix, peer, orig, worker)).await {
+                h1::Served::Done(outcome) => outcome,
+                h1::Served::HandOff(io) => {
+                    Box::pin(serve_general_h1(TokioIo::new(io), peer, orig, worker)).await
                 }
             }
         }
+        Some(Protocol::Http2) => {
+            let io = TokioIo::new(Prefixed::new(prefix, client));
+            Box::pin(serve_h2(io, peer, orig, worker)).await
+        }
         Some(Protocol::Opaque) | None => {
-            opaque(Prefixed::new(prefix, client), peer, orig, shared).await
+            Box::pin(opaque(Prefixed::new(prefix, client), peer, orig, shared)).await
+        }
+    }
+}
+
+/// HTTP/2 (h2c, gRPC) through hyper: every stream routed on its own.
+async fn serve_h2(
+    io: TokioIo<Prefixed<TcpStream>>,
+    peer: SocketAddr,
+    orig: OrigDst,
+    worker: &Arc<Worker>,
+) -> Outcome {
+    let shared = &worker.shared;
+    let w = worker.clone();
+    let svc = service_fn(move |req| handle(req, w.clone(), peer.ip(), orig, Proto::Http2));
+    let mut b = conn::http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .max_header_list_size(shared.settings.max_header_bytes as u32)
+        // What a client can make the router hold per connection (node-local round
+        // trips are short: small windows cost no throughput).
+        .initial_connection_window_size(CLIENT_H2_CONN_WINDOW)
+        .initial_stream_window_size(CLIENT_H2_STREAM_WINDOW)
+        .keep_alive_interval(std::time::Duration::from_secs(30));
+    let c = b.serve_connection(io, svc);
+    tokio::pin!(c);
+    let mut drain = shared.drain.subscribe();
+    let ended = tokio::select! {
+        biased;
+        r = c.as_mut() => r,
+        _ = drained(&mut drain) => {
+            // GOAWAY: streams in flight complete, the client opens new ones elsewhere.
+            c.as_mut().graceful_shutdown();
+            c.await
+        }
+    };
+    match ended {
+        Ok(()) => Outcome::Forwarded,
+        Err(error) => {
+            tracing::debug!(%peer, %error, "HTTP/2 connection ended with an error");
+            Outcome::Reset
         }
     }
 }
@@ -332,44 +347,45 @@ async fn sniff(client: &mut TcpStream, shared: &Shared, declared: PortProtocol) 
         PortProtocol::Http => (detect_declared_http, shared.settings.header_timeout),
         PortProtocol::Detect => (detect, shared.settings.detect_timeout),
     };
-    let mut buf = vec![0u8; MAX_SNIFF];
-    let mut n = 0;
+    // Read as much as the first segment brings, not just what detection looks at: an HTTP/1.1
+    // request head usually arrives whole and is served without another read.
+    let mut buf = Vec::with_capacity(FIRST_READ);
     let start = Instant::now();
-    while n < MAX_SNIFF {
-        if let Some(p) = decide(&buf[..n]) {
-            buf.truncate(n);
+    while buf.len() < MAX_SNIFF {
+        if let Some(p) = decide(&buf) {
             return Sniffed {
                 protocol: Some(p),
                 prefix: buf,
                 stalled: false,
             };
         }
-        let limit = if n == 0 {
+        let limit = if buf.is_empty() {
             first_wait
         } else {
             shared.settings.header_timeout
         };
         let left = (start + limit).saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, client.read(&mut buf[n..])).await {
+        match tokio::time::timeout(left, client.read_buf(&mut buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) => break,
             Err(_) => {
-                buf.truncate(n);
                 return Sniffed {
                     protocol: decide(&buf),
+                    stalled: !buf.is_empty() || declared == PortProtocol::Http,
                     prefix: buf,
-                    stalled: n > 0 || declared == PortProtocol::Http,
                 };
             }
-            Ok(Ok(k)) => n += k,
+            Ok(Ok(_)) => {}
         }
     }
-    buf.truncate(n);
     Sniffed {
         protocol: decide(&buf),
         prefix: buf,
         stalled: false,
     }
 }
+
+/// The first read's buffer: room for a usual request head.
+const FIRST_READ: usize = 4096;
 
 /// Longest wait for a client to read the router's last response before the socket closes.
 const LINGER: Duration = Duration::from_secs(1);

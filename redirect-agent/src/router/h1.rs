@@ -159,7 +159,9 @@ pub async fn serve(
             req: &req,
             started,
         };
-        let ended = ex.run(&mut client, &mut cbuf, &mut clock).await;
+        // Boxed: an idle connection's task then holds only the loop's state, not the
+        // exchange's (the task's size is that of its largest state).
+        let ended = Box::pin(ex.run(&mut client, &mut cbuf, &mut clock)).await;
         if let Some(socket) = ended.upstream {
             // Back to the pool at once: the pod's other connections may use it meanwhile.
             let key = PoolKey {

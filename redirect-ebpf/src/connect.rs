@@ -67,7 +67,8 @@ fn try_connect(ctx: &SockAddrContext, ipv6: bool, seen: &mut Seen) -> Result<Rea
     };
     seen.tcp = true;
     seen.before = dst;
-    // SAFETY: map values are read, never held across helper calls that could free them.
+    // SAFETY: `services_v1` is `BPF_F_NO_PREALLOC` and the programs never insert into or remove
+    // from it, so the value is not recycled while the reference lives.
     let Some(svc) = (unsafe { SERVICES.get(&dst) }) else {
         return Ok(Reason::NotForked);
     };
@@ -75,8 +76,9 @@ fn try_connect(ctx: &SockAddrContext, ipv6: bool, seen: &mut Seen) -> Result<Rea
     seen.service_id = service_id;
     let router = ROUTER.get(0).ok_or(Reason::Error)?;
     if router.mark != 0 {
-        // SAFETY: `sk` is the socket being connected; the verifier checks the access.
+        // SAFETY: in cgroup_sock_addr programs the union holds `sk`, the socket being connected.
         let sk = unsafe { sa.__bindgen_anon_1.sk };
+        // SAFETY: `sk` is non-null here; the verifier checks the read of its field.
         if !sk.is_null() && unsafe { (*sk).mark } == router.mark {
             return Ok(Reason::RouterSocket);
         }
@@ -84,6 +86,7 @@ fn try_connect(ctx: &SockAddrContext, ipv6: bool, seen: &mut Seen) -> Result<Rea
     if let Some((pod_cgroup_id, key_id)) = caller_key() {
         seen.pod_cgroup_id = pod_cgroup_id;
         seen.key_id = key_id;
+        // SAFETY: as for `services_v1`: `forks_v1` is `BPF_F_NO_PREALLOC` and only read here.
         let Some(fork) = (unsafe { FORKS.get(&ForkKey { key_id, service_id }) }) else {
             return Ok(Reason::OriginBaseline);
         };
@@ -91,9 +94,11 @@ fn try_connect(ctx: &SockAddrContext, ipv6: bool, seen: &mut Seen) -> Result<Rea
         if n == 0 {
             return Ok(Reason::OriginNoEndpoint);
         }
+        // SAFETY: a helper without arguments.
         let i = start + (unsafe { bpf_get_prandom_u32() } as usize) % n;
         // The verifier does not track `%`, and LLVM would drop a plain mask as redundant: the
         // volatile read hides the bound from LLVM so the mask (a power of two) stays.
+        // SAFETY: `i` is a live, aligned local.
         let i = unsafe { core::ptr::read_volatile(&i) } & (MAX_FORK_ENDPOINTS - 1);
         let Some(ep) = fork.endpoints.get(i) else {
             return Err(Reason::Error);
@@ -118,6 +123,7 @@ fn try_connect(ctx: &SockAddrContext, ipv6: bool, seen: &mut Seen) -> Result<Rea
     let mut orig = OrigDst {
         dst,
         service_id,
+        // SAFETY: a helper without arguments.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         recorded_ns: 0,
     };
@@ -197,6 +203,8 @@ impl OriginLookups for KernelOrigin {
 #[inline(always)]
 fn router_alive(slot: u32) -> bool {
     let map = addr_of!(ROUTER_SOCKS) as *mut c_void;
+    // SAFETY: `map` is the sockmap's definition and the key points to a live `u32`, the map's
+    // key type.
     let sk = unsafe { bpf_map_lookup_elem(map, addr_of!(slot) as *const c_void) };
     if sk.is_null() {
         return false;
@@ -211,6 +219,8 @@ fn router_alive(slot: u32) -> bool {
 #[inline(always)]
 pub fn rewrite(ctx: &SockAddrContext, ipv6: bool, to: &SockAddr) {
     let sa = ctx.sock_addr;
+    // SAFETY: the context pointer is valid for the program's run, and these fields are writable
+    // in connect4/6 and getpeername4/6 (the verifier checks each store).
     unsafe {
         if ipv6 {
             core::ptr::write_volatile(&mut (*sa).user_ip6[0], to.ip[0]);

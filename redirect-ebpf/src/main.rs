@@ -2,6 +2,8 @@
 //! `connect.rs` and `sock_ops.rs`, the maps in `maps.rs`, all types in `redirect-common`.
 #![no_std]
 #![no_main]
+// Every `unsafe` says why it is sound; `cargo xtask lint-ebpf` enforces it.
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 mod connect;
 mod counters;

@@ -39,6 +39,8 @@ fn record(ctx: &SockOpsContext) -> Option<Reason> {
         return None;
     }
     let map = addr_of!(ORIG_SK) as *mut c_void;
+    // SAFETY: `map` is the socket storage's definition, `sk` a non-null socket from the context;
+    // without a value to insert and with flags 0 the helper only looks up.
     let orig = unsafe { bpf_sk_storage_get(map, sk as *mut c_void, core::ptr::null_mut(), 0) }
         as *const OrigDst;
     if orig.is_null() {
@@ -49,6 +51,7 @@ fn record(ctx: &SockOpsContext) -> Option<Reason> {
     // Every context field is read unconditionally, one by one at its fixed offset: the verifier
     // rejects loads through a moved context pointer, which is what LLVM emits when it merges
     // per-family loads into one load at a selected offset.
+    // SAFETY: the context pointer is valid for the program's run; the verifier checks each read.
     let (family, port, ip4, ip6) = unsafe {
         (
             core::ptr::read_volatile(&(*ops).family),
@@ -69,6 +72,7 @@ fn record(ctx: &SockOpsContext) -> Option<Reason> {
     };
     // SAFETY: non-null storage of this socket.
     let mut value = unsafe { *orig };
+    // SAFETY: a helper without arguments.
     value.recorded_ns = unsafe { bpf_ktime_get_ns() };
     Some(match CONNS.insert(&src, &value, 0) {
         Ok(()) => Reason::ConnRecorded,

@@ -38,7 +38,9 @@ pub fn emit(mode: u32, ipv6: bool, reason: Reason, s: &Seen) {
         return;
     }
     let ev = TraceEvent {
+        // SAFETY: a helper without arguments.
         ts_ns: unsafe { bpf_ktime_get_ns() },
+        // SAFETY: a helper without arguments.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         pod_cgroup_id: s.pod_cgroup_id,
         before: s.before,

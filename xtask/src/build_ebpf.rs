@@ -49,22 +49,29 @@ pub(crate) fn pinned_nightly() -> Result<String> {
         .with_context(|| format!("{}: no channel line", path.display()))
 }
 
-pub fn build() -> Result<()> {
+/// `cargo <subcommand>` on redirect-ebpf with the pinned nightly, the release profile and the
+/// eBPF target directory; target, `build-std` and flags come from redirect-ebpf/.cargo. The
+/// build and its lints (`cargo xtask lint-ebpf`) both start here, so they see the same crate.
+pub(crate) fn nightly_cargo(nightly: &str, subcommand: &str) -> Command {
     let root = workspace_root();
-    let nightly = pinned_nightly()?;
     let mut c = Command::new("rustup");
     c.args([
         "run",
-        &nightly,
+        nightly,
         "cargo",
-        "build",
+        subcommand,
         "--release",
         "--target-dir",
     ])
     .arg(root.join("target/ebpf"))
     .current_dir(root.join("redirect-ebpf"));
     cmd::scrub_toolchain_env(&mut c);
-    cmd::run(&mut c).with_context(|| {
+    c
+}
+
+pub fn build() -> Result<()> {
+    let nightly = pinned_nightly()?;
+    cmd::run(&mut nightly_cargo(&nightly, "build")).with_context(|| {
         format!("building the eBPF object with {nightly} failed; run ./x setup to install the toolchain and bpf-linker")
     })
 }

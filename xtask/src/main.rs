@@ -7,6 +7,7 @@ mod cmd;
 mod fuzz;
 mod image;
 mod kind;
+mod lint_ebpf;
 mod run;
 mod tools;
 
@@ -25,6 +26,10 @@ enum Command {
     /// Build the eBPF object with the pinned nightly; as root, also load every program through
     /// the kernel verifier and print its name, type and instruction count.
     BuildEbpf(build_ebpf::Options),
+    /// Check the eBPF crate, which the workspace's fmt and clippy do not see: `cargo fmt
+    /// --check` and clippy with the pinned nightly for the BPF target, warnings as errors,
+    /// every `unsafe` with a `SAFETY:` comment. `test` runs it.
+    LintEbpf,
     /// Build everything, check formatting and lints, and run every test (privileged tests need
     /// root and skip with a message without it).
     Test(run::TestOptions),
@@ -54,6 +59,7 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let result: Result<()> = match Cli::parse().command {
         Command::BuildEbpf(o) => build_ebpf::run(&o),
+        Command::LintEbpf => lint_ebpf::run(),
         Command::Test(o) => run::test(&o),
         Command::Demo => run::demo(),
         Command::Bench(o) => bench::run(&o),

@@ -24,6 +24,7 @@ use super::{
     overload::{Cause, is_exhaustion},
     pool::Pool,
     prefixed::Prefixed,
+    scratch::read_append,
     stats::Outcome,
     tunnel::{Ended, tunnel},
 };
@@ -349,7 +350,7 @@ async fn sniff(client: &mut TcpStream, shared: &Shared, declared: PortProtocol) 
     };
     // Read as much as the first segment brings, not just what detection looks at: an HTTP/1.1
     // request head usually arrives whole and is served without another read.
-    let mut buf = Vec::with_capacity(FIRST_READ);
+    let mut buf = Vec::new();
     let start = Instant::now();
     while buf.len() < MAX_SNIFF {
         if let Some(p) = decide(&buf) {
@@ -365,7 +366,7 @@ async fn sniff(client: &mut TcpStream, shared: &Shared, declared: PortProtocol) 
             shared.settings.header_timeout
         };
         let left = (start + limit).saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, client.read_buf(&mut buf)).await {
+        match tokio::time::timeout(left, read_append(client, &mut buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) => break,
             Err(_) => {
                 return Sniffed {
@@ -383,9 +384,6 @@ async fn sniff(client: &mut TcpStream, shared: &Shared, declared: PortProtocol) 
         stalled: false,
     }
 }
-
-/// The first read's buffer: room for a usual request head.
-const FIRST_READ: usize = 4096;
 
 /// Longest wait for a client to read the router's last response before the socket closes.
 const LINGER: Duration = Duration::from_secs(1);

@@ -38,6 +38,7 @@ use super::{
     pool::{Checkout, PoolKey},
     prefixed::Prefixed,
     route::{Decided, decide, key_or_none},
+    scratch::try_read_append,
     stats::{Dest, Outcome, RequestOutcome},
 };
 
@@ -114,8 +115,7 @@ pub async fn serve(
             if ready.is_err() {
                 return Served::Done(Outcome::Reset);
             }
-            cbuf.reserve(READ_CHUNK);
-            match client.try_read_buf(&mut cbuf) {
+            match try_read_append(&client, &mut cbuf) {
                 Ok(0) => {
                     return Served::Done(if cbuf.is_empty() {
                         Outcome::Forwarded

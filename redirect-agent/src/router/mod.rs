@@ -22,6 +22,7 @@ mod pod_conns;
 mod pool;
 mod prefixed;
 mod route;
+mod scratch;
 mod stats;
 mod tunnel;
 

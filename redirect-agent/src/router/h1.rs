@@ -38,7 +38,7 @@ use super::{
     pool::{Checkout, PoolKey},
     prefixed::Prefixed,
     route::{Decided, decide, key_or_none},
-    scratch::try_read_append,
+    scratch::{read_append, try_read_append},
     stats::{Dest, Outcome, RequestOutcome},
 };
 
@@ -448,7 +448,9 @@ impl Exchange<'_> {
     ) -> Result<Relayed, Fail> {
         let timeout = self.worker.shared.settings.response_timeout;
         clock.set(tokio::time::Instant::now() + timeout);
-        let mut ubuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+        // Grows by what arrives (a usual response is one small segment); a body that takes more
+        // reads gets a full read's room below.
+        let mut ubuf: Vec<u8> = Vec::new();
         let mut got_any = false;
         let resp = loop {
             match head::parse_response(&ubuf, RESPONSE_LIMITS, self.req.head_method) {
@@ -466,10 +468,9 @@ impl Exchange<'_> {
                 Ok(None) => {}
                 Err(e) => return Err(self.bad_upstream(format!("invalid response: {e}"))),
             }
-            ubuf.reserve(READ_CHUNK);
             let n = tokio::select! {
                 biased;
-                r = ur.read_buf(&mut ubuf) => r,
+                r = read_append(ur.as_ref(), &mut ubuf) => r,
                 _ = clock.passed() => return Err(Fail::Timeout(timeout)),
             };
             match n {

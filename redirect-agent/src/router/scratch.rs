@@ -58,7 +58,7 @@ mod tests {
         let mut into = b"> ".to_vec();
         assert_eq!(read_append(&c, &mut into).await.unwrap(), 5);
         assert_eq!(into, b"> hello");
-        assert_eq!(into.capacity() < 64, true, "{}", into.capacity());
+        assert!(into.capacity() < 64, "{}", into.capacity());
         let nothing = try_read_append(&c, &mut into).unwrap_err();
         assert_eq!(nothing.kind(), io::ErrorKind::WouldBlock);
         drop(server);

@@ -144,13 +144,14 @@ impl Chunked {
                     self.state = State::Size { digits: 0 };
                 }
                 State::TrailerStart => {
-                    self.trailer_byte()?;
-                    self.state = if b == b'\r' {
-                        State::EndLf
-                    } else if b == b'\n' {
-                        return Err(ChunkError::BadLineEnd);
-                    } else {
-                        State::TrailerLine
+                    self.state = match b {
+                        // The final empty line: not a trailer.
+                        b'\r' => State::EndLf,
+                        b'\n' => return Err(ChunkError::BadLineEnd),
+                        _ => {
+                            self.trailer_byte()?;
+                            State::TrailerLine
+                        }
                     };
                 }
                 State::TrailerLine => {
@@ -270,6 +271,13 @@ mod tests {
         }
         let long = format!("1;{}\r\n", "e".repeat(MAX_SIZE_LINE));
         assert_eq!(frame(long.as_bytes(), 64), Err(ChunkError::LineTooLong));
+    }
+
+    #[test]
+    fn a_body_without_trailers_needs_no_trailer_room() {
+        let mut c = Chunked::new(0);
+        assert_eq!(c.feed(b"1\r\na\r\n0\r\n\r\n"), Ok(11));
+        assert!(c.done());
     }
 
     #[test]

@@ -684,7 +684,7 @@ mod tests {
         let mut left = Body::Chunked;
         assert_eq!(
             take_body(&mut left, &mut c, b"1\r\na\r\n0\r\n\r\nGET").unwrap(),
-            13
+            11
         );
         assert!(body_ended(left, &c));
         let mut left = Body::UntilClose;

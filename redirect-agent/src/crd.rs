@@ -387,7 +387,7 @@ pub fn crd_yaml() -> String {
         if i > 0 {
             out.push_str("---\n");
         }
-        out.push_str(&serde_yaml::to_string(crd).expect("a CRD always serialises"));
+        out.push_str(&yaml_serde::to_string(crd).expect("a CRD always serialises"));
     }
     out
 }
@@ -473,7 +473,7 @@ mod tests {
 
     #[test]
     fn sandbox_yaml_uses_camel_case_and_optional_fields() {
-        let s: SandboxSpec = serde_yaml::from_str(
+        let s: SandboxSpec = yaml_serde::from_str(
             "routingKey: feature-x\nfallback: Baseline\nttl: 2h\nforks:\n- service: checkout\n  selector: {app: checkout-fx}\n",
         )
         .unwrap();
@@ -483,18 +483,18 @@ mod tests {
         assert_eq!(s.forks[0].namespace_or("team-a"), "team-a");
     }
 
-    fn crd_docs() -> Vec<serde_yaml::Value> {
-        serde_yaml::Deserializer::from_str(&crd_yaml())
-            .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+    fn crd_docs() -> Vec<yaml_serde::Value> {
+        yaml_serde::Deserializer::from_str(&crd_yaml())
+            .map(|d| yaml_serde::Value::deserialize(d).unwrap())
             .collect()
     }
 
-    fn schema(doc: &serde_yaml::Value) -> &serde_yaml::Value {
+    fn schema(doc: &yaml_serde::Value) -> &yaml_serde::Value {
         &doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     }
 
     /// Paths of properties without a description.
-    fn undescribed(schema: &serde_yaml::Value, path: &str, out: &mut Vec<String>) {
+    fn undescribed(schema: &yaml_serde::Value, path: &str, out: &mut Vec<String>) {
         if let Some(props) = schema["properties"].as_mapping() {
             for (name, prop) in props {
                 let path = format!("{path}.{}", name.as_str().unwrap());
@@ -525,7 +525,7 @@ mod tests {
     #[test]
     fn both_crds_have_a_status_subresource_and_printer_columns() {
         let docs = crd_docs();
-        let columns = |d: &serde_yaml::Value| -> Vec<String> {
+        let columns = |d: &yaml_serde::Value| -> Vec<String> {
             d["spec"]["versions"][0]["additionalPrinterColumns"]
                 .as_sequence()
                 .unwrap()
@@ -559,7 +559,7 @@ mod tests {
     fn cel_rules_reject_duplicate_forks_empty_selectors_and_zero_ttls() {
         let docs = crd_docs();
         let spec = &schema(&docs[0])["properties"]["spec"];
-        let rules = |v: &serde_yaml::Value| -> Vec<String> {
+        let rules = |v: &yaml_serde::Value| -> Vec<String> {
             v["x-kubernetes-validations"]
                 .as_sequence()
                 .unwrap()
@@ -586,8 +586,8 @@ mod tests {
     #[test]
     fn crd_yaml_holds_both_namespaced_crds_with_key_validation() {
         let yaml = crd_yaml();
-        let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&yaml)
-            .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+        let docs: Vec<yaml_serde::Value> = yaml_serde::Deserializer::from_str(&yaml)
+            .map(|d| yaml_serde::Value::deserialize(d).unwrap())
             .collect();
         assert_eq!(docs.len(), 2);
         let names: Vec<_> = docs

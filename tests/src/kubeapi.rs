@@ -147,7 +147,7 @@ impl Mirror {
             let Ok(text) = fs::read_to_string(&path) else {
                 continue; // removed while listing
             };
-            for doc in serde_yaml::Deserializer::from_str(&text) {
+            for doc in yaml_serde::Deserializer::from_str(&text) {
                 match Value::deserialize(doc) {
                     Ok(Value::Null) => {}
                     Ok(v) => {

@@ -118,9 +118,9 @@ struct Rendered {
 impl Rendered {
     fn parse(yaml: &str) -> Rendered {
         let mut objects = BTreeMap::new();
-        for doc in serde_yaml::Deserializer::from_str(yaml) {
-            let v: Value = serde_yaml::from_value(
-                <serde_yaml::Value as serde::Deserialize>::deserialize(doc).unwrap(),
+        for doc in yaml_serde::Deserializer::from_str(yaml) {
+            let v: Value = yaml_serde::from_value(
+                <yaml_serde::Value as serde::Deserialize>::deserialize(doc).unwrap(),
             )
             .unwrap();
             if v.is_null() {
@@ -1059,8 +1059,8 @@ fn chart_crds_are_a_copy_of_deploy_crds() {
     );
 }
 
-fn yaml_file(path: &str) -> serde_yaml::Value {
-    serde_yaml::from_str(&std::fs::read_to_string(root().join(path)).unwrap()).unwrap()
+fn yaml_file(path: &str) -> yaml_serde::Value {
+    yaml_serde::from_str(&std::fs::read_to_string(root().join(path)).unwrap()).unwrap()
 }
 
 #[test]

@@ -302,8 +302,8 @@ fn manifests_describe_pods_services_and_endpoint_slices() {
     let files = mc.write_manifests(&dir).unwrap();
     assert_eq!(files.len(), 5);
 
-    let load = |name: &str| -> serde_yaml::Value {
-        serde_yaml::from_str(&fs::read_to_string(dir.join(name)).unwrap()).unwrap()
+    let load = |name: &str| -> yaml_serde::Value {
+        yaml_serde::from_str(&fs::read_to_string(dir.join(name)).unwrap()).unwrap()
     };
     let pod = load("pod-checkout-fork.yaml");
     assert_eq!(pod["kind"], "Pod");

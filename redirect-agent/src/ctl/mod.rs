@@ -159,29 +159,15 @@ pub fn agent_note(names: &Names) -> String {
     }
 }
 
-/// `2025-01-31T12:00:00Z`.
+/// `2025-01-31T12:00:00Z` (UTC, whole seconds; times before 1970 print as 1970-01-01).
 pub fn fmt_time(t: SystemTime) -> String {
     let secs = t
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    // Beyond jiff's range (year 9999) only on a broken clock.
+    let ts = jiff::Timestamp::from_second(secs).unwrap_or(jiff::Timestamp::MAX);
+    ts.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
 /// `3s`, `4m12s`, `2h3m`, `5d2h`.
@@ -262,6 +248,22 @@ mod tests {
         assert_eq!(fmt_time(UNIX_EPOCH), "1970-01-01T00:00:00Z");
         let t = UNIX_EPOCH + Duration::from_secs(1_709_210_096); // leap year, after Feb 29
         assert_eq!(fmt_time(t), "2024-02-29T12:34:56Z");
+        for (secs, want) in [
+            (951_782_400, "2000-02-29T00:00:00Z"),
+            (1_767_225_599, "2025-12-31T23:59:59Z"),
+            (4_107_542_399, "2100-02-28T23:59:59Z"),
+        ] {
+            assert_eq!(fmt_time(UNIX_EPOCH + Duration::from_secs(secs)), want);
+        }
+        // Whole seconds; before 1970 prints as the epoch.
+        assert_eq!(
+            fmt_time(UNIX_EPOCH + Duration::from_millis(1_999)),
+            "1970-01-01T00:00:01Z"
+        );
+        assert_eq!(
+            fmt_time(UNIX_EPOCH - Duration::from_secs(5)),
+            "1970-01-01T00:00:00Z"
+        );
         assert_eq!(fmt_age(Duration::from_secs(252)), "4m12s");
     }
 }

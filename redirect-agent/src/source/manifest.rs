@@ -17,8 +17,8 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_yaml::Value;
 use tokio::sync::mpsc;
+use yaml_serde::Value;
 
 use crate::crd::{API_VERSION, RouteGroup, Sandbox, SpecError};
 use crate::slice::Slice;
@@ -316,7 +316,7 @@ fn split_documents(text: &str) -> Vec<(usize, &str)> {
     docs
 }
 
-/// Removes the positions serde_yaml writes into messages (`at line 3 column 5`); the error
+/// Removes the positions yaml_serde writes into messages (`at line 3 column 5`); the error
 /// carries the position of the whole file instead.
 fn strip_positions(message: &str) -> String {
     let mut out = String::with_capacity(message.len());
@@ -383,8 +383,8 @@ struct Doc<'a> {
 }
 
 impl Doc<'_> {
-    /// The location of a serde_yaml error, in the whole file.
-    fn at_error(&self, e: &serde_yaml::Error) -> SourceLocation {
+    /// The location of a yaml_serde error, in the whole file.
+    fn at_error(&self, e: &yaml_serde::Error) -> SourceLocation {
         match e.location() {
             Some(l) => SourceLocation {
                 file: self.file.to_path_buf(),
@@ -404,7 +404,7 @@ impl Doc<'_> {
     }
 
     fn parse<T: DeserializeOwned>(&self) -> Fallible<T> {
-        serde_yaml::from_str(self.text).map_err(|e| {
+        yaml_serde::from_str(self.text).map_err(|e| {
             Box::new(ManifestError::Invalid {
                 at: self.at_error(&e),
                 document: self.document.clone(),
@@ -418,7 +418,7 @@ impl Loader {
     fn file(&mut self, file: &Path, text: &str) {
         let mut index = 0;
         for (first_line, chunk) in split_documents(text) {
-            let value: Value = match serde_yaml::from_str(chunk) {
+            let value: Value = match yaml_serde::from_str(chunk) {
                 Ok(v) => v,
                 Err(e) => {
                     index += 1;
@@ -547,7 +547,7 @@ impl Loader {
     /// Rejects fields of a redirect.dev spec that the type does not know (typos such as
     /// `fallbak` would otherwise be dropped silently).
     fn check_fields<S: Serialize>(&self, doc: &Doc<'_>, value: &Value, spec: &S) -> Fallible<()> {
-        let (Some(original), Ok(typed)) = (value.get("spec"), serde_yaml::to_value(spec)) else {
+        let (Some(original), Ok(typed)) = (value.get("spec"), yaml_serde::to_value(spec)) else {
             return Ok(());
         };
         let mut unknown = Vec::new();

@@ -328,7 +328,7 @@ fn parse_body(content_type: &str, body: &[u8]) -> Result<Value, ApiError> {
         "" | "application/json" | "*/*" => serde_json::from_slice::<Value>(body)
             .map_err(|e| ApiError::bad_request(format!("invalid JSON in the request body: {e}")))?,
         "application/yaml" | "application/apply-patch+yaml" => {
-            serde_yaml::from_slice::<Value>(body).map_err(|e| {
+            yaml_serde::from_slice::<Value>(body).map_err(|e| {
                 ApiError::bad_request(format!("invalid YAML in the request body: {e}"))
             })?
         }

@@ -379,7 +379,7 @@ impl ApiServer {
     /// (`*List` documents item by item). A redirect.dev `CustomResourceDefinition` installs
     /// the CRDs; other CRDs are an error.
     pub fn apply_yaml(&self, yaml: &str) -> Result<()> {
-        for (i, doc) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
+        for (i, doc) in yaml_serde::Deserializer::from_str(yaml).enumerate() {
             let value = Value::deserialize(doc).with_context(|| format!("YAML document {i}"))?;
             if value.is_null() {
                 continue;

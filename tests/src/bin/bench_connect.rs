@@ -52,6 +52,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
+use clap::{Parser, Subcommand};
 use nix::{
     sched::{CloneFlags, setns},
     sys::socket::{
@@ -78,14 +79,58 @@ const MAX_COUNT: u64 = 100_000_000;
 const CLIENT_SLACK: Duration = Duration::from_secs(15);
 const SERVER_READY: Duration = Duration::from_secs(10);
 
-const USAGE: &str = "usage: bench_connect [--rounds N] [--seconds S] [--warmup S] [--json PATH]";
+/// The connect()+close() benchmark: what the cgroup programs cost a connecting client.
+#[derive(Parser)]
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    mode: Option<Mode>,
+    #[command(flatten)]
+    options: Options,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// connect() then close() in a loop; prints `connects=<n> ns=<elapsed> cpu_ns=<cpu>`.
+    #[command(hide = true)]
+    Client(ClientArgs),
+    /// accept() and close() forever; prints `listening` once bound.
+    #[command(hide = true)]
+    Server(ServerArgs),
+}
+
+#[derive(clap::Args)]
+struct ClientArgs {
+    /// Where to connect.
+    #[arg(long, value_name = "IP:PORT")]
+    addr: SocketAddr,
+    /// How long to run.
+    #[arg(long, value_name = "S")]
+    seconds: f64,
+    /// Most connections.
+    #[arg(long, value_name = "N", default_value_t = MAX_COUNT)]
+    count: u64,
+    /// Network namespace to enter before the first socket.
+    #[arg(long, value_name = "PATH")]
+    netns: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct ServerArgs {
+    /// Where to listen.
+    #[arg(long, value_name = "IP:PORT")]
+    listen: SocketAddr,
+    /// Network namespace to enter before binding.
+    #[arg(long, value_name = "PATH")]
+    netns: Option<String>,
+}
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.first().map(String::as_str) {
-        Some("client") => client(&args[1..]),
-        Some("server") => server(&args[1..]),
-        _ => bench(&args),
+    let cli = Cli::parse();
+    let result = match cli.mode {
+        Some(Mode::Client(a)) => client(a),
+        Some(Mode::Server(a)) => server(a),
+        None => bench(cli.options),
     };
     if let Err(e) = result {
         eprintln!("bench_connect: {e:#}");
@@ -95,21 +140,6 @@ fn main() {
 
 // ---------------------------------------------------------------------------------------------
 // Hidden modes: client and server.
-
-/// Parses `--flag value` pairs, every flag in `known`.
-fn flags<'a>(args: &'a [String], known: &[&str]) -> Result<Vec<(&'a str, &'a str)>> {
-    ensure!(
-        args.len().is_multiple_of(2),
-        "flags come in pairs: {args:?}"
-    );
-    args.chunks(2)
-        .map(|pair| {
-            let (k, v) = (pair[0].as_str(), pair[1].as_str());
-            ensure!(known.contains(&k), "unknown flag {k:?} (known: {known:?})");
-            Ok((k, v))
-        })
-        .collect()
-}
 
 fn enter_netns(path: &str) -> Result<()> {
     let file = File::open(path).with_context(|| format!("opening netns {path}"))?;
@@ -135,21 +165,16 @@ fn process_cpu_ns() -> Result<u64> {
     Ok(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
 }
 
-fn client(args: &[String]) -> Result<()> {
-    let mut addr = None;
-    let mut seconds = None;
-    let mut count = MAX_COUNT;
-    for (k, v) in flags(args, &["--addr", "--seconds", "--count", "--netns"])? {
-        match k {
-            "--addr" => addr = Some(v.parse::<SocketAddr>().context("--addr")?),
-            "--seconds" => seconds = Some(v.parse::<f64>().context("--seconds")?),
-            "--count" => count = v.parse().context("--count")?,
-            _ => enter_netns(v)?,
-        }
+fn client(args: ClientArgs) -> Result<()> {
+    let ClientArgs {
+        addr,
+        seconds,
+        count,
+        netns,
+    } = args;
+    if let Some(path) = netns {
+        enter_netns(&path)?;
     }
-    let (Some(addr), Some(seconds)) = (addr, seconds) else {
-        bail!("usage: bench_connect client --addr IP:PORT --seconds S [--count N] [--netns PATH]")
-    };
     ensure!(
         seconds > 0.0 && seconds <= MAX_SECONDS,
         "--seconds must be in (0, {MAX_SECONDS}]"
@@ -190,17 +215,14 @@ fn client(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn server(args: &[String]) -> Result<()> {
-    let mut addr = None;
-    for (k, v) in flags(args, &["--listen", "--netns"])? {
-        match k {
-            "--listen" => addr = Some(v.parse::<SocketAddr>().context("--listen")?),
-            _ => enter_netns(v)?,
-        }
+fn server(args: ServerArgs) -> Result<()> {
+    let ServerArgs {
+        listen: addr,
+        netns,
+    } = args;
+    if let Some(path) = netns {
+        enter_netns(&path)?;
     }
-    let Some(addr) = addr else {
-        bail!("usage: bench_connect server --listen IP:PORT [--netns PATH]")
-    };
     let sock = socket(
         family(&addr),
         SockType::Stream,
@@ -258,32 +280,23 @@ const RATIOS: [(Scenario, Scenario, Option<f64>); 3] = [
     (Scenario::Origin, Scenario::None, None),
 ];
 
+#[derive(clap::Args)]
 struct Options {
+    /// Rounds, each measuring every scenario once (1 to 100).
+    #[arg(long, value_name = "N", default_value_t = 5)]
     rounds: usize,
+    /// Length of each sample, in seconds (0.1 to 60).
+    #[arg(long, value_name = "S", default_value_t = 2.0)]
     seconds: f64,
+    /// Length of each scenario's warm-up sample, in seconds (0.1 to 60).
+    #[arg(long, value_name = "S", default_value_t = 0.5)]
     warmup: f64,
+    /// Also write the results as JSON to this file.
+    #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
 }
 
-fn options(args: &[String]) -> Result<Options> {
-    let mut o = Options {
-        rounds: 5,
-        seconds: 2.0,
-        warmup: 0.5,
-        json: None,
-    };
-    if args.iter().any(|a| a == "-h" || a == "--help") {
-        println!("{USAGE}");
-        std::process::exit(0);
-    }
-    for (k, v) in flags(args, &["--rounds", "--seconds", "--warmup", "--json"]).context(USAGE)? {
-        match k {
-            "--rounds" => o.rounds = v.parse().context("--rounds")?,
-            "--seconds" => o.seconds = v.parse().context("--seconds")?,
-            "--warmup" => o.warmup = v.parse().context("--warmup")?,
-            _ => o.json = Some(PathBuf::from(v)),
-        }
-    }
+fn check(o: &Options) -> Result<()> {
     ensure!((1..=100).contains(&o.rounds), "--rounds must be in 1..=100");
     for (name, v) in [("--seconds", o.seconds), ("--warmup", o.warmup)] {
         ensure!(
@@ -291,11 +304,11 @@ fn options(args: &[String]) -> Result<Options> {
             "{name} must be in [0.1, {MAX_SECONDS}]"
         );
     }
-    Ok(o)
+    Ok(())
 }
 
-fn bench(args: &[String]) -> Result<()> {
-    let o = options(args)?;
+fn bench(o: Options) -> Result<()> {
+    check(&o)?;
     redirect_tests::scene::stop::install()?;
     let mc = match MiniCluster::new() {
         Ok(mc) => mc,

@@ -77,6 +77,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
+use clap::Parser;
 use nix::sys::signal::Signal;
 use redirect_tests::{MiniCluster, Pod, Proc, ROUTER_IP4, SetupError, agent::Agent};
 
@@ -111,12 +112,8 @@ const H2_DELAY: Duration = Duration::from_secs(8);
 /// Wait between the last connection or stream in place and the RSS reading.
 const SETTLE: Duration = Duration::from_millis(300);
 
-const USAGE: &str = "usage: bench_router [--rounds N] [--seconds S] [--warmup S] [--json PATH] \
-                     [--loads h1,h1_close,h2]";
-
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if let Err(e) = bench(&args) {
+    if let Err(e) = bench(Args::parse()) {
         eprintln!("bench_router: {e:#}");
         std::process::exit(1);
     }
@@ -124,6 +121,27 @@ fn main() {
 
 // ---------------------------------------------------------------------------------------------
 // Options.
+
+/// The HTTP benchmark of the node router: what it costs a request next to a direct
+/// connection, and how it compares with HAProxy and nginx doing the same header routing.
+#[derive(Parser)]
+struct Args {
+    /// Rounds, each measuring every scenario once (1 to 100).
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    rounds: usize,
+    /// Length of each sample, in whole seconds (1 to 60).
+    #[arg(long, value_name = "S", default_value_t = 3.0)]
+    seconds: f64,
+    /// Length of each scenario's warm-up, in whole seconds (1 to 60).
+    #[arg(long, value_name = "S", default_value_t = 1.0)]
+    warmup: f64,
+    /// Also write the results as JSON to this file.
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
+    /// Load patterns to run, comma-separated (default: all).
+    #[arg(long, value_name = "h1,h1_close,h2", value_delimiter = ',')]
+    loads: Option<Vec<String>>,
+}
 
 struct Options {
     /// Load patterns to run (default all), in `Load::ALL` order.
@@ -134,39 +152,23 @@ struct Options {
     json: Option<PathBuf>,
 }
 
-fn options(args: &[String]) -> Result<Options> {
-    if args.iter().any(|a| a == "-h" || a == "--help") {
-        println!("{USAGE}");
-        std::process::exit(0);
-    }
-    ensure!(args.len().is_multiple_of(2), "flags come in pairs\n{USAGE}");
+fn options(args: Args) -> Result<Options> {
     let mut o = Options {
-        rounds: 3,
-        seconds: 3.0,
-        warmup: 1.0,
-        json: None,
+        rounds: args.rounds,
+        seconds: args.seconds,
+        warmup: args.warmup,
+        json: args.json,
         loads: Load::ALL.to_vec(),
     };
-    for pair in args.chunks(2) {
-        let (k, v) = (pair[0].as_str(), pair[1].as_str());
-        match k {
-            "--rounds" => o.rounds = v.parse().context("--rounds")?,
-            "--seconds" => o.seconds = v.parse().context("--seconds")?,
-            "--warmup" => o.warmup = v.parse().context("--warmup")?,
-            "--json" => o.json = Some(PathBuf::from(v)),
-            "--loads" => {
-                let names: Vec<&str> = v.split(',').collect();
-                o.loads = Load::ALL
-                    .into_iter()
-                    .filter(|l| names.contains(&l.name()))
-                    .collect();
-                ensure!(
-                    o.loads.len() == names.len(),
-                    "--loads takes a comma-separated list of h1, h1_close, h2"
-                );
-            }
-            _ => bail!("unknown flag {k:?}\n{USAGE}"),
-        }
+    if let Some(names) = args.loads {
+        o.loads = Load::ALL
+            .into_iter()
+            .filter(|l| names.iter().any(|n| n == l.name()))
+            .collect();
+        ensure!(
+            !names.is_empty() && o.loads.len() == names.len(),
+            "--loads takes a comma-separated list of h1, h1_close, h2"
+        );
     }
     ensure!((1..=100).contains(&o.rounds), "--rounds must be in 1..=100");
     // Whole seconds: wrk takes nothing finer.
@@ -410,7 +412,7 @@ fn benchserver_bin() -> Result<PathBuf> {
     Ok(exe.with_file_name("benchserver"))
 }
 
-fn bench(args: &[String]) -> Result<()> {
+fn bench(args: Args) -> Result<()> {
     let o = options(args)?;
     redirect_tests::scene::stop::install()?;
     if !nix::unistd::geteuid().is_root() {

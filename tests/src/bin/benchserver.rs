@@ -26,8 +26,9 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use bytes::Bytes;
+use clap::Parser;
 use futures::future::Either;
 use http_body_util::Full;
 use hyper::{
@@ -42,8 +43,20 @@ use hyper_util::{
 };
 use tokio::net::TcpListener;
 
-const USAGE: &str =
-    "usage: benchserver --name NAME --listen ADDR:PORT [--listen ADDR:PORT ...] [--threads N]";
+/// Upstream server of the router benchmark: HTTP/1.1 and h2c on the same port.
+#[derive(Parser)]
+struct Args {
+    /// Sent back as `x-served-by` and in the body.
+    #[arg(long, value_name = "NAME")]
+    name: String,
+    /// Address to listen on (repeatable).
+    #[arg(long, value_name = "ADDR:PORT", required = true)]
+    listen: Vec<SocketAddr>,
+    /// Tokio worker threads.
+    #[arg(long, value_name = "N", default_value_t = 2,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    threads: u16,
+}
 
 struct State {
     body: Bytes,
@@ -67,23 +80,11 @@ fn main() {
 }
 
 fn run() -> Result<()> {
-    let mut name = None;
-    let mut listen: Vec<SocketAddr> = Vec::new();
-    let mut threads = 2usize;
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        let value = args.next().context(USAGE)?;
-        match flag.as_str() {
-            "--name" => name = Some(value),
-            "--listen" => listen.push(value.parse().with_context(|| format!("--listen {value}"))?),
-            "--threads" => threads = value.parse().context("--threads")?,
-            _ => bail!("unknown flag {flag:?}\n{USAGE}"),
-        }
-    }
-    let Some(name) = name else { bail!(USAGE) };
-    if listen.is_empty() || !(1..=64).contains(&threads) {
-        bail!(USAGE);
-    }
+    let Args {
+        name,
+        listen,
+        threads,
+    } = Args::parse();
     let state = Arc::new(State {
         body: Bytes::from(format!("{name}\n")),
         served_by: HeaderValue::from_str(&name).context("--name is not a header value")?,
@@ -91,7 +92,7 @@ fn run() -> Result<()> {
         delayed: AtomicU64::new(0),
     });
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
+        .worker_threads(threads.into())
         .enable_all()
         .build()?
         .block_on(serve(listen, state))

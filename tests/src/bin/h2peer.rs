@@ -22,6 +22,7 @@ use std::{convert::Infallible, io::Write, net::SocketAddr, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
+use clap::{Parser, ValueEnum};
 use http_body_util::{BodyExt, Empty, Full, StreamBody, combinators::BoxBody};
 use hyper::{
     Request, Response,
@@ -31,19 +32,63 @@ use hyper::{
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 
-const USAGE: &str = "usage: h2peer server|window0|open-bodies|victim [flags] (see the source)";
 const MAX_BYTES: u64 = 1024 * 1024 * 1024;
 
-#[derive(Default)]
+/// HTTP/2 (h2c, prior knowledge) peers for the isolation tests.
+#[derive(Parser)]
+struct Cli {
+    mode: Mode,
+    #[command(flatten)]
+    args: Args,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Mode {
+    /// Serves `/bytes/<n>`, and `NAME\n` after reading the whole request body.
+    Server,
+    /// One connection with a zero initial window, N GETs whose bodies it never reads.
+    Window0,
+    /// One connection, N POSTs whose bodies never end.
+    OpenBodies,
+    /// N requests one after the other, each on a new connection; prints one JSON line.
+    Victim,
+}
+
+#[derive(clap::Args)]
 struct Args {
+    /// Server: sent back in the body.
+    #[arg(long, value_name = "NAME", default_value = "")]
     name: String,
+    /// Server: address to listen on (repeatable).
+    #[arg(long, value_name = "ADDR:PORT")]
     listen: Vec<SocketAddr>,
+    /// Clients: where to connect.
+    #[arg(long, value_name = "ADDR:PORT")]
     target: Option<SocketAddr>,
+    /// Clients: the request path.
+    #[arg(long, value_name = "P", default_value = "/")]
     path: String,
+    /// window0, open-bodies: streams to open.
+    #[arg(long, value_name = "N", default_value_t = 10)]
     streams: usize,
+    /// victim: requests to make.
+    #[arg(long, value_name = "N", default_value_t = 10)]
     count: usize,
+    /// Clients: one header added to every request.
+    #[arg(long, value_name = "name: value", value_parser = header)]
     header: Option<(String, String)>,
+    /// victim: how long each request may take, in milliseconds.
+    #[arg(long = "timeout-ms", value_name = "T", default_value = "5000", value_parser = millis)]
     timeout: Duration,
+}
+
+fn header(v: &str) -> Result<(String, String), String> {
+    let (n, val) = v.split_once(':').ok_or("expected `name: value`")?;
+    Ok((n.trim().to_string(), val.trim().to_string()))
+}
+
+fn millis(v: &str) -> Result<Duration, std::num::ParseIntError> {
+    v.parse().map(Duration::from_millis)
 }
 
 fn main() {
@@ -54,45 +99,15 @@ fn main() {
 }
 
 fn run() -> Result<()> {
-    let mut argv = std::env::args().skip(1);
-    let mode = argv.next().context(USAGE)?;
-    let mut a = Args {
-        path: "/".into(),
-        streams: 10,
-        count: 10,
-        timeout: Duration::from_millis(5000),
-        ..Args::default()
-    };
-    while let Some(flag) = argv.next() {
-        let v = argv
-            .next()
-            .with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
-        match flag.as_str() {
-            "--name" => a.name = v,
-            "--listen" => a
-                .listen
-                .push(v.parse().with_context(|| format!("--listen {v}"))?),
-            "--target" => a.target = Some(v.parse().with_context(|| format!("--target {v}"))?),
-            "--path" => a.path = v,
-            "--streams" => a.streams = v.parse().context("--streams")?,
-            "--count" => a.count = v.parse().context("--count")?,
-            "--timeout-ms" => a.timeout = Duration::from_millis(v.parse().context("--timeout-ms")?),
-            "--header" => {
-                let (n, val) = v.split_once(':').context("--header needs `name: value`")?;
-                a.header = Some((n.trim().to_string(), val.trim().to_string()));
-            }
-            _ => bail!("unknown flag {flag:?}\n{USAGE}"),
-        }
-    }
+    let Cli { mode, args: a } = Cli::parse();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    match mode.as_str() {
-        "server" => rt.block_on(server(a)),
-        "window0" => rt.block_on(window0(a)),
-        "open-bodies" => rt.block_on(open_bodies(a)),
-        "victim" => rt.block_on(victim(a)),
-        _ => bail!(USAGE),
+    match mode {
+        Mode::Server => rt.block_on(server(a)),
+        Mode::Window0 => rt.block_on(window0(a)),
+        Mode::OpenBodies => rt.block_on(open_bodies(a)),
+        Mode::Victim => rt.block_on(victim(a)),
     }
 }
 
@@ -100,7 +115,7 @@ type Body = BoxBody<Bytes, Infallible>;
 
 async fn server(a: Args) -> Result<()> {
     if a.listen.is_empty() || a.name.is_empty() {
-        bail!(USAGE);
+        bail!("server needs --name NAME and --listen ADDR:PORT");
     }
     let mut tasks = tokio::task::JoinSet::new();
     let mut listeners = Vec::new();

@@ -1,4 +1,4 @@
-//! Tiny HTTP/1.1 test server for mini-cluster pods (std only).
+//! Tiny HTTP/1.1 test server for mini-cluster pods (std and clap only).
 //!
 //! `podserver --name NAME --listen ADDR:PORT [--listen ADDR:PORT ...]`
 //!
@@ -29,6 +29,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use clap::Parser;
+
 const MAX_CONNECTIONS: usize = 512;
 const MAX_HEAD: usize = 16 * 1024;
 const MAX_BODY: u64 = 8 * 1024 * 1024;
@@ -42,25 +44,19 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_REQUESTS_PER_CONNECTION: u32 = 100_000;
 /// One period of the `/bytes/<n>` body.
 const PATTERN: &[u8; 63] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789\n";
-const USAGE: &str = "usage: podserver --name NAME --listen ADDR:PORT [--listen ADDR:PORT ...]";
+/// Tiny HTTP/1.1 test server for mini-cluster pods.
+#[derive(Parser)]
+struct Args {
+    /// Sent back as `x-served-by` and in the body.
+    #[arg(long, value_name = "NAME")]
+    name: String,
+    /// Address to listen on (repeatable).
+    #[arg(long, value_name = "ADDR:PORT", required = true)]
+    listen: Vec<SocketAddr>,
+}
 
 fn main() {
-    let mut name = None;
-    let mut listen = Vec::new();
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match (arg.as_str(), args.next()) {
-            ("--name", Some(v)) => name = Some(v),
-            ("--listen", Some(v)) => match v.parse::<SocketAddr>() {
-                Ok(a) => listen.push(a),
-                Err(e) => fail(&format!("bad --listen {v:?}: {e}")),
-            },
-            _ => fail(USAGE),
-        }
-    }
-    let (Some(name), false) = (name, listen.is_empty()) else {
-        fail(USAGE)
-    };
+    let Args { name, listen } = Args::parse();
     let listeners: Vec<TcpListener> = listen
         .iter()
         .map(|a| TcpListener::bind(a).unwrap_or_else(|e| fail(&format!("bind {a}: {e}"))))

@@ -81,8 +81,21 @@ pub async fn serve(
     tokio::pin!(drain);
     loop {
         clock.set(tokio::time::Instant::now() + settings.header_timeout);
+        // Bytes of `cbuf` already searched for the end of the head: a head is parsed once, when
+        // its empty line has arrived, not again on every read (a head trickled byte by byte
+        // would otherwise cost the square of its length).
+        let mut scanned = 0;
         let mut req = loop {
-            match head::parse_request(&cbuf, limits, &settings.keys) {
+            scanned = skip_empty_lines(&mut cbuf, scanned);
+            let parsed = if head_ended(&cbuf, scanned) {
+                head::parse_request(&cbuf, limits, &settings.keys)
+            } else if cbuf.len() >= limits.max_bytes {
+                Err(head::HeadError::TooLarge(limits.max_bytes))
+            } else {
+                Ok(None)
+            };
+            scanned = cbuf.len();
+            match parsed {
                 Ok(Some(r)) => break r,
                 Ok(None) => {}
                 Err(e) => {
@@ -174,6 +187,35 @@ pub async fn serve(
             return Served::Done(ended.outcome);
         }
     }
+}
+
+/// Drops the empty lines a client may send before a request line (RFC 9112 2.2); returns where
+/// the search for the head's end resumes.
+fn skip_empty_lines(buf: &mut Vec<u8>, scanned: usize) -> usize {
+    let mut n = 0;
+    loop {
+        match &buf[n..] {
+            [b'\r', b'\n', ..] => n += 2,
+            [b'\n', ..] => n += 1,
+            _ => break,
+        }
+    }
+    if n == 0 {
+        return scanned;
+    }
+    buf.drain(..n);
+    0
+}
+
+/// Whether the empty line that ends a head is in `buf`, looking only at what came after
+/// `scanned` (and the 2 bytes before, where it may have begun). `buf` starts with a request
+/// line, so the first empty line is the head's end.
+fn head_ended(buf: &[u8], scanned: usize) -> bool {
+    let from = scanned.saturating_sub(2);
+    buf[from..]
+        .windows(2)
+        .enumerate()
+        .any(|(i, w)| w == b"\n\n" || (w == b"\n\r" && buf.get(from + i + 2) == Some(&b'\n')))
 }
 
 /// One request and its response.
@@ -672,6 +714,42 @@ mod tests {
         assert_eq!(parsed.body, Body::Length(32));
         assert_eq!(&text[parsed.len..], "sandbox a has no ready endpoint\n");
         assert!(text.contains("\r\nx-redirect-upstream: unavailable k s\r\n"));
+    }
+
+    #[test]
+    fn a_head_is_complete_once_its_empty_line_arrived_however_split() {
+        let head = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        for split in 1..head.len() {
+            let mut buf = Vec::new();
+            let mut scanned = 0;
+            let mut ended_at = None;
+            for (i, piece) in head.chunks(split).enumerate() {
+                buf.extend_from_slice(piece);
+                scanned = skip_empty_lines(&mut buf, scanned);
+                if ended_at.is_none() && head_ended(&buf, scanned) {
+                    ended_at = Some(i);
+                }
+                scanned = buf.len();
+            }
+            assert_eq!(
+                ended_at,
+                Some(head.len().div_ceil(split) - 1),
+                "split {split}"
+            );
+        }
+        assert!(head_ended(b"GET / HTTP/1.1\nHost: x\n\n", 0));
+        assert!(!head_ended(b"GET / HTTP/1.1\r\nHost: x\r\n", 0));
+        assert!(!head_ended(b"GET / HTTP/1.1\r\nHost: x\r\n\r", 0));
+    }
+
+    #[test]
+    fn empty_lines_before_a_request_are_dropped() {
+        let mut buf = b"\r\n\n\r\nGET".to_vec();
+        assert_eq!(skip_empty_lines(&mut buf, 5), 0);
+        assert_eq!(buf, b"GET");
+        let mut buf = b"\r".to_vec();
+        assert_eq!(skip_empty_lines(&mut buf, 1), 1);
+        assert_eq!(buf, b"\r");
     }
 
     #[test]

@@ -208,8 +208,8 @@ fn skip_empty_lines(buf: &mut Vec<u8>, scanned: usize) -> usize {
 }
 
 /// Whether the empty line that ends a head is in `buf`, looking only at what came after
-/// `scanned` (and the 2 bytes before, where it may have begun). `buf` starts with a request
-/// line, so the first empty line is the head's end.
+/// `scanned` (and the 2 bytes before, where it may have begun). `buf` starts with a request or
+/// status line, so the first empty line is the head's end.
 fn head_ended(buf: &[u8], scanned: usize) -> bool {
     let from = scanned.saturating_sub(2);
     buf[from..]
@@ -494,13 +494,23 @@ impl Exchange<'_> {
         // reads gets a full read's room below.
         let mut ubuf: Vec<u8> = Vec::new();
         let mut got_any = false;
+        let mut scanned = 0;
         let resp = loop {
-            match head::parse_response(&ubuf, RESPONSE_LIMITS, self.req.head_method) {
+            let parsed = if head_ended(&ubuf, scanned) {
+                head::parse_response(&ubuf, RESPONSE_LIMITS, self.req.head_method)
+            } else if ubuf.len() >= MAX_RESPONSE_HEAD {
+                Err(head::HeadError::TooLarge(MAX_RESPONSE_HEAD))
+            } else {
+                Ok(None)
+            };
+            scanned = ubuf.len();
+            match parsed {
                 Ok(Some(r)) if r.interim() => {
                     cw.write_all(&ubuf[..r.len])
                         .await
                         .map_err(|_| Fail::Client)?;
                     ubuf.drain(..r.len);
+                    scanned = 0;
                     continue;
                 }
                 Ok(Some(r)) if r.status == 101 => {

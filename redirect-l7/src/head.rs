@@ -109,17 +109,9 @@ pub fn parse_request(
 ) -> Result<Option<Request>, HeadError> {
     with_headers(limits.max_headers, |headers| {
         let mut req = httparse::Request::new(headers);
-        let len = match req.parse(buf) {
-            Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) => return incomplete(buf, limits),
-            Err(httparse::Error::TooManyHeaders) => {
-                return Err(HeadError::TooManyHeaders(limits.max_headers));
-            }
-            Err(e) => return Err(HeadError::Malformed(e)),
+        let Some(len) = head_len(req.parse(buf), buf, limits)? else {
+            return Ok(None);
         };
-        if len > limits.max_bytes {
-            return Err(HeadError::TooLarge(limits.max_bytes));
-        }
         let fields = Fields::new(buf, req.headers);
         let hop = fields.hop_by_hop();
         let method = req.method.unwrap_or_default();
@@ -157,17 +149,9 @@ pub fn parse_response(
 ) -> Result<Option<Response>, HeadError> {
     with_headers(limits.max_headers, |headers| {
         let mut resp = httparse::Response::new(headers);
-        let len = match resp.parse(buf) {
-            Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) => return incomplete(buf, limits),
-            Err(httparse::Error::TooManyHeaders) => {
-                return Err(HeadError::TooManyHeaders(limits.max_headers));
-            }
-            Err(e) => return Err(HeadError::Malformed(e)),
+        let Some(len) = head_len(resp.parse(buf), buf, limits)? else {
+            return Ok(None);
         };
-        if len > limits.max_bytes {
-            return Err(HeadError::TooLarge(limits.max_bytes));
-        }
         let status = resp.code.unwrap_or_default();
         let fields = Fields::new(buf, resp.headers);
         let hop = fields.hop_by_hop();
@@ -221,11 +205,23 @@ fn with_headers<'b, T>(
     }
 }
 
-fn incomplete<T>(buf: &[u8], limits: Limits) -> Result<Option<T>, HeadError> {
-    if buf.len() >= limits.max_bytes {
-        Err(HeadError::TooLarge(limits.max_bytes))
-    } else {
-        Ok(None)
+/// The length of a complete head within the limits; `None` while incomplete.
+fn head_len(
+    parsed: httparse::Result<usize>,
+    buf: &[u8],
+    limits: Limits,
+) -> Result<Option<usize>, HeadError> {
+    match parsed {
+        Ok(httparse::Status::Complete(len)) if len > limits.max_bytes => {
+            Err(HeadError::TooLarge(limits.max_bytes))
+        }
+        Ok(httparse::Status::Complete(len)) => Ok(Some(len)),
+        Ok(httparse::Status::Partial) if buf.len() >= limits.max_bytes => {
+            Err(HeadError::TooLarge(limits.max_bytes))
+        }
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooManyHeaders(limits.max_headers)),
+        Err(e) => Err(HeadError::Malformed(e)),
     }
 }
 

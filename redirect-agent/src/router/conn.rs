@@ -2,6 +2,7 @@
 
 use std::{
     net::SocketAddr,
+    pin::Pin,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -260,21 +261,37 @@ async fn serve_h2(
         .initial_stream_window_size(CLIENT_H2_STREAM_WINDOW)
         .keep_alive_interval(std::time::Duration::from_secs(30));
     let c = b.serve_connection(io, svc);
+    // At the drain, GOAWAY: streams in flight complete, the client opens new ones elsewhere.
+    until_drained(c, |c| c.graceful_shutdown(), shared, peer, "HTTP/2").await
+}
+
+/// Serves a hyper connection to its end; once the router drains, `shutdown` asks it to finish
+/// what is in flight and close. The connection is polled first: a drain that began before
+/// hyper read what the client already sent must not close it unanswered.
+async fn until_drained<C>(
+    c: C,
+    shutdown: fn(Pin<&mut C>),
+    shared: &Shared,
+    peer: SocketAddr,
+    what: &str,
+) -> Outcome
+where
+    C: Future<Output = hyper::Result<()>>,
+{
     tokio::pin!(c);
     let mut drain = shared.drain.subscribe();
     let ended = tokio::select! {
         biased;
         r = c.as_mut() => r,
         _ = drained(&mut drain) => {
-            // GOAWAY: streams in flight complete, the client opens new ones elsewhere.
-            c.as_mut().graceful_shutdown();
+            shutdown(c.as_mut());
             c.await
         }
     };
     match ended {
         Ok(()) => Outcome::Forwarded,
         Err(error) => {
-            tracing::debug!(%peer, %error, "HTTP/2 connection ended with an error");
+            tracing::debug!(%peer, %error, "{what} connection ended with an error");
             Outcome::Reset
         }
     }
@@ -301,26 +318,8 @@ async fn serve_general_h1(
         .max_headers(shared.settings.max_headers)
         .preserve_header_case(true);
     let c = b.serve_connection(io, svc).with_upgrades();
-    tokio::pin!(c);
-    let mut drain = shared.drain.subscribe();
-    // The connection first: a drain that began before hyper read the request the client
-    // already sent must not close it unanswered.
-    let ended = tokio::select! {
-        biased;
-        r = c.as_mut() => r,
-        _ = drained(&mut drain) => {
-            // The request in flight completes, then the connection closes.
-            c.as_mut().graceful_shutdown();
-            c.await
-        }
-    };
-    match ended {
-        Ok(()) => Outcome::Forwarded,
-        Err(error) => {
-            tracing::debug!(%peer, %error, "HTTP/1 connection ended with an error");
-            Outcome::Reset
-        }
-    }
+    // At the drain, the request in flight completes, then the connection closes.
+    until_drained(c, |c| c.graceful_shutdown(), shared, peer, "HTTP/1").await
 }
 
 /// What the first bytes said.

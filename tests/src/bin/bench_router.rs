@@ -806,19 +806,38 @@ impl Scene<'_> {
     /// Requests served so far by (base, fork), read from the node (outside the attached
     /// cgroup root, so never redirected).
     fn served(&self) -> Result<(u64, u64)> {
-        let read = |pod: &Pod<'_>| -> Result<u64> {
-            let url = format!("http://{}:{SERVER_PORT}/stats", pod.ip4());
-            let out = self
-                .mc
-                .node()
-                .run(&["curl", "-sS", "--max-time", "5", &url], SHORT)?
-                .check()
-                .with_context(|| format!("GET {url}"))?;
-            out.trim()
-                .parse()
-                .with_context(|| format!("GET {url}: {out:?}"))
-        };
-        Ok((read(&self.base)?, read(&self.fork)?))
+        Ok((
+            self.server_count(&self.base, "stats")?,
+            self.server_count(&self.fork, "stats")?,
+        ))
+    }
+
+    /// A count benchserver in `pod` answers at `/<path>`, read from the node.
+    fn server_count(&self, pod: &Pod<'_>, path: &str) -> Result<u64> {
+        let url = format!("http://{}:{SERVER_PORT}/{path}", pod.ip4());
+        let out = self
+            .mc
+            .node()
+            .run(&["curl", "-sS", "--max-time", "5", &url], SHORT)?
+            .check()
+            .with_context(|| format!("GET {url}"))?;
+        out.trim()
+            .parse()
+            .with_context(|| format!("GET {url}: {out:?}"))
+    }
+
+    /// Checks that exactly `n` requests reached checkout-fork and none checkout-base since the
+    /// counts `before` (from [`Scene::served`]).
+    fn all_served_by_fork(&self, before: (u64, u64), n: u64) -> Result<()> {
+        let (base0, fork0) = before;
+        let (base1, fork1) = self.served()?;
+        ensure!(
+            base1 == base0 && fork1 - fork0 == n,
+            "{n} requests: {FORK} served {}, {BASE} {}",
+            fork1 - fork0,
+            base1 - base0
+        );
+        Ok(())
     }
 
     /// The node netns's `Tcp: ActiveOpens`: connections the router and the proxies opened.
@@ -1246,13 +1265,7 @@ impl Scene<'_> {
             log.contains(&format!("open {IDLE_H1_CONNS}\n")),
             "the proxy closed idle connections before the RSS was read:\n{log}"
         );
-        let (base1, fork1) = self.served()?;
-        ensure!(
-            base1 == base0 && fork1 - fork0 == IDLE_H1_CONNS,
-            "{IDLE_H1_CONNS} requests: {FORK} served {}, {BASE} {}",
-            fork1 - fork0,
-            base1 - base0
-        );
+        self.all_served_by_fork((base0, fork0), IDLE_H1_CONNS)?;
         Ok((with as f64 - before as f64) / IDLE_H1_CONNS as f64)
     }
 
@@ -1309,28 +1322,13 @@ impl Scene<'_> {
             done == streams,
             "{done} of {streams} streams succeeded:\n{text}"
         );
-        let (base1, fork1) = self.served()?;
-        ensure!(
-            base1 == base0 && fork1 - fork0 == streams,
-            "{streams} requests: {FORK} served {}, {BASE} {}",
-            fork1 - fork0,
-            base1 - base0
-        );
+        self.all_served_by_fork((base0, fork0), streams)?;
         Ok((with as f64 - before as f64) / streams as f64)
     }
 
     /// `/delay` requests checkout-fork holds now, read from the node.
     fn in_flight(&self) -> Result<u64> {
-        let url = format!("http://{}:{SERVER_PORT}/inflight", self.fork.ip4());
-        let out = self
-            .mc
-            .node()
-            .run(&["curl", "-sS", "--max-time", "5", &url], SHORT)?
-            .check()
-            .with_context(|| format!("GET {url}"))?;
-        out.trim()
-            .parse()
-            .with_context(|| format!("GET {url}: {out:?}"))
+        self.server_count(&self.fork, "inflight")
     }
 }
 

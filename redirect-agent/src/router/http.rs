@@ -68,10 +68,13 @@ pub async fn handle(
     let mut req = req.map(|b| UpstreamBody::new(b, body_idle));
     let key = PoolKey { client, upstream };
     let result = if upgrade {
-        forward_upgrade(req, &worker, key).await
+        Box::pin(forward_upgrade(req, &worker, key)).await
     } else {
         strip_hop_by_hop(req.headers_mut());
-        forward(req, &worker, key, proto).await
+        // Boxed, like the upgrade: hyper spawns this future per HTTP/2 stream and moves it while
+        // it runs, and the forwarding state (pool checkout, connect, timeout) is most of its
+        // size.
+        Box::pin(forward(req, &worker, key, proto)).await
     };
     let outcome = match &result {
         Ok(_) if upgrade => RequestOutcome::Upgraded,

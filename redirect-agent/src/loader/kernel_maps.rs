@@ -20,12 +20,14 @@ use crate::{
 };
 
 fn open(pin_dir: &Path, name: &'static str) -> Result<Map, MapError> {
+    open_map(pin_dir, name).map_err(|reason| MapError::Other { map: name, reason })
+}
+
+/// Opens a pinned map; the error says why, without the map's name.
+fn open_map(pin_dir: &Path, name: &'static str) -> Result<Map, String> {
     let path = pin_dir.join(name);
-    let data = MapData::from_pin(&path).map_err(|e| MapError::Other {
-        map: name,
-        reason: format!("opening {}: {e}", path.display()),
-    })?;
-    Map::from_map_data(data).map_err(|e| other(name, e))
+    let data = MapData::from_pin(&path).map_err(|e| format!("opening {}: {e}", path.display()))?;
+    Map::from_map_data(data).map_err(|e| e.to_string())
 }
 
 fn other(map: &'static str, e: AyaMapError) -> MapError {
@@ -184,6 +186,23 @@ impl RedirectMaps for KernelMaps {
     }
 }
 
+/// A failure on the router's maps (`router_socks_v1`, `conns_v1`): which map, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("map {map}: {reason}")]
+pub struct RouterSockError {
+    pub map: &'static str,
+    pub reason: String,
+}
+
+impl RouterSockError {
+    fn new(map: &'static str, reason: impl std::fmt::Display) -> Self {
+        RouterSockError {
+            map,
+            reason: reason.to_string(),
+        }
+    }
+}
+
 /// The router's side of the maps: liveness registration and original-destination lookups.
 pub struct RouterSocks {
     socks: SockMap<MapData>,
@@ -192,29 +211,30 @@ pub struct RouterSocks {
 }
 
 impl RouterSocks {
-    pub fn open(pin_dir: &Path) -> Result<Self, MapError> {
+    pub fn open(pin_dir: &Path) -> Result<Self, RouterSockError> {
+        let open = |name| open_map(pin_dir, name).map_err(|e| RouterSockError::new(name, e));
         Ok(RouterSocks {
-            socks: open(pin_dir, MAP_ROUTER_SOCKS)?
+            socks: open(MAP_ROUTER_SOCKS)?
                 .try_into()
-                .map_err(|e| other(MAP_ROUTER_SOCKS, e))?,
-            conns: open(pin_dir, MAP_CONNS)?
+                .map_err(|e| RouterSockError::new(MAP_ROUTER_SOCKS, e))?,
+            conns: open(MAP_CONNS)?
                 .try_into()
-                .map_err(|e| other(MAP_CONNS, e))?,
+                .map_err(|e| RouterSockError::new(MAP_CONNS, e))?,
             pin_dir: pin_dir.to_path_buf(),
         })
     }
 
     /// Puts a listening socket in the liveness sockmap at `slot`. The kernel removes it when the
     /// socket closes, so redirects stop the instant the router dies.
-    pub fn register<S: AsRawFd>(&mut self, slot: u32, listener: &S) -> Result<(), MapError> {
+    pub fn register<S: AsRawFd>(&mut self, slot: u32, listener: &S) -> Result<(), RouterSockError> {
         self.socks
             .set(slot, listener, 0)
-            .map_err(|e| other(MAP_ROUTER_SOCKS, e))
+            .map_err(|e| RouterSockError::new(MAP_ROUTER_SOCKS, e))
     }
 
     /// Empties the liveness slot: the kernel stops redirecting to this router (fail open)
     /// while its listener stays open. Emptying an empty slot is no error.
-    pub fn deregister(&mut self, slot: u32) -> Result<(), MapError> {
+    pub fn deregister(&mut self, slot: u32) -> Result<(), RouterSockError> {
         match self.socks.clear_index(&slot) {
             Ok(()) => Ok(()),
             Err(aya::maps::MapError::SyscallError(e))
@@ -222,26 +242,27 @@ impl RouterSocks {
             {
                 Ok(())
             }
-            Err(e) => Err(other(MAP_ROUTER_SOCKS, e)),
+            Err(e) => Err(RouterSockError::new(MAP_ROUTER_SOCKS, e)),
         }
     }
 
     /// Which liveness slots hold a socket (bit 0: slot 0, bit 1: slot 1), whoever's.
-    pub fn occupied(&self) -> Result<u32, MapError> {
+    pub fn occupied(&self) -> Result<u32, RouterSockError> {
         use std::os::fd::AsFd;
-        sys::sockmap_occupied(&self.socks.fd().as_fd()).map_err(|e| MapError::Other {
-            map: MAP_ROUTER_SOCKS,
-            reason: format!("probing the router sockets (BPF_PROG_TEST_RUN): {e}"),
+        sys::sockmap_occupied(&self.socks.fd().as_fd()).map_err(|e| {
+            RouterSockError::new(
+                MAP_ROUTER_SOCKS,
+                format!("probing the router sockets (BPF_PROG_TEST_RUN): {e}"),
+            )
         })
     }
 
     /// A handle on the connection table for taking records, usable from any thread without
     /// locking.
-    pub fn conns_taker(&self) -> Result<ConnsTaker, MapError> {
+    pub fn conns_taker(&self) -> Result<ConnsTaker, RouterSockError> {
         let path = self.pin_dir.join(MAP_CONNS);
-        let fd = sys::obj_get(&path).map_err(|e| MapError::Other {
-            map: MAP_CONNS,
-            reason: format!("opening {}: {e}", path.display()),
+        let fd = sys::obj_get(&path).map_err(|e| {
+            RouterSockError::new(MAP_CONNS, format!("opening {}: {e}", path.display()))
         })?;
         Ok(ConnsTaker { fd })
     }

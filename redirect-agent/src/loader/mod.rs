@@ -13,7 +13,7 @@ pub mod sys;
 
 pub use attach::{AttachReport, Attached, LoaderConfig, LoaderError, attach, cleanup};
 pub use bpffs::{ensure_bpffs, is_bpffs};
-pub use kernel_maps::{ConnsTaker, KernelMaps, RouterSocks, monotonic_ns};
+pub use kernel_maps::{ConnsTaker, KernelMaps, RouterSockError, RouterSocks, monotonic_ns};
 
 /// The eBPF object, built by `cargo xtask build-ebpf` and embedded at compile time.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("REDIRECT_EBPF_OBJECT"));

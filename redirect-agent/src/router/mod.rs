@@ -45,7 +45,7 @@ pub use listener::{MIGRATE_REQ_SYSCTL, enable_request_migration};
 pub use stats::{Dest, LATENCY_BUCKETS, LatencySnapshot, Outcome, RequestOutcome, RouterStats};
 
 use crate::{
-    loader::{ConnsTaker, RouterSocks},
+    loader::{ConnsTaker, RouterSockError, RouterSocks},
     routing::RouteView,
 };
 
@@ -135,7 +135,7 @@ pub enum RouterError {
         source: std::io::Error,
     },
     #[error("router cannot register its listener for liveness: {0}")]
-    Register(crate::sync::MapError),
+    Register(RouterSockError),
     #[error("router cannot start its socket maker for client network namespaces: {0}")]
     Netns(std::io::Error),
 }

@@ -5,7 +5,13 @@
 //! use these definitions, so a layout change cannot drift between them.
 #![no_std]
 
+// Userspace gets std, for the conversions to and from `std::net`.
+#[cfg(feature = "user")]
+extern crate std;
+
 pub mod maps;
+#[cfg(feature = "user")]
+mod net;
 pub mod origin;
 pub mod reason;
 

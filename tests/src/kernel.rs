@@ -9,11 +9,10 @@ use std::{
 use anyhow::{Context, Result, ensure};
 use redirect_agent::{
     loader::KernelMaps,
-    router::to_sockaddr,
     routing::{ConnectDecision, ConnectInput, at_connect},
     sync::RedirectMaps,
 };
-use redirect_common::Reason;
+use redirect_common::{Reason, SockAddr};
 
 use crate::{Pod, agent::read_counters, cgroup2_mount};
 
@@ -42,7 +41,7 @@ pub fn predict(
 ) -> Result<ConnectDecision> {
     let tables = KernelMaps::open(pin_dir)?.read()?;
     let input = ConnectInput {
-        dst: to_sockaddr(dst),
+        dst: SockAddr::from(dst),
         ipv6_socket: dst.is_ipv6(),
         ancestors: ancestors(pod.container_cgroup_path())?,
         mark: 0,

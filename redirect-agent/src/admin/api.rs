@@ -5,13 +5,12 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use redirect_common::{ForkEndpoints, ForkKey, RouterConfig, ServiceValue, WorkloadValue};
+use redirect_common::{
+    ForkEndpoints, ForkKey, RouterConfig, ServiceValue, SockAddr, WorkloadValue,
+};
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    router::{from_sockaddr, to_sockaddr},
-    routing::{KeyInfo, PortProtocol, ServiceName, Tables},
-};
+use crate::routing::{KeyInfo, PortProtocol, ServiceName, Tables};
 
 /// `schema` of [`TablesDoc`].
 pub const TABLES_SCHEMA: &str = "redirect.tables/v1";
@@ -89,7 +88,7 @@ pub struct PodEntry {
 
 impl TablesDoc {
     pub fn new(t: &Tables, generation: u64, pods: Vec<PodEntry>) -> Self {
-        let addr = |s: &redirect_common::SockAddr| from_sockaddr(s);
+        let addr = |s: &redirect_common::SockAddr| SocketAddr::from(s);
         TablesDoc {
             schema: TABLES_SCHEMA.into(),
             generation,
@@ -156,7 +155,7 @@ impl TablesDoc {
         let mut t = Tables::default();
         for s in &self.services {
             t.services.insert(
-                to_sockaddr(s.address),
+                SockAddr::from(s.address),
                 ServiceValue {
                     service_id: s.service_id,
                     flags: 0,
@@ -185,7 +184,7 @@ impl TablesDoc {
             );
         }
         for f in &self.forks {
-            let eps: Vec<_> = f.endpoints.iter().map(|a| to_sockaddr(*a)).collect();
+            let eps: Vec<_> = f.endpoints.iter().map(|a| SockAddr::from(*a)).collect();
             t.forks.insert(
                 ForkKey {
                     key_id: f.key_id,
@@ -204,8 +203,8 @@ impl TablesDoc {
             );
         }
         t.router = RouterConfig {
-            v4: self.router.v4.map(to_sockaddr).unwrap_or_default(),
-            v6: self.router.v6.map(to_sockaddr).unwrap_or_default(),
+            v4: self.router.v4.map(SockAddr::from).unwrap_or_default(),
+            v6: self.router.v6.map(SockAddr::from).unwrap_or_default(),
             mark: self.router.mark,
             _pad: 0,
         };

@@ -12,14 +12,14 @@ use redirect_agent::{
     loader::{self, KernelMaps, LoaderConfig, RouterSocks},
     router::{
         ClientNetnsSettings, MIGRATE_REQ_SYSCTL, Router, RouterSettings, enable_request_migration,
-        key::KeyConfig, to_sockaddr,
+        key::KeyConfig,
     },
     source::{
         DEFAULT_POLL_INTERVAL, ManifestSource, SourceKind,
         kube::{DEFAULT_DEBOUNCE, KubeSource, KubeSourceConfig},
     },
 };
-use redirect_common::{PIN_SUBDIR, RouterConfig};
+use redirect_common::{PIN_SUBDIR, RouterConfig, SockAddr};
 use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, reload, util::SubscriberInitExt};
 
 #[derive(Parser)]
@@ -385,8 +385,8 @@ async fn run(a: RunArgs, log_control: LogControl, log_filter: String) -> Result<
     }
 
     let router_cfg = RouterConfig {
-        v4: a.router_v4.map(to_sockaddr).unwrap_or_default(),
-        v6: a.router_v6.map(to_sockaddr).unwrap_or_default(),
+        v4: a.router_v4.map(SockAddr::from).unwrap_or_default(),
+        v6: a.router_v6.map(SockAddr::from).unwrap_or_default(),
         mark: a.router_mark,
         _pad: 0,
     };

@@ -10,10 +10,7 @@ use super::{
     names::{CgroupIndex, describe_cgroup},
     table::Table,
 };
-use crate::{
-    loader::{inspect, monotonic_ns},
-    router::from_sockaddr,
-};
+use crate::loader::{inspect, monotonic_ns};
 
 #[derive(Debug, Serialize)]
 pub struct ConnsDoc {
@@ -48,8 +45,8 @@ pub fn collect(ctx: &Ctx, names: &Names) -> Result<ConnsDoc, CtlError> {
         .map(|(src, o)| {
             let (cgroup_path, caller) = describe_cgroup(o.cgroup_id, &idx, names);
             ConnRow {
-                source: from_sockaddr(src),
-                original_destination: from_sockaddr(&o.dst),
+                source: SocketAddr::from(src),
+                original_destination: SocketAddr::from(&o.dst),
                 service_id: o.service_id,
                 service: names.service(o.service_id),
                 cgroup_id: o.cgroup_id,

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use serde::Serialize;
 
 use super::{CtlError, Ctx, Names, agent_note, table::Table};
-use crate::{loader::KernelMaps, router::from_sockaddr, sync::RedirectMaps};
+use crate::{loader::KernelMaps, sync::RedirectMaps};
 
 #[derive(Debug, Serialize)]
 pub struct EndpointsDoc {
@@ -43,7 +43,7 @@ pub fn collect(ctx: &Ctx, names: &Names) -> Result<EndpointsDoc, CtlError> {
             let (start, n) = f.family_range(v4);
             for ep in &f.endpoints[start..start + n] {
                 endpoints.push(EndpointRow {
-                    endpoint: from_sockaddr(ep),
+                    endpoint: SocketAddr::from(ep),
                     family: if v4 { "ipv4" } else { "ipv6" },
                     key_id: k.key_id,
                     key: names.key(k.key_id),
@@ -53,7 +53,7 @@ pub fn collect(ctx: &Ctx, names: &Names) -> Result<EndpointsDoc, CtlError> {
             }
         }
     }
-    let addr = |s: &redirect_common::SockAddr| (!s.is_unset()).then(|| from_sockaddr(s));
+    let addr = |s: &redirect_common::SockAddr| (!s.is_unset()).then(|| SocketAddr::from(s));
     Ok(EndpointsDoc {
         schema: "redirectctl.endpoints/v1",
         agent_reachable: names.reachable(),

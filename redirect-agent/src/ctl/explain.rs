@@ -22,7 +22,6 @@ use super::{
 use crate::{
     cgroup::cgroup2_mount,
     loader::{KernelMaps, inspect},
-    router::{from_sockaddr, to_sockaddr},
     routing::{
         BaselineWhy, ConnectInput, RequestRoute, RouteView, Tables, at_connect, for_request,
     },
@@ -173,7 +172,7 @@ pub fn collect(ctx: &Ctx, args: &ExplainArgs) -> Result<ExplainDoc, CtlError> {
     // The kernel's tables, from the pins; names from the agent.
     let kernel = KernelMaps::open(&ctx.pin_dir)?.read()?;
     let alive = inspect::router_alive(&ctx.pin_dir)?;
-    let dst = to_sockaddr(args.to);
+    let dst = SockAddr::from(args.to);
     let input = ConnectInput {
         dst,
         ipv6_socket: args.to.is_ipv6(),
@@ -195,12 +194,12 @@ pub fn collect(ctx: &Ctx, args: &ExplainArgs) -> Result<ExplainDoc, CtlError> {
         let (start, n) = f.family_range(dst.is_v4());
         candidates = f.endpoints[start..start + n]
             .iter()
-            .map(from_sockaddr)
+            .map(SocketAddr::from)
             .collect();
     }
     let kd = KernelDecision {
         reason: d.reason.label(),
-        rewrite: d.rewrite.map(|r| from_sockaddr(&r)),
+        rewrite: d.rewrite.map(|r| SocketAddr::from(&r)),
         candidates,
         service_id: d.service_id,
         service: d.service_id.and_then(|id| names.service(id)),
@@ -228,7 +227,7 @@ pub fn collect(ctx: &Ctx, args: &ExplainArgs) -> Result<ExplainDoc, CtlError> {
 /// The kernel's walk, narrated from the same tables `at_connect` decided on.
 fn kernel_steps(t: &Tables, input: &ConnectInput, names: &Names) -> Vec<Step> {
     let mut steps = Vec::new();
-    let dst = from_sockaddr(&input.dst);
+    let dst = SocketAddr::from(&input.dst);
     let Some(svc) = t.services.get(&input.dst) else {
         steps.push(Step {
             map: Some("services_v1"),
@@ -290,7 +289,7 @@ fn kernel_steps(t: &Tables, input: &ConnectInput, names: &Names) -> Vec<Step> {
         steps.push(Step {
             map: Some("router_v1"),
             lookup: format!("router address ({family})"),
-            found: from_sockaddr(&to).to_string(),
+            found: SocketAddr::from(&to).to_string(),
             then: "check the router is alive".into(),
         });
         steps.push(Step {
@@ -304,7 +303,7 @@ fn kernel_steps(t: &Tables, input: &ConnectInput, names: &Names) -> Vec<Step> {
             then: if input.router_alive {
                 format!(
                     "rewrite to the router {}; original destination recorded (to_router)",
-                    from_sockaddr(&to)
+                    SocketAddr::from(&to)
                 )
             } else {
                 "the router is down: untouched, fail open (router_down)".into()
@@ -334,7 +333,7 @@ fn kernel_steps(t: &Tables, input: &ConnectInput, names: &Names) -> Vec<Step> {
             let (start, n) = f.family_range(input.dst.is_v4());
             let eps: Vec<String> = f.endpoints[start..start + n]
                 .iter()
-                .map(|e| from_sockaddr(e).to_string())
+                .map(|e| SocketAddr::from(e).to_string())
                 .collect();
             let (_, v4) = f.family_range(true);
             let (_, v6) = f.family_range(false);
@@ -400,16 +399,16 @@ fn router_steps(
         let (start, n) = f.family_range(dst.is_v4());
         candidates = f.endpoints[start..start + n]
             .iter()
-            .map(from_sockaddr)
+            .map(SocketAddr::from)
             .collect();
     }
-    let orig_dst = from_sockaddr(&dst);
+    let orig_dst = SocketAddr::from(&dst);
     let (d, then) = match route {
         RequestRoute::Fork { endpoint, .. } => (
             RouterDecision {
                 route: "fork",
                 why: None,
-                upstream: Some(from_sockaddr(&endpoint)),
+                upstream: Some(SocketAddr::from(&endpoint)),
                 candidates: candidates.clone(),
                 status: None,
             },

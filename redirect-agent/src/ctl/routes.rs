@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use serde::Serialize;
 
 use super::{CtlError, Ctx, Names, agent_note, table::Table};
-use crate::{loader::KernelMaps, router::from_sockaddr, sync::RedirectMaps};
+use crate::{loader::KernelMaps, sync::RedirectMaps};
 
 #[derive(Debug, Serialize)]
 pub struct RoutesDoc {
@@ -42,7 +42,10 @@ pub fn collect(ctx: &Ctx, names: &Names) -> Result<RoutesDoc, CtlError> {
                 service: names.service(k.service_id),
                 ready_ipv4: v4 as u32,
                 ready_ipv6: v6 as u32,
-                endpoints: f.endpoints[..v4 + v6].iter().map(from_sockaddr).collect(),
+                endpoints: f.endpoints[..v4 + v6]
+                    .iter()
+                    .map(SocketAddr::from)
+                    .collect(),
             }
         })
         .collect();

@@ -9,7 +9,7 @@ use super::{
     CtlError, Ctx, Names, agent_note,
     table::{Table, or_dash},
 };
-use crate::{loader::KernelMaps, router::from_sockaddr, sync::RedirectMaps};
+use crate::{loader::KernelMaps, sync::RedirectMaps};
 
 #[derive(Debug, Serialize)]
 pub struct ServicesDoc {
@@ -36,7 +36,7 @@ pub fn collect(ctx: &Ctx, names: &Names) -> Result<ServicesDoc, CtlError> {
         .services
         .iter()
         .map(|(a, v)| ServiceRow {
-            address: from_sockaddr(a),
+            address: SocketAddr::from(a),
             service_id: v.service_id,
             service: names.service(v.service_id),
             protocol: names.protocol(v.service_id),

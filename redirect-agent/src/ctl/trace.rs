@@ -23,10 +23,7 @@ use super::{
     names::{CgroupIndex, describe_cgroup},
     unix_ms,
 };
-use crate::{
-    loader::inspect::{self, TRACE_HEARTBEAT, TraceSession},
-    router::from_sockaddr,
-};
+use crate::loader::inspect::{self, TRACE_HEARTBEAT, TraceSession};
 
 #[derive(Clone, Debug, Default)]
 pub struct TraceArgs {
@@ -126,7 +123,7 @@ impl Filter {
         }
         if let Some((ip, port)) = self.addr {
             let hit = |a: SocketAddr| a.ip() == ip && port.is_none_or(|p| p == a.port());
-            let (b, a) = (from_sockaddr(&ev.before), from_sockaddr(&ev.after));
+            let (b, a) = (SocketAddr::from(&ev.before), SocketAddr::from(&ev.after));
             if !hit(b) && !hit(a) {
                 return false;
             }
@@ -158,8 +155,8 @@ pub fn line(ev: &TraceEvent, idx: &CgroupIndex, names: &Names) -> TraceLine {
         time_unix_ms: unix_ms(t),
         reason,
         rewritten: ev.before != ev.after,
-        before: from_sockaddr(&ev.before),
-        after: from_sockaddr(&ev.after),
+        before: SocketAddr::from(&ev.before),
+        after: SocketAddr::from(&ev.after),
         ipv6_socket: ev.flags & TRACE_F_IPV6_SOCKET != 0,
         service_id: (ev.service_id != 0).then_some(ev.service_id),
         service: names.service(ev.service_id),

@@ -9,7 +9,7 @@ use std::{
 
 use hyper::{server::conn, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use redirect_common::OrigDst;
+use redirect_common::{OrigDst, SockAddr};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -18,7 +18,6 @@ use tokio::{
 
 use super::{
     Shared, Worker,
-    addr::{from_sockaddr, to_sockaddr},
     detect::{MAX_SNIFF, Protocol, detect, detect_declared_http},
     h1,
     http::{Proto, handle},
@@ -174,7 +173,7 @@ async fn accept_loop(l: Arc<TcpListener>, worker: Arc<Worker>) {
 /// Checks that the kernel redirected the connection and that its pod has room, then serves it.
 async fn admit(client: TcpStream, peer: SocketAddr, worker: &Arc<Worker>) -> Outcome {
     let shared = &worker.shared;
-    let Some(orig) = shared.conns.take(&to_sockaddr(peer)) else {
+    let Some(orig) = shared.conns.take(&SockAddr::from(peer)) else {
         // Not redirected by the kernel: the router is no open proxy.
         tracing::debug!(%peer, "refused: no recorded original destination");
         return Outcome::NoOrigDst;
@@ -453,7 +452,7 @@ async fn opaque(
     shared: &Shared,
 ) -> Outcome {
     let client_ip = peer.ip();
-    let dst = from_sockaddr(&orig.dst);
+    let dst = SocketAddr::from(&orig.dst);
     let mut upstream = match shared.connector.connect(client_ip, dst).await {
         Ok(u) => u,
         Err(error) => {

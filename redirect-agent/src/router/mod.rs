@@ -5,7 +5,6 @@
 //! destination untouched. It registers its listeners in the liveness sockmap, so the kernel
 //! only redirects while a router is accepting.
 
-mod addr;
 pub use redirect_l7::{detect, key};
 mod body;
 mod client_netns;
@@ -39,7 +38,6 @@ use arc_swap::ArcSwap;
 use redirect_common::{ROUTER_SOCK_V4, ROUTER_SOCK_V6};
 use tokio::sync::Semaphore;
 
-pub use addr::{from_sockaddr, to_sockaddr};
 pub use http::DEBUG_HEADER;
 pub use listener::{MIGRATE_REQ_SYSCTL, enable_request_migration};
 pub use stats::{Dest, LATENCY_BUCKETS, LatencySnapshot, Outcome, RequestOutcome, RouterStats};

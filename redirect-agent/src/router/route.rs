@@ -7,7 +7,6 @@ use redirect_common::OrigDst;
 
 use super::{
     Shared,
-    addr::from_sockaddr,
     key::KeyError,
     stats::{Dest, RequestOutcome},
 };
@@ -70,7 +69,7 @@ pub fn decide(shared: &Shared, orig: &OrigDst, key: Option<&str>) -> Decided {
             }
         }
         RequestRoute::Fork { endpoint, key_id } => {
-            let upstream = from_sockaddr(&endpoint);
+            let upstream = SocketAddr::from(&endpoint);
             Decided::Go {
                 upstream,
                 dest: Dest::Fork,
@@ -78,7 +77,7 @@ pub fn decide(shared: &Shared, orig: &OrigDst, key: Option<&str>) -> Decided {
             }
         }
         RequestRoute::Baseline(why) => {
-            let upstream = from_sockaddr(&orig.dst);
+            let upstream = SocketAddr::from(&orig.dst);
             Decided::Go {
                 upstream,
                 dest: Dest::Baseline,

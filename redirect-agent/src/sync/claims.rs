@@ -7,11 +7,11 @@
 //! ports that changed is what keeps a watch event cheap.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use redirect_common::{ServiceValue, SockAddr};
 
-use super::desired::display_addr;
 use crate::routing::{PortProtocol, ServiceName};
 
 /// A forked service port as the `services` table sees it.
@@ -211,7 +211,7 @@ impl ServiceClaims {
             .map(|(c, addr, first)| {
                 format!(
                     "{} is an address of both {} and {}; connections to it count as {}",
-                    display_addr(&addr),
+                    SocketAddr::from(addr),
                     first.name,
                     c.name,
                     first.name

@@ -17,7 +17,7 @@
 //! touches rather than a pass over every object of the cluster.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
@@ -64,16 +64,9 @@ pub struct Touched {
     pub services: Vec<SockAddr>,
 }
 
-/// A socket address as the maps store it (IPv4 as IPv4-mapped, network-order words).
-pub fn sockaddr(ip: IpAddr, port: u16) -> SockAddr {
-    match ip {
-        IpAddr::V4(v4) => SockAddr::v4(u32::from_ne_bytes(v4.octets()), port),
-        IpAddr::V6(v6) => {
-            let o = v6.octets();
-            let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-            SockAddr::v6([word(0), word(4), word(8), word(12)], port)
-        }
-    }
+/// The map address of `ip:port`.
+fn map_addr(ip: IpAddr, port: u16) -> SockAddr {
+    SockAddr::from(SocketAddr::new(ip, port))
 }
 
 /// The desired routing state of this node, computed from nothing.
@@ -398,7 +391,7 @@ fn resolve(
             let vips = match u16::try_from(port.port) {
                 Ok(vip_port) => cluster_ips(svc)
                     .into_iter()
-                    .map(|ip| sockaddr(ip, vip_port))
+                    .map(|ip| map_addr(ip, vip_port))
                     .collect::<Vec<_>>()
                     .into(),
                 Err(_) => Arc::from([]),
@@ -462,7 +455,7 @@ fn fork_endpoints(
             ));
             continue;
         };
-        all.extend(pod_ips(pod).into_iter().map(|ip| sockaddr(ip, target)));
+        all.extend(pod_ips(pod).into_iter().map(|ip| map_addr(ip, target)));
     }
     let slice_key = ForkSliceRef {
         sandbox_namespace: sandbox.namespace.clone(),
@@ -776,7 +769,7 @@ fn backends(index: &Index, name: &ServiceName, port: &ServicePort) -> Arc<[SockA
     let mut out = Vec::new();
     for slice in index.service_slices(&name.namespace, &name.name) {
         if let Some(number) = slice.tcp_port(want) {
-            out.extend(slice.endpoints.iter().map(|e| sockaddr(e.ip, number)));
+            out.extend(slice.endpoints.iter().map(|e| map_addr(e.ip, number)));
         }
     }
     out.sort();
@@ -793,7 +786,7 @@ fn slice_endpoints(slice: &Slice, port_name: &str) -> Vec<SockAddr> {
         .endpoints
         .iter()
         .filter(|e| e.serving)
-        .map(|e| sockaddr(e.ip, number))
+        .map(|e| map_addr(e.ip, number))
         .collect()
 }
 
@@ -817,20 +810,6 @@ fn cluster_ips(svc: &Service) -> Vec<IpAddr> {
     let mut out: Vec<IpAddr> = ips.iter().filter_map(|ip| ip.parse().ok()).collect();
     out.dedup();
     out
-}
-
-/// `ip:port` of a map address, for messages.
-pub fn display_addr(a: &SockAddr) -> String {
-    match a.v4_be() {
-        Some(be) => format!("{}:{}", std::net::Ipv4Addr::from(be.to_ne_bytes()), a.port),
-        None => {
-            let mut o = [0u8; 16];
-            for (chunk, w) in o.chunks_mut(4).zip(a.ip) {
-                chunk.copy_from_slice(&w.to_ne_bytes());
-            }
-            format!("[{}]:{}", std::net::Ipv6Addr::from(o), a.port)
-        }
-    }
 }
 
 #[cfg(test)]
@@ -858,7 +837,7 @@ mod tests {
     const NODE: &str = "node-a";
 
     fn v4(ip: &str, port: u16) -> SockAddr {
-        sockaddr(ip.parse().unwrap(), port)
+        map_addr(ip.parse().unwrap(), port)
     }
 
     fn http_port(target: serde_json::Value) -> serde_json::Value {
@@ -1013,24 +992,6 @@ mod tests {
     }
 
     #[test]
-    fn sockaddr_stores_ipv4_mapped_and_ipv6_as_network_order_words() {
-        let a = sockaddr("10.200.128.10".parse().unwrap(), 80);
-        assert_eq!(a, SockAddr::v4(u32::from_ne_bytes([10, 200, 128, 10]), 80));
-        let b = sockaddr("fd00:2::9".parse().unwrap(), 80);
-        assert_eq!(
-            b.ip,
-            [
-                u32::from_ne_bytes([0xfd, 0, 0, 2]),
-                0,
-                0,
-                u32::from_ne_bytes([0, 0, 0, 9])
-            ]
-        );
-        assert_eq!(display_addr(&a), "10.200.128.10:80");
-        assert_eq!(display_addr(&b), "[fd00:2::9]:80");
-    }
-
-    #[test]
     fn each_forked_port_carries_what_its_service_declares() {
         let ports = json!([
             {"name": "web", "port": 80, "targetPort": 8080, "appProtocol": "kubernetes.io/h2c"},
@@ -1135,7 +1096,7 @@ mod tests {
         assert!(
             d.tables
                 .services
-                .contains_key(&sockaddr("fd00:200::10".parse().unwrap(), 80))
+                .contains_key(&map_addr("fd00:200::10".parse().unwrap(), 80))
         );
         assert!(d.tables.services.contains_key(&v4(VIP, 80)));
         let (_, eps) = only_fork(&d);
@@ -1143,7 +1104,7 @@ mod tests {
             eps,
             [
                 v4("10.244.1.9", 8080),
-                sockaddr("fd00:244::9".parse().unwrap(), 8080)
+                map_addr("fd00:244::9".parse().unwrap(), 8080)
             ]
         );
     }

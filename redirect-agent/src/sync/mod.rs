@@ -9,7 +9,7 @@ pub mod ids;
 pub mod index;
 pub mod maps;
 
-pub use desired::{Desired, DesiredState, NodeContext, Touched, desired, sockaddr};
+pub use desired::{Desired, DesiredState, NodeContext, Touched, desired};
 pub use diff::{ApplyReport, Op, apply, diff, diff_touched, reconcile};
 pub use ids::IdAllocator;
 pub use maps::{MapError, MapLimits, MemoryMaps, RedirectMaps};

@@ -16,14 +16,13 @@
 //! A [`Check`] looks at the snapshot a sync was given and at the tables it produced: `None`
 //! while the snapshot does not hold the write yet, then whether the tables reflect it.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use redirect_agent::crd::Sandbox;
 use redirect_agent::routing::Tables;
 use redirect_agent::slice::Slice;
 use redirect_agent::store::{Store, ns_name};
-use redirect_agent::sync::sockaddr;
-use redirect_common::ForkKey;
+use redirect_common::{ForkKey, SockAddr};
 use serde_json::{Value, json};
 
 use super::objects::{
@@ -435,7 +434,9 @@ fn slice_has(slice: &Slice, ip: &str) -> bool {
 
 /// `services_v1` has (or has not) `ip:8080`.
 fn expect_backend(maps: &Tables, ip: IpAddr, present: bool) -> Result<(), String> {
-    let has = maps.services.contains_key(&sockaddr(ip, HTTP_PORT));
+    let has = maps
+        .services
+        .contains_key(&SockAddr::from(SocketAddr::new(ip, HTTP_PORT)));
     if has == present {
         Ok(())
     } else {

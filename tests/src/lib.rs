@@ -60,6 +60,7 @@ mod nft;
 pub mod peers;
 pub mod rollout;
 pub mod scene;
+pub mod server_args;
 
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};

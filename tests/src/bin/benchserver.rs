@@ -41,17 +41,14 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo},
     server::conn::auto,
 };
+use redirect_tests::server_args::ServerArgs;
 use tokio::net::TcpListener;
 
 /// Upstream server of the router benchmark: HTTP/1.1 and h2c on the same port.
 #[derive(Parser)]
 struct Args {
-    /// Sent back as `x-served-by` and in the body.
-    #[arg(long, value_name = "NAME")]
-    name: String,
-    /// Address to listen on (repeatable).
-    #[arg(long, value_name = "ADDR:PORT", required = true)]
-    listen: Vec<SocketAddr>,
+    #[command(flatten)]
+    server: ServerArgs,
     /// Tokio worker threads.
     #[arg(long, value_name = "N", default_value_t = 2,
           value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -81,8 +78,7 @@ fn main() {
 
 fn run() -> Result<()> {
     let Args {
-        name,
-        listen,
+        server: ServerArgs { name, listen },
         threads,
     } = Args::parse();
     let state = Arc::new(State {

@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use clap::Parser;
+use redirect_tests::server_args::ServerArgs;
 
 const MAX_CONNECTIONS: usize = 512;
 const MAX_HEAD: usize = 16 * 1024;
@@ -47,16 +48,14 @@ const PATTERN: &[u8; 63] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXY
 /// Tiny HTTP/1.1 test server for mini-cluster pods.
 #[derive(Parser)]
 struct Args {
-    /// Sent back as `x-served-by` and in the body.
-    #[arg(long, value_name = "NAME")]
-    name: String,
-    /// Address to listen on (repeatable).
-    #[arg(long, value_name = "ADDR:PORT", required = true)]
-    listen: Vec<SocketAddr>,
+    #[command(flatten)]
+    server: ServerArgs,
 }
 
 fn main() {
-    let Args { name, listen } = Args::parse();
+    let Args {
+        server: ServerArgs { name, listen },
+    } = Args::parse();
     let listeners: Vec<TcpListener> = listen
         .iter()
         .map(|a| TcpListener::bind(a).unwrap_or_else(|e| fail(&format!("bind {a}: {e}"))))

@@ -248,12 +248,11 @@ impl<'h, 'b> Fields<'h, 'b> {
     }
 
     fn has(&self, name: &str) -> bool {
-        self.headers
-            .iter()
-            .any(|h| h.name.eq_ignore_ascii_case(name))
+        self.values(name).next().is_some()
     }
 
-    fn values(&self, name: &'static str) -> impl Iterator<Item = &'b [u8]> + '_ {
+    /// The value of every line named `name`, in order.
+    fn values<'n>(&self, name: &'n str) -> impl Iterator<Item = &'b [u8]> + use<'_, 'b, 'n> {
         self.headers
             .iter()
             .filter(move |h| h.name.eq_ignore_ascii_case(name))
@@ -385,10 +384,7 @@ impl<'h, 'b> Fields<'h, 'b> {
 
 impl HeaderLines for Fields<'_, '_> {
     fn lines<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
-        self.headers
-            .iter()
-            .filter(move |h| h.name.eq_ignore_ascii_case(name))
-            .map(|h| h.value)
+        self.values(name)
     }
 }
 

@@ -456,9 +456,7 @@ async fn opaque(
     let mut upstream = match shared.connector.connect(client_ip, dst).await {
         Ok(u) => u,
         Err(error) => {
-            if error.io().is_some_and(is_exhaustion) {
-                shared.full(Cause::Resources);
-            }
+            shared.connect_failed(&error);
             tracing::debug!(%dst, %error, "opaque upstream connect failed");
             return Outcome::UpstreamFailed;
         }

@@ -34,7 +34,6 @@ use super::{
     DEBUG_HEADER, Worker,
     conn::{drained, linger_close},
     deadline::Deadline,
-    overload::{Cause, is_exhaustion},
     pool::{Checkout, PoolKey},
     prefixed::Prefixed,
     route::{Decided, decide, key_or_none},
@@ -383,14 +382,13 @@ impl Exchange<'_> {
 
     /// A new upstream connection, from the client pod's network namespace.
     async fn connect(&self, key: PoolKey) -> Result<TcpStream, String> {
-        let pool = &self.worker.pool;
-        pool.connector
+        self.worker
+            .pool
+            .connector
             .connect(key.client, key.upstream)
             .await
             .map_err(|e| {
-                if e.io().is_some_and(is_exhaustion) {
-                    self.worker.shared.full(Cause::Resources);
-                }
+                self.worker.shared.connect_failed(&e);
                 format!("upstream {}: {e}", self.upstream)
             })
     }

@@ -18,7 +18,6 @@ use super::{
     Worker,
     body::{BodyError, UpstreamBody},
     key::extract_key,
-    overload::{Cause, is_exhaustion},
     pool::{Checkout, PoolKey, UpstreamError},
     route::{Decided, decide, key_or_none},
     stats::RequestOutcome,
@@ -159,10 +158,8 @@ async fn forward(
 
 /// An upstream connection could not be made; out of descriptors, the router is full.
 fn upstream_failed(worker: &Worker, e: UpstreamError) -> Failure {
-    if let UpstreamError::Connect(c) = &e
-        && c.io().is_some_and(is_exhaustion)
-    {
-        worker.shared.full(Cause::Resources);
+    if let UpstreamError::Connect(c) = &e {
+        worker.shared.connect_failed(c);
     }
     up(e)
 }

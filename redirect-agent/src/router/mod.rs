@@ -192,6 +192,14 @@ impl Shared {
             .saturating_sub(self.slots.available_permits())
     }
 
+    /// An upstream connection could not be made: out of descriptors or memory, the router is
+    /// full; any other failure is the upstream's.
+    pub(crate) fn connect_failed(&self, e: &connector::ConnectError) {
+        if e.io().is_some_and(overload::is_exhaustion) {
+            self.full(overload::Cause::Resources);
+        }
+    }
+
     /// The router cannot take more: out of the liveness map until it has room again.
     pub(crate) fn full(&self, cause: overload::Cause) {
         let full_at = match cause {

@@ -17,7 +17,7 @@ use tokio::{
 };
 
 use super::{
-    Shared, Worker,
+    DEBUG_HEADER, Shared, Worker,
     detect::{MAX_SNIFF, Protocol, detect, detect_declared_http},
     h1,
     http::{Proto, handle},
@@ -413,15 +413,39 @@ async fn not_http(
             "a port declared HTTP got a connection that is not HTTP: answered 400 (fix the port's appProtocol or name)"
         );
     }
-    let body = format!(
-        "{service} declares HTTP (appProtocol or port name), but this connection did not start with an HTTP request\n"
+    let reason = format!(
+        "{service} declares HTTP (appProtocol or port name), but this connection did not start with an HTTP request"
     );
-    let resp = format!(
-        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    linger_close(&mut client, resp.as_bytes()).await;
+    linger_close(&mut client, &router_response(400, &reason, None, true)).await;
     Outcome::NotHttp
+}
+
+/// A response the router makes itself: status and a one-line reason, the debug header
+/// (`label`), and `connection: close` when `close`.
+pub(super) fn router_response(
+    status: u16,
+    reason: &str,
+    label: Option<&str>,
+    close: bool,
+) -> Vec<u8> {
+    let phrase = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("");
+    let mut out = format!(
+        "HTTP/1.1 {status} {phrase}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n",
+        reason.len() + 1
+    );
+    if let Some(label) = label {
+        out.push_str(&format!("{DEBUG_HEADER}: {label}\r\n"));
+    }
+    if close {
+        out.push_str("connection: close\r\n");
+    }
+    out.push_str("\r\n");
+    out.push_str(reason);
+    out.push('\n');
+    out.into_bytes()
 }
 
 /// Writes the router's last response on a connection and closes it, reading what the client

@@ -32,7 +32,7 @@ use tokio::{
 
 use super::{
     DEBUG_HEADER, Worker,
-    conn::{drained, linger_close},
+    conn::{drained, linger_close, router_response},
     deadline::Deadline,
     pool::{Checkout, PoolKey},
     prefixed::Prefixed,
@@ -99,7 +99,8 @@ pub async fn serve(
                 Ok(None) => {}
                 Err(e) => {
                     tracing::debug!(%peer, error = %e, "refused a request head");
-                    let resp = router_response(e.status(), &format!("request head: {e}"), None);
+                    let resp =
+                        router_response(e.status(), &format!("request head: {e}"), None, false);
                     linger_close(&mut client, &resp).await;
                     return Served::Done(Outcome::Forwarded);
                 }
@@ -119,7 +120,7 @@ pub async fn serve(
                         return Served::Done(Outcome::Forwarded);
                     }
                     tracing::debug!(%peer, "cut: request head not complete within the header timeout");
-                    let resp = router_response(408, "request head not complete in time", None);
+                    let resp = router_response(408, "request head not complete in time", None, false);
                     linger_close(&mut client, &resp).await;
                     return Served::Done(Outcome::Reset);
                 }
@@ -149,7 +150,7 @@ pub async fn serve(
         let key = key_or_none(shared, std::mem::replace(&mut req.key, Ok(None)));
         let (upstream, dest, label) = match decide(shared, &orig, key.as_deref()) {
             Decided::Unavailable { message, label } => {
-                let resp = router_response(503, &message, label.as_deref());
+                let resp = router_response(503, &message, label.as_deref(), false);
                 if client.write_all(&resp).await.is_err() || req.body != Body::None || req.close {
                     return Served::Done(Outcome::Forwarded);
                 }
@@ -258,6 +259,27 @@ enum Fail {
     Client,
 }
 
+impl Fail {
+    /// The router's answer to the client: status, reason and how the request is counted;
+    /// `None` when the client is gone.
+    fn answer(self, upstream: SocketAddr) -> Option<(u16, String, RequestOutcome)> {
+        Some(match self {
+            Fail::Timeout(after) => (
+                504,
+                format!("upstream {upstream} sent no response within {after:?}"),
+                RequestOutcome::UpstreamTimeout,
+            ),
+            Fail::Upstream { reason, .. } => (502, reason, RequestOutcome::UpstreamError),
+            Fail::BadBody(reason) => (
+                400,
+                format!("request body: {reason}"),
+                RequestOutcome::BadRequest,
+            ),
+            Fail::Client => return None,
+        })
+    }
+}
+
 impl Exchange<'_> {
     async fn run(&self, client: &mut TcpStream, cbuf: &mut Vec<u8>, clock: &mut Deadline) -> Ended {
         let shared = &self.worker.shared;
@@ -322,15 +344,10 @@ impl Exchange<'_> {
                 }
             }
         };
+        cbuf.drain(..self.req.len);
         let relayed = match result {
-            Some(r) => {
-                cbuf.drain(..self.req.len);
-                r
-            }
-            None => {
-                cbuf.drain(..self.req.len);
-                self.pump(client, cbuf, &mut up, clock).await
-            }
+            Some(r) => r,
+            None => self.pump(client, cbuf, &mut up, clock).await,
         };
         match relayed {
             Ok((r, body_done)) => {
@@ -342,41 +359,31 @@ impl Exchange<'_> {
                     outcome: Outcome::Forwarded,
                 }
             }
-            Err((fail, head_sent)) => {
-                let (status, reason, outcome) = match fail {
-                    Fail::Timeout(after) => (
-                        504,
-                        format!(
-                            "upstream {} sent no response within {after:?}",
-                            self.upstream
-                        ),
-                        RequestOutcome::UpstreamTimeout,
-                    ),
-                    Fail::Upstream { reason, .. } => (502, reason, RequestOutcome::UpstreamError),
-                    Fail::BadBody(reason) => (
-                        400,
-                        format!("request body: {reason}"),
-                        RequestOutcome::BadRequest,
-                    ),
-                    Fail::Client => (0, String::new(), RequestOutcome::Ok),
-                };
-                if head_sent || status == 0 {
-                    // The response is cut (or nobody reads it): closing is the only way to
-                    // tell the client.
-                    shared.stats.count_request(self.dest, outcome);
+            Err((fail, head_sent)) => match fail.answer(self.upstream) {
+                None => {
+                    // Nobody reads the response: the client is gone.
+                    shared.stats.count_request(self.dest, RequestOutcome::Ok);
                     shared.stats.observe(self.dest, self.started.elapsed());
-                    return Ended {
+                    Ended {
                         upstream: None,
                         keep_client: false,
-                        outcome: if status == 0 {
-                            Outcome::Forwarded
-                        } else {
-                            Outcome::Reset
-                        },
-                    };
+                        outcome: Outcome::Forwarded,
+                    }
                 }
-                self.failed(client, status, reason, outcome, no_body).await
-            }
+                Some((_, _, outcome)) if head_sent => {
+                    // The response is cut: closing is the only way to tell the client.
+                    shared.stats.count_request(self.dest, outcome);
+                    shared.stats.observe(self.dest, self.started.elapsed());
+                    Ended {
+                        upstream: None,
+                        keep_client: false,
+                        outcome: Outcome::Reset,
+                    }
+                }
+                Some((status, reason, outcome)) => {
+                    self.failed(client, status, reason, outcome, no_body).await
+                }
+            },
         }
     }
 
@@ -405,7 +412,7 @@ impl Exchange<'_> {
         let shared = &self.worker.shared;
         shared.stats.count_request(self.dest, outcome);
         shared.stats.observe(self.dest, self.started.elapsed());
-        let resp = router_response(status, &reason, self.label);
+        let resp = router_response(status, &reason, self.label, false);
         let keep = keep && !self.req.close;
         if keep {
             if client.write_all(&resp).await.is_err() {
@@ -684,25 +691,6 @@ async fn send_body(
     }
 }
 
-/// A response the router makes itself: status and a one-line reason (and the debug header).
-fn router_response(status: u16, reason: &str, label: Option<&str>) -> Vec<u8> {
-    let phrase = http::StatusCode::from_u16(status)
-        .ok()
-        .and_then(|s| s.canonical_reason())
-        .unwrap_or("");
-    let mut out = format!(
-        "HTTP/1.1 {status} {phrase}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n",
-        reason.len() + 1
-    );
-    if let Some(label) = label {
-        out.push_str(&format!("{DEBUG_HEADER}: {label}\r\n"));
-    }
-    out.push_str("\r\n");
-    out.push_str(reason);
-    out.push('\n');
-    out.into_bytes()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -713,6 +701,7 @@ mod tests {
             503,
             "sandbox a has no ready endpoint",
             Some("unavailable k s"),
+            false,
         );
         let text = String::from_utf8(r).unwrap();
         let parsed = head::parse_response(text.as_bytes(), RESPONSE_LIMITS, false)

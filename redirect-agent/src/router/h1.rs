@@ -390,7 +390,7 @@ impl Exchange<'_> {
     /// A new upstream connection, from the client pod's network namespace.
     async fn connect(&self, key: PoolKey) -> Result<TcpStream, String> {
         self.worker
-            .pool
+            .shared
             .connector
             .connect(key.client, key.upstream)
             .await

@@ -79,7 +79,7 @@ struct IdleSockets {
 }
 
 pub struct Pool {
-    pub connector: Arc<Connector>,
+    connector: Arc<Connector>,
     h1: Mutex<HashMap<PoolKey, Vec<IdleH1>>>,
     sockets: Mutex<IdleSockets>,
     h2: Mutex<HashMap<PoolKey, SharedH2>>,
@@ -268,7 +268,7 @@ impl Pool {
 
 /// Whether nothing arrived on an idle socket: no byte, no close, no error. Costs no system
 /// call unless the runtime saw it become readable (then the byte read is lost with the socket).
-pub fn is_quiet(s: &TcpStream) -> bool {
+fn is_quiet(s: &TcpStream) -> bool {
     let mut b = [0u8; 1];
     matches!(s.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }

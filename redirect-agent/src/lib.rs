@@ -8,6 +8,7 @@ pub mod cgroup;
 pub mod controller;
 pub mod crd;
 pub mod ctl;
+mod error_chain;
 pub mod forkslice;
 pub mod k8s;
 pub mod loader;

@@ -2,7 +2,6 @@
 //! connection per request, on a runtime of its own (redirectctl is synchronous).
 
 use std::{
-    error::Error,
     net::{SocketAddr, ToSocketAddrs},
     time::Duration,
 };
@@ -17,25 +16,16 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::{net::TcpStream, time::timeout};
 
-use crate::admin::{
-    access::Token,
-    api::{AgentStatus, TablesDoc},
+use crate::{
+    admin::{
+        access::Token,
+        api::{AgentStatus, TablesDoc},
+    },
+    error_chain::chain,
 };
 
 /// Largest answer read.
 const MAX_BODY: usize = 64 << 20;
-
-/// An error and its causes, `outer: inner: ...` (hyper keeps the I/O error as a cause).
-fn chain(e: &dyn Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
-}
 
 /// Where the agent's admin endpoint is.
 #[derive(Clone, Debug)]

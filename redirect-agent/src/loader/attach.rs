@@ -19,6 +19,7 @@ use aya::{
 use redirect_common::{ALL_MAPS, ALL_PROGRAMS};
 
 use super::{OBJECT, bpffs::ensure_bpffs, sys};
+use crate::error_chain::chain;
 
 /// Where the programs go.
 #[derive(Clone, Debug)]
@@ -183,18 +184,6 @@ fn reuse_link(path: &Path, cgroup_id: u64, prog_fd: i32) -> Result<(), String> {
         ));
     }
     sys::link_update(&link, prog_fd).map_err(|e| format!("update failed: {e}"))
-}
-
-/// An error with its sources, `a: b: c`.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 fn attach_new(prog: &mut Program, cgroup: &fs::File) -> Result<FdLink, String> {

@@ -14,10 +14,10 @@ pub const MAP_FORKS: &str = "forks_v1";
 pub const MAP_WORKLOADS: &str = "workloads_v1";
 pub const MAP_ROUTER: &str = "router_v1";
 pub const MAP_ROUTER_SOCKS: &str = "router_socks_v1";
-pub const MAP_ORIG_DST_SK: &str = "orig_sk_v1";
+/// Per rewritten socket (socket storage): its [`SockRecord`], written at `connect()`, gone with
+/// the socket.
+pub const MAP_SOCK_RECORDS: &str = "sock_records_v1";
 pub const MAP_CONNS: &str = "conns_v1";
-/// Per rewritten socket: the address the application asked for, which `getpeername()` reports.
-pub const MAP_PEER_SK: &str = "peer_sk_v1";
 pub const MAP_COUNTERS: &str = "counters_v1";
 /// Whether (and what) `connect4`/`connect6` trace: one [`TraceControl`], checked first.
 pub const MAP_TRACE_CTL: &str = "trace_ctl_v1";
@@ -33,8 +33,12 @@ pub const MAP_ORIGIN_CACHE: &str = "origin_cache_v1";
 /// to `workloads_v1`, which retires every `origin_cache_v1` entry.
 pub const MAP_ORIGIN_GEN: &str = "origin_gen_v1";
 
+/// Maps earlier versions pinned and this one no longer uses (two socket storages, merged into
+/// `sock_records_v1`): the agent removes their pins once its own programs are attached.
+pub const RETIRED_MAPS: [&str; 2] = ["orig_sk_v1", "peer_sk_v1"];
+
 /// Every map, for cleanup and status listings.
-pub const ALL_MAPS: [&str; 14] = [
+pub const ALL_MAPS: [&str; 13] = [
     MAP_SERVICES,
     MAP_FORKS,
     MAP_WORKLOADS,
@@ -42,8 +46,7 @@ pub const ALL_MAPS: [&str; 14] = [
     MAP_ORIGIN_GEN,
     MAP_ROUTER,
     MAP_ROUTER_SOCKS,
-    MAP_ORIG_DST_SK,
-    MAP_PEER_SK,
+    MAP_SOCK_RECORDS,
     MAP_CONNS,
     MAP_COUNTERS,
     MAP_TRACE_CTL,
@@ -231,8 +234,8 @@ pub struct RouterConfig {
 }
 const _: () = assert!(size_of::<RouterConfig>() == 48);
 
-/// A redirected connection's original destination: stored per socket in `orig_sk_v1` at
-/// `connect()`, then copied by `sock_ops` into `conns_v1` keyed by the client's source address.
+/// A redirected connection's original destination: part of its socket's [`SockRecord`], copied
+/// by `sock_ops` into `conns_v1` keyed by the client's source address for the router.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OrigDst {
@@ -245,6 +248,22 @@ pub struct OrigDst {
     pub recorded_ns: u64,
 }
 const _: () = assert!(size_of::<OrigDst>() == 40);
+
+/// `SockRecord::flags`: the socket was sent to the router, which needs `orig` in `conns_v1`.
+pub const SOCK_TO_ROUTER: u32 = 1;
+
+/// What `connect4`/`connect6` remember about a socket they rewrote, in its socket storage
+/// (`sock_records_v1`): `orig.dst` is what `getpeername()` reports. One storage serves both uses
+/// because creating one is most of a rewritten connect's time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRecord {
+    pub orig: OrigDst,
+    /// `SOCK_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<SockRecord>() == 48);
 
 /// `TraceControl::mode`: not tracing (the programs pay one array lookup).
 pub const TRACE_OFF: u32 = 0;
@@ -309,6 +328,7 @@ mod pod {
     unsafe impl aya::Pod for ForkEndpoints {}
     unsafe impl aya::Pod for RouterConfig {}
     unsafe impl aya::Pod for OrigDst {}
+    unsafe impl aya::Pod for SockRecord {}
     unsafe impl aya::Pod for TraceControl {}
     unsafe impl aya::Pod for TraceEvent {}
     unsafe impl aya::Pod for crate::origin::OriginCacheEntry {}

@@ -12,15 +12,14 @@ use aya_ebpf::{
 };
 use redirect_common::{
     ForkKey, MAX_FORK_ENDPOINTS, OrigDst, OriginCacheEntry, ROUTER_SOCK_V4, ROUTER_SOCK_V6, Reason,
-    SockAddr,
+    SOCK_TO_ROUTER, SockAddr, SockRecord,
     origin::{self, OriginLookups},
 };
 
 use crate::{
     counters::count,
     maps::{
-        FORKS, ORIG_SK, ORIGIN_CACHE, ORIGIN_GEN, PEER_SK, ROUTER, ROUTER_SOCKS, SERVICES,
-        WORKLOADS,
+        FORKS, ORIGIN_CACHE, ORIGIN_GEN, ROUTER, ROUTER_SOCKS, SERVICES, SOCK_RECORDS, WORKLOADS,
     },
     trace::{self, Seen},
 };
@@ -103,8 +102,9 @@ fn try_connect(ctx: &SockAddrContext, ipv6: bool, seen: &mut Seen) -> Result<Rea
         let Some(ep) = fork.endpoints.get(i) else {
             return Err(Reason::Error);
         };
+        // Best effort: without the record the application sees the fork endpoint as its peer.
+        let _ = remember(ctx, &dst, service_id, 0);
         rewrite(ctx, ipv6, ep);
-        remember_peer(ctx, &dst);
         seen.after = *ep;
         seen.rewritten = true;
         return Ok(Reason::OriginFork);
@@ -120,37 +120,39 @@ fn try_connect(ctx: &SockAddrContext, ipv6: bool, seen: &mut Seen) -> Result<Rea
     if !router_alive(slot) {
         return Ok(Reason::RouterDown);
     }
-    let mut orig = OrigDst {
-        dst,
-        service_id,
-        // SAFETY: a helper without arguments.
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        recorded_ns: 0,
-    };
-    let stored = ORIG_SK.get_or_insert_ptr_mut(ctx, Some(&mut orig));
-    if stored.is_null() {
+    // Without the record the router could not route the connection: leave it alone.
+    if remember(ctx, &dst, service_id, SOCK_TO_ROUTER).is_err() {
         return Ok(Reason::StorageFull);
     }
-    // SAFETY: non-null storage of this socket; a reconnect overwrites the old value.
-    unsafe { *stored = orig };
     rewrite(ctx, ipv6, &to);
-    remember_peer(ctx, &dst);
     seen.after = to;
     seen.rewritten = true;
     Ok(Reason::ToRouter)
 }
 
-/// Keeps the address the application asked for, so `getpeername()` reports it instead of the
-/// fork endpoint or the router. Best effort: without storage the application sees the
-/// rewritten address, nothing else changes.
+/// Records in the socket's storage the address the application asked for (which
+/// `getpeername()` reports instead of the fork endpoint or the router) and, for the router, the
+/// original destination that `sock_ops` hands on. A reconnect overwrites the record.
 #[inline(always)]
-fn remember_peer(ctx: &SockAddrContext, dst: &SockAddr) {
-    let mut peer = *dst;
-    let stored = PEER_SK.get_or_insert_ptr_mut(ctx, Some(&mut peer));
-    if !stored.is_null() {
-        // SAFETY: non-null storage of this socket; a reconnect overwrites the old value.
-        unsafe { *stored = *dst };
+fn remember(ctx: &SockAddrContext, dst: &SockAddr, service_id: u32, flags: u32) -> Result<(), ()> {
+    let mut record = SockRecord {
+        orig: OrigDst {
+            dst: *dst,
+            service_id,
+            // SAFETY: a helper without arguments.
+            cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+            recorded_ns: 0,
+        },
+        flags,
+        _pad: 0,
+    };
+    let stored = SOCK_RECORDS.get_or_insert_ptr_mut(ctx, Some(&mut record));
+    if stored.is_null() {
+        return Err(());
     }
+    // SAFETY: non-null storage of this socket; an existing record (a reconnect) is overwritten.
+    unsafe { *stored = record };
+    Ok(())
 }
 
 /// The pod cgroup and routing key of the caller, when the caller runs in a fork pod: decided by

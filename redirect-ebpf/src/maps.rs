@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use redirect_common::{
     ForkEndpoints, ForkKey, MAX_CONNS, MAX_FORKS, MAX_ORIGIN_CACHE, MAX_SERVICES, MAX_WORKLOADS,
-    OrigDst, OriginCacheEntry, Reason, RouterConfig, ServiceValue, SockAddr, TRACE_RING_BYTES,
-    TRACE_STATS, TraceControl, TraceEvent, WorkloadValue,
+    OrigDst, OriginCacheEntry, Reason, RouterConfig, ServiceValue, SockAddr, SockRecord,
+    TRACE_RING_BYTES, TRACE_STATS, TraceControl, TraceEvent, WorkloadValue,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -44,13 +44,9 @@ pub static ROUTER: Array<RouterConfig, 1> = Array::new();
 #[btf_map(name = "router_socks_v1", pin_by_name)]
 pub static ROUTER_SOCKS: SockMap<2> = SockMap::new();
 
-/// Original destination per redirected socket, written at `connect()`.
-#[btf_map(name = "orig_sk_v1", pin_by_name)]
-pub static ORIG_SK: SkStorage<OrigDst> = SkStorage::new();
-
-/// Per rewritten socket: the address the application asked for, for `getpeername()`.
-#[btf_map(name = "peer_sk_v1", pin_by_name)]
-pub static PEER_SK: SkStorage<SockAddr> = SkStorage::new();
+/// Per rewritten socket: what `connect()` was asked for, for `sock_ops` and `getpeername()`.
+#[btf_map(name = "sock_records_v1", pin_by_name)]
+pub static SOCK_RECORDS: SkStorage<SockRecord> = SkStorage::new();
 
 /// Original destination by client source address, for the router (which deletes what it reads).
 #[btf_map(name = "conns_v1", pin_by_name)]

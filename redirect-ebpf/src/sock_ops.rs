@@ -1,5 +1,5 @@
-//! Copies a redirected socket's original destination into `conns_v1`, keyed by the client's
-//! source address, right before its SYN: the router looks it up after `accept()`.
+//! Copies the original destination of a socket sent to the router into `conns_v1`, keyed by the
+//! client's source address, right before its SYN: the router looks it up after `accept()`.
 
 use core::{ffi::c_void, ptr::addr_of};
 
@@ -8,11 +8,11 @@ use aya_ebpf::{
     helpers::generated::{bpf_ktime_get_ns, bpf_sk_storage_get},
     programs::SockOpsContext,
 };
-use redirect_common::{OrigDst, Reason, SockAddr};
+use redirect_common::{Reason, SOCK_TO_ROUTER, SockAddr, SockRecord};
 
 use crate::{
     counters::count,
-    maps::{CONNS, ORIG_SK},
+    maps::{CONNS, SOCK_RECORDS},
 };
 
 const AF_INET: u32 = 2;
@@ -38,13 +38,19 @@ fn record(ctx: &SockOpsContext) -> Option<Reason> {
     if sk.is_null() {
         return None;
     }
-    let map = addr_of!(ORIG_SK) as *mut c_void;
+    let map = addr_of!(SOCK_RECORDS) as *mut c_void;
     // SAFETY: `map` is the socket storage's definition, `sk` a non-null socket from the context;
-    // without a value to insert and with flags 0 the helper only looks up.
-    let orig = unsafe { bpf_sk_storage_get(map, sk as *mut c_void, core::ptr::null_mut(), 0) }
-        as *const OrigDst;
-    if orig.is_null() {
-        // Not a redirected socket.
+    // without a value to insert and with flags 0 the helper only looks up (and a socket without
+    // storage, every socket that was not rewritten, answers at once).
+    let record = unsafe { bpf_sk_storage_get(map, sk as *mut c_void, core::ptr::null_mut(), 0) }
+        as *const SockRecord;
+    if record.is_null() {
+        return None;
+    }
+    // SAFETY: non-null storage of this socket.
+    let record = unsafe { *record };
+    if record.flags & SOCK_TO_ROUTER == 0 {
+        // Rewritten to a fork endpoint: only `getpeername()` needs the record.
         return None;
     }
     let ops = ctx.ops;
@@ -70,8 +76,7 @@ fn record(ctx: &SockOpsContext) -> Option<Reason> {
     } else {
         SockAddr::v6(ip6, port)
     };
-    // SAFETY: non-null storage of this socket.
-    let mut value = unsafe { *orig };
+    let mut value = record.orig;
     // SAFETY: a helper without arguments.
     value.recorded_ns = unsafe { bpf_ktime_get_ns() };
     Some(match CONNS.insert(&src, &value, 0) {

@@ -512,6 +512,56 @@ fn cleanup_removes_every_link_program_and_pin_it_made() {
     );
 }
 
+#[test]
+fn maps_earlier_versions_pinned_are_removed_by_a_new_agent_and_by_cleanup() {
+    let Some(mc) = MiniCluster::new_or_skip("retired_maps", TOOLS) else {
+        return;
+    };
+    let mut shop = Shop::with_agent(&mc, true).unwrap();
+    let pin_dir = shop.agent().pin_dir.clone();
+    // What an agent of an earlier version would have left: a pinned map under each retired name.
+    let pin_retired = || {
+        for name in redirect_common::RETIRED_MAPS {
+            let path = pin_dir.join(name);
+            let path = path.to_str().unwrap();
+            let made = std::process::Command::new("bpftool")
+                .args([
+                    "map", "create", path, "type", "hash", "key", "4", "value", "4",
+                ])
+                .args(["entries", "1", "name", "retired"])
+                .output()
+                .unwrap();
+            assert!(made.status.success(), "{made:?}");
+        }
+    };
+    let all_there = || {
+        redirect_common::RETIRED_MAPS
+            .iter()
+            .filter(|n| pin_dir.join(n).exists())
+            .count()
+    };
+    pin_retired();
+    assert_eq!(all_there(), 2);
+    shop.agent().restart(&mc).unwrap();
+    assert_eq!(all_there(), 0, "the new agent left a retired pin");
+    assert!(
+        shop.agent()
+            .log()
+            .contains("removed a map earlier versions used")
+    );
+    // The data path is whole after the restart.
+    assert_eq!(
+        get(&shop.frontend_fork, CHECKOUT_VIP4, "").unwrap(),
+        "checkout-fork\n"
+    );
+    pin_retired();
+    let removed = shop.agent().cleanup().unwrap();
+    for name in redirect_common::RETIRED_MAPS {
+        assert!(removed.contains(&pin_dir.join(name)), "{name}: {removed:?}");
+    }
+    assert!(!pin_dir.exists());
+}
+
 /// What `getpeername()` says after connecting from `pod` to `ip:80`.
 fn peer_name(pod: &redirect_tests::Pod<'_>, ip: &str) -> String {
     let script = format!(

@@ -16,7 +16,7 @@ use aya::{
         links::{FdLink, PinnedLink},
     },
 };
-use redirect_common::{ALL_MAPS, ALL_PROGRAMS};
+use redirect_common::{ALL_MAPS, ALL_PROGRAMS, RETIRED_MAPS};
 
 use super::{OBJECT, bpffs::ensure_bpffs, sys};
 use crate::error_chain::chain;
@@ -140,6 +140,17 @@ pub fn attach(cfg: &LoaderConfig) -> Result<Attached, LoaderError> {
         })?;
         links.push((name, action));
     }
+    // No program of ours uses them any more: their pins only hold kernel memory.
+    for map in RETIRED_MAPS {
+        let path = cfg.pin_dir.join(map);
+        match fs::remove_file(&path) {
+            Ok(()) => tracing::info!(pin = %path.display(), "removed a map earlier versions used"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(pin = %path.display(), error = %e, "cannot remove a retired map")
+            }
+        }
+    }
     Ok(Attached {
         ebpf,
         report: AttachReport {
@@ -230,7 +241,7 @@ pub fn cleanup(pin_dir: &Path) -> Result<Vec<PathBuf>, LoaderError> {
         crate::agent::last_good::STATE_PIN,
         crate::agent::last_good::STATE_PIN_TMP,
     ];
-    for map in ALL_MAPS.iter().copied().chain(state) {
+    for map in ALL_MAPS.iter().chain(&RETIRED_MAPS).copied().chain(state) {
         let path = pin_dir.join(map);
         if path.exists() {
             fs::remove_file(&path).map_err(|e| pin_err(&path, e.to_string()))?;

@@ -27,7 +27,8 @@
 //! Besides wall-clock connections per second, each sample reports connections per CPU-second
 //! of the client process (`CLOCK_PROCESS_CPUTIME_ID`, which includes the handshake's softirq
 //! work done in the client's context): less sensitive to other load on a shared machine.
-//! After the rounds, one more sample of `miss`, `origin` and `direct_fork` runs with the
+//! After the rounds, one more sample of `miss`, `origin`, `direct_fork` and `to_router` (the
+//! `client` pod to the `target` ClusterIP, which `connect4` sends to the router) runs with the
 //! kernel's BPF run-time statistics enabled and reports the programs' own time per connection
 //! (read through `bpftool`; skipped with a note without it).
 //!
@@ -253,6 +254,8 @@ enum Scenario {
     Miss,
     Origin,
     DirectFork,
+    /// Only in the run-time sample: a baseline pod to the forked ClusterIP, sent to the router.
+    ToRouter,
 }
 
 impl Scenario {
@@ -269,6 +272,7 @@ impl Scenario {
             Scenario::Miss => "miss",
             Scenario::Origin => "origin",
             Scenario::DirectFork => "direct_fork",
+            Scenario::ToRouter => "to_router",
         }
     }
 }
@@ -397,7 +401,7 @@ fn measure(mc: &MiniCluster, o: &Options) -> Result<(Samples, Vec<JsonEntry>)> {
     };
 
     // Warm-up, which also checks that each scenario takes the path it is named after.
-    for sc in Scenario::ALL {
+    for sc in Scenario::ALL.into_iter().chain([Scenario::ToRouter]) {
         let before = agent.counters()?;
         let s = scene.sample(sc, o.warmup)?;
         let after = agent.counters()?;
@@ -410,6 +414,7 @@ fn measure(mc: &MiniCluster, o: &Options) -> Result<(Samples, Vec<JsonEntry>)> {
                 delta("not_forked") >= n && delta("origin_fork") == 0
             }
             Scenario::Origin => delta("origin_fork") >= n,
+            Scenario::ToRouter => delta("to_router") >= n,
         };
         ensure!(
             ok,
@@ -546,8 +551,14 @@ fn program_time(scene: &Scene<'_>, seconds: f64) -> Result<Vec<JsonEntry>> {
         "scenario", "connect4 ns", "sock_ops runs x ns", "programs ns", "client CPU ns", "share"
     );
     let mut json = Vec::new();
-    let mut connect4_ns = [0.0; 4];
-    for sc in [Scenario::Miss, Scenario::Origin, Scenario::DirectFork] {
+    let mut connect4_ns = [0.0; 5];
+    let scenarios = [
+        Scenario::Miss,
+        Scenario::Origin,
+        Scenario::DirectFork,
+        Scenario::ToRouter,
+    ];
+    for sc in scenarios {
         let before = run_stats(&progs)?;
         let s = scene.sample(sc, seconds)?;
         let after = run_stats(&progs)?;
@@ -606,7 +617,7 @@ impl Scene<'_> {
         let addr = match sc {
             Scenario::None => SocketAddr::new(fork_ip, FREE_PORT).to_string(),
             Scenario::Miss | Scenario::DirectFork => SocketAddr::new(fork_ip, POD_PORT).to_string(),
-            Scenario::Origin => format!("{TARGET_VIP4}:{SERVICE_PORT}"),
+            Scenario::Origin | Scenario::ToRouter => format!("{TARGET_VIP4}:{SERVICE_PORT}"),
         };
         let secs = seconds.to_string();
         let mut argv = vec![
@@ -626,7 +637,7 @@ impl Scene<'_> {
                 argv.extend(["--netns", netns]);
                 self.mc.node().run(&argv, timeout)?
             }
-            Scenario::Miss => self.client.run(&argv, timeout)?,
+            Scenario::Miss | Scenario::ToRouter => self.client.run(&argv, timeout)?,
             Scenario::Origin | Scenario::DirectFork => self.caller_fork.run(&argv, timeout)?,
         };
         let text = out

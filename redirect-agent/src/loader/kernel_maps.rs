@@ -195,7 +195,7 @@ pub struct RouterSockError {
 }
 
 impl RouterSockError {
-    fn new(map: &'static str, reason: impl std::fmt::Display) -> Self {
+    pub fn new(map: &'static str, reason: impl std::fmt::Display) -> Self {
         RouterSockError {
             map,
             reason: reason.to_string(),

@@ -11,8 +11,11 @@ mod client_netns;
 mod conn;
 mod connector;
 mod deadline;
+#[cfg(test)]
+mod end_to_end;
 mod h1;
 mod http;
+mod kernel;
 mod listener;
 mod log_limit;
 mod overload;
@@ -27,6 +30,7 @@ mod tunnel;
 
 use std::{
     net::SocketAddr,
+    os::fd::AsFd,
     sync::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
@@ -39,13 +43,11 @@ use redirect_common::{ROUTER_SOCK_V4, ROUTER_SOCK_V6};
 use tokio::sync::Semaphore;
 
 pub use http::DEBUG_HEADER;
+pub use kernel::{MemoryKernel, OrigDsts, RouterKernel};
 pub use listener::{MIGRATE_REQ_SYSCTL, enable_request_migration};
 pub use stats::{Dest, LATENCY_BUCKETS, LatencySnapshot, Outcome, RequestOutcome, RouterStats};
 
-use crate::{
-    loader::{ConnsTaker, RouterSockError, RouterSocks},
-    routing::RouteView,
-};
+use crate::{loader::RouterSockError, routing::RouteView};
 
 /// Where the router listens and how it behaves.
 #[derive(Clone, Debug)]
@@ -145,9 +147,9 @@ pub struct Shared {
     pub view: ArcSwap<RouteView>,
     pub stats: RouterStats,
     /// Liveness registration and the age sweep of the connection table.
-    socks: Mutex<RouterSocks>,
+    socks: Mutex<Box<dyn RouterKernel>>,
     /// Taking original destinations: one syscall, no lock.
-    conns: ConnsTaker,
+    conns: Box<dyn OrigDsts>,
     slots: Arc<Semaphore>,
     /// Connections per client pod.
     pods: Arc<pod_conns::PodConns>,
@@ -282,7 +284,11 @@ pub struct Router {
 
 impl Router {
     /// Binds the listeners and registers them in the liveness sockmap.
-    pub fn bind(mut settings: RouterSettings, mut socks: RouterSocks) -> Result<Self, RouterError> {
+    pub fn bind(
+        mut settings: RouterSettings,
+        socks: impl RouterKernel,
+    ) -> Result<Self, RouterError> {
+        let mut socks: Box<dyn RouterKernel> = Box::new(socks);
         let fds = raise_fd_limit();
         let fit = fds.saturating_sub(FD_RESERVE) / FDS_PER_CONNECTION;
         if fit < settings.max_connections {
@@ -310,11 +316,13 @@ impl Router {
         for (addr, slot) in [(settings.v4, ROUTER_SOCK_V4), (settings.v6, ROUTER_SOCK_V6)] {
             let Some(addr) = addr else { continue };
             let l = listener::bind(addr).map_err(|source| RouterError::Listen { addr, source })?;
-            socks.register(slot, &l).map_err(RouterError::Register)?;
+            socks
+                .register(slot, l.as_fd())
+                .map_err(RouterError::Register)?;
             tracing::info!(%addr, "router listening");
             listeners.push((slot, l));
         }
-        let conns = socks.conns_taker().map_err(RouterError::Register)?;
+        let conns = socks.orig_dsts().map_err(RouterError::Register)?;
         let stats = RouterStats::default();
         let netns = match &settings.client_netns {
             Some(c) => Some(

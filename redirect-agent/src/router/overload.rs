@@ -5,6 +5,7 @@
 //! fall to a low-water mark, the listeners go back in.
 
 use std::{
+    os::fd::AsFd,
     sync::{
         Mutex, Weak,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -14,8 +15,8 @@ use std::{
 
 use tokio::net::TcpListener;
 
+use super::RouterKernel;
 use super::log_limit::LogLimit;
-use crate::loader::RouterSocks;
 
 /// Why the router is full.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,7 +80,7 @@ impl Overload {
     /// whether it left the map now.
     pub fn enter(
         &self,
-        socks: &Mutex<RouterSocks>,
+        socks: &Mutex<Box<dyn RouterKernel>>,
         active: usize,
         full_at: usize,
         cause: Cause,
@@ -117,7 +118,7 @@ impl Overload {
 
     /// Puts the listeners back once `active` fell to the low-water mark. Returns whether it
     /// did now.
-    pub fn maybe_leave(&self, socks: &Mutex<RouterSocks>, active: usize) -> bool {
+    pub fn maybe_leave(&self, socks: &Mutex<Box<dyn RouterKernel>>, active: usize) -> bool {
         if !self.is_out() || active > self.resume_at.load(Ordering::Relaxed) {
             return false;
         }
@@ -128,7 +129,7 @@ impl Overload {
             return false;
         }
         // A slot another router filled meanwhile (a successor during an upgrade) is left to it.
-        register_empty(&mut socks, &self.listeners);
+        register_empty(socks.as_mut(), &self.listeners);
         tracing::info!(active, "router has room again: back in the liveness map");
         true
     }
@@ -136,7 +137,7 @@ impl Overload {
     /// While the router has room, puts its listeners back in liveness slots found empty: a
     /// peer that shares the address (the other agent during an upgrade) may have cleared the
     /// slot when it filled up. Occupied slots are left alone.
-    pub fn reassert(&self, socks: &Mutex<RouterSocks>) {
+    pub fn reassert(&self, socks: &Mutex<Box<dyn RouterKernel>>) {
         if self.is_out() {
             return;
         }
@@ -144,7 +145,7 @@ impl Overload {
         if self.is_out() {
             return;
         }
-        for slot in register_empty(&mut socks, &self.listeners) {
+        for slot in register_empty(socks.as_mut(), &self.listeners) {
             tracing::info!(slot, "router registered again: its liveness slot was empty");
         }
     }
@@ -163,7 +164,7 @@ impl Overload {
 
 /// Registers a listener in every empty slot one is open for; returns the slots filled.
 fn register_empty(
-    socks: &mut RouterSocks,
+    socks: &mut dyn RouterKernel,
     listeners: &Mutex<Vec<(u32, Weak<TcpListener>)>>,
 ) -> Vec<u32> {
     let occupied = match socks.occupied() {
@@ -180,7 +181,7 @@ fn register_empty(
             continue;
         }
         let Some(l) = l.upgrade() else { continue };
-        match socks.register(slot, &*l) {
+        match socks.register(slot, l.as_fd()) {
             Ok(()) => done.push(slot),
             Err(error) => tracing::error!(%error, slot, "cannot register the router again"),
         }

@@ -9,6 +9,7 @@
 #[cfg(feature = "user")]
 extern crate std;
 
+pub mod connect;
 pub mod maps;
 #[cfg(feature = "user")]
 mod net;

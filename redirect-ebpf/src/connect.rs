@@ -1,5 +1,5 @@
-//! The `connect4`/`connect6` decision. Mirrors `redirect-agent/src/routing/connect.rs` step for
-//! step; change both together.
+//! `connect4`/`connect6`: `redirect_common::connect::decide` over the socket being connected
+//! and the maps, then the rewrite it asks for.
 
 use core::{ffi::c_void, ptr::addr_of};
 
@@ -11,8 +11,9 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use redirect_common::{
-    ForkKey, MAX_FORK_ENDPOINTS, OrigDst, OriginCacheEntry, ROUTER_SOCK_V4, ROUTER_SOCK_V6, Reason,
+    ForkEndpoints, ForkKey, MAX_FORK_ENDPOINTS, OrigDst, OriginCacheEntry, RouterConfig,
     SOCK_TO_ROUTER, SockAddr, SockRecord,
+    connect::{ConnectEnv, decide},
     origin::{self, OriginLookups},
 };
 
@@ -21,7 +22,7 @@ use crate::{
     maps::{
         FORKS, ORIGIN_CACHE, ORIGIN_GEN, ROUTER, ROUTER_SOCKS, SERVICES, SOCK_RECORDS, WORKLOADS,
     },
-    trace::{self, Seen},
+    trace,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -32,102 +33,103 @@ const ALLOW: i32 = 1;
 pub fn run(ctx: &SockAddrContext, ipv6: bool) -> i32 {
     // Checked first: when nobody traces, tracing costs this one array lookup.
     let trace_mode = trace::mode();
-    let mut seen = Seen::default();
-    let reason = match try_connect(ctx, ipv6, &mut seen) {
-        Ok(r) | Err(r) => r,
-    };
-    count(reason);
+    let d = decide(&Kernel { ctx, ipv6 }, &mut ());
+    if let Some(to) = d.rewrite {
+        rewrite(ctx, ipv6, &to);
+    }
+    count(d.reason);
     if trace_mode != redirect_common::TRACE_OFF {
-        trace::emit(trace_mode, ipv6, reason, &seen);
+        trace::emit(trace_mode, ipv6, &d);
     }
     ALLOW
 }
 
-#[inline(always)]
-fn try_connect(ctx: &SockAddrContext, ipv6: bool, seen: &mut Seen) -> Result<Reason, Reason> {
-    // SAFETY: the context pointer is valid for the program's run.
-    let sa = unsafe { &*ctx.sock_addr };
-    if sa.protocol != IPPROTO_TCP {
-        return Ok(Reason::NotForked);
+/// The decision's view of the kernel: the socket being connected, helpers and the maps.
+struct Kernel<'a> {
+    ctx: &'a SockAddrContext,
+    ipv6: bool,
+}
+
+impl ConnectEnv for Kernel<'_> {
+    #[inline(always)]
+    fn tcp_destination(&self) -> Option<SockAddr> {
+        // SAFETY: the context pointer is valid for the program's run.
+        let sa = unsafe { &*self.ctx.sock_addr };
+        if sa.protocol != IPPROTO_TCP {
+            return None;
+        }
+        let port = u16::from_be(sa.user_port as u16);
+        Some(if self.ipv6 {
+            SockAddr::v6(
+                [
+                    sa.user_ip6[0],
+                    sa.user_ip6[1],
+                    sa.user_ip6[2],
+                    sa.user_ip6[3],
+                ],
+                port,
+            )
+        } else {
+            SockAddr::v4(sa.user_ip4, port)
+        })
     }
-    let port = u16::from_be(sa.user_port as u16);
-    let dst = if ipv6 {
-        SockAddr::v6(
-            [
-                sa.user_ip6[0],
-                sa.user_ip6[1],
-                sa.user_ip6[2],
-                sa.user_ip6[3],
-            ],
-            port,
-        )
-    } else {
-        SockAddr::v4(sa.user_ip4, port)
-    };
-    seen.tcp = true;
-    seen.before = dst;
-    // SAFETY: `services_v1` is `BPF_F_NO_PREALLOC` and the programs never insert into or remove
-    // from it, so the value is not recycled while the reference lives.
-    let Some(svc) = (unsafe { SERVICES.get(&dst) }) else {
-        return Ok(Reason::NotForked);
-    };
-    let service_id = svc.service_id;
-    seen.service_id = service_id;
-    let router = ROUTER.get(0).ok_or(Reason::Error)?;
-    if router.mark != 0 {
+
+    #[inline(always)]
+    fn service(&self, dst: &SockAddr) -> Option<u32> {
+        // SAFETY: `services_v1` is `BPF_F_NO_PREALLOC` and the programs never insert into or
+        // remove from it, so the value is not recycled while the reference lives.
+        unsafe { SERVICES.get(dst) }.map(|s| s.service_id)
+    }
+
+    #[inline(always)]
+    fn router(&self) -> Option<&RouterConfig> {
+        ROUTER.get(0)
+    }
+
+    #[inline(always)]
+    fn socket_mark(&self) -> u32 {
         // SAFETY: in cgroup_sock_addr programs the union holds `sk`, the socket being connected.
-        let sk = unsafe { sa.__bindgen_anon_1.sk };
-        // SAFETY: `sk` is non-null here; the verifier checks the read of its field.
-        if !sk.is_null() && unsafe { (*sk).mark } == router.mark {
-            return Ok(Reason::RouterSocket);
+        let sk = unsafe { (*self.ctx.sock_addr).__bindgen_anon_1.sk };
+        if sk.is_null() {
+            return 0;
         }
+        // SAFETY: `sk` is non-null; the verifier checks the read of its field.
+        unsafe { (*sk).mark }
     }
-    if let Some((pod_cgroup_id, key_id)) = caller_key() {
-        seen.pod_cgroup_id = pod_cgroup_id;
-        seen.key_id = key_id;
+
+    #[inline(always)]
+    fn caller(&self) -> Option<(u64, u32)> {
+        // SAFETY: no arguments; returns the current task's cgroup id.
+        let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+        origin::caller_key(&KernelOrigin, cgroup_id)
+    }
+
+    #[inline(always)]
+    fn fork(&self, key: &ForkKey) -> Option<&ForkEndpoints> {
         // SAFETY: as for `services_v1`: `forks_v1` is `BPF_F_NO_PREALLOC` and only read here.
-        let Some(fork) = (unsafe { FORKS.get(&ForkKey { key_id, service_id }) }) else {
-            return Ok(Reason::OriginBaseline);
-        };
-        let (start, n) = fork.family_range(dst.is_v4());
-        if n == 0 {
-            return Ok(Reason::OriginNoEndpoint);
-        }
+        unsafe { FORKS.get(key) }
+    }
+
+    #[inline(always)]
+    fn pick(&self, start: usize, n: usize) -> usize {
         // SAFETY: a helper without arguments.
         let i = start + (unsafe { bpf_get_prandom_u32() } as usize) % n;
         // The verifier does not track `%`, and LLVM would drop a plain mask as redundant: the
         // volatile read hides the bound from LLVM so the mask (a power of two) stays.
         // SAFETY: `i` is a live, aligned local.
-        let i = unsafe { core::ptr::read_volatile(&i) } & (MAX_FORK_ENDPOINTS - 1);
-        let Some(ep) = fork.endpoints.get(i) else {
-            return Err(Reason::Error);
-        };
-        // Best effort: without the record the application sees the fork endpoint as its peer.
-        let _ = remember(ctx, &dst, service_id, 0);
-        rewrite(ctx, ipv6, ep);
-        seen.after = *ep;
-        seen.rewritten = true;
-        return Ok(Reason::OriginFork);
+        unsafe { core::ptr::read_volatile(&i) & (MAX_FORK_ENDPOINTS - 1) }
     }
-    let (to, slot) = if dst.is_v4() {
-        (router.v4, ROUTER_SOCK_V4)
-    } else {
-        (router.v6, ROUTER_SOCK_V6)
-    };
-    if to.is_unset() {
-        return Ok(Reason::RouterNoAddress);
+
+    #[inline(always)]
+    fn router_alive(&self, slot: u32) -> bool {
+        router_alive(slot)
     }
-    if !router_alive(slot) {
-        return Ok(Reason::RouterDown);
+
+    #[inline(always)]
+    fn remember(&self, dst: &SockAddr, service_id: u32, to_router: bool) -> bool {
+        let flags = if to_router { SOCK_TO_ROUTER } else { 0 };
+        remember(self.ctx, dst, service_id, flags).is_ok()
     }
-    // Without the record the router could not route the connection: leave it alone.
-    if remember(ctx, &dst, service_id, SOCK_TO_ROUTER).is_err() {
-        return Ok(Reason::StorageFull);
-    }
-    rewrite(ctx, ipv6, &to);
-    seen.after = to;
-    seen.rewritten = true;
-    Ok(Reason::ToRouter)
 }
 
 /// Records in the socket's storage the address the application asked for (which
@@ -153,15 +155,6 @@ fn remember(ctx: &SockAddrContext, dst: &SockAddr, service_id: u32, flags: u32) 
     // SAFETY: non-null storage of this socket; an existing record (a reconnect) is overwritten.
     unsafe { *stored = record };
     Ok(())
-}
-
-/// The pod cgroup and routing key of the caller, when the caller runs in a fork pod: decided by
-/// `redirect_common::origin::caller_key` over the cache and, on a cache miss, the cgroup walk.
-#[inline(always)]
-fn caller_key() -> Option<(u64, u32)> {
-    // SAFETY: no arguments; returns the current task's cgroup id.
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    origin::caller_key(&KernelOrigin, cgroup_id)
 }
 
 /// The caller lookup's view of the kernel: helpers and the pinned maps.

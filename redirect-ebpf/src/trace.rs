@@ -4,24 +4,11 @@
 
 use aya_ebpf::helpers::generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns};
 use redirect_common::{
-    Reason, SockAddr, TRACE_ALL, TRACE_F_IPV6_SOCKET, TRACE_OFF, TRACE_STAT_DROPPED,
-    TRACE_STAT_EMITTED, TraceEvent,
+    Reason, TRACE_ALL, TRACE_F_IPV6_SOCKET, TRACE_OFF, TRACE_STAT_DROPPED, TRACE_STAT_EMITTED,
+    TraceEvent, connect::Decision,
 };
 
 use crate::maps::{TRACE_CTL, TRACE_EVENTS, TRACE_STATS_MAP};
-
-/// What the decision looked at, filled as it goes (plain stack stores).
-#[derive(Default)]
-pub struct Seen {
-    /// Whether this was a TCP connect with a destination (only those are traced).
-    pub tcp: bool,
-    pub before: SockAddr,
-    pub after: SockAddr,
-    pub rewritten: bool,
-    pub service_id: u32,
-    pub key_id: u32,
-    pub pod_cgroup_id: u64,
-}
 
 /// The trace mode (`TRACE_OFF` unless someone traces).
 #[inline(always)]
@@ -33,21 +20,24 @@ pub fn mode() -> u32 {
 }
 
 #[inline(always)]
-pub fn emit(mode: u32, ipv6: bool, reason: Reason, s: &Seen) {
-    if !s.tcp || (mode != TRACE_ALL && reason == Reason::NotForked) {
+pub fn emit(mode: u32, ipv6: bool, d: &Decision) {
+    // Only TCP connects are traced.
+    let Some(before) = d.dst else { return };
+    if mode != TRACE_ALL && d.reason == Reason::NotForked {
         return;
     }
+    let (pod_cgroup_id, key_id) = d.workload.unwrap_or((0, 0));
     let ev = TraceEvent {
         // SAFETY: a helper without arguments.
         ts_ns: unsafe { bpf_ktime_get_ns() },
         // SAFETY: a helper without arguments.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        pod_cgroup_id: s.pod_cgroup_id,
-        before: s.before,
-        after: if s.rewritten { s.after } else { s.before },
-        service_id: s.service_id,
-        key_id: s.key_id,
-        reason: reason as u32,
+        pod_cgroup_id,
+        before,
+        after: d.rewrite.unwrap_or(before),
+        service_id: d.service_id.unwrap_or(0),
+        key_id,
+        reason: d.reason as u32,
         flags: if ipv6 { TRACE_F_IPV6_SOCKET } else { 0 },
     };
     let stat = match TRACE_EVENTS.output(&ev, 0) {

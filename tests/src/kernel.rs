@@ -42,7 +42,7 @@ pub fn predict(
     let tables = KernelMaps::open(pin_dir)?.read()?;
     let input = ConnectInput {
         dst: SockAddr::from(dst),
-        ipv6_socket: dst.is_ipv6(),
+        tcp: true,
         ancestors: ancestors(pod.container_cgroup_path())?,
         mark: 0,
         router_alive,

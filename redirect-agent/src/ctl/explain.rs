@@ -1,6 +1,6 @@
 //! `redirectctl explain --from <caller> --to <ip:port> [--key K]`: the kernel's `connect()`
 //! decision for that caller and destination, computed by the same function the tests check
-//! against the kernel (`routing::at_connect`) over the tables read from the pinned maps, with
+//! against the kernel (`routing::at_connect_observed`, which narrates its steps) over the tables read from the pinned maps, with
 //! router liveness probed from `router_socks_v1` exactly as `connect4` looks it up; and, when the
 //! connection goes to the router, the router's per-request decision (`routing::for_request`) for
 //! the routing key, over the tables the router uses (the agent's). Printed step by step with the
@@ -12,7 +12,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use redirect_common::{ForkKey, MAX_CGROUP_LEVELS, OrigDst, Reason, SockAddr};
+use redirect_common::{
+    ForkEndpoints, ForkKey, MAX_CGROUP_LEVELS, OrigDst, Reason, SockAddr,
+    connect::{Step as DecisionStep, Steps},
+};
 use serde::Serialize;
 
 use super::{
@@ -23,7 +26,7 @@ use crate::{
     cgroup::cgroup2_mount,
     loader::{KernelMaps, inspect},
     routing::{
-        BaselineWhy, ConnectInput, RequestRoute, RouteView, Tables, at_connect, for_request,
+        BaselineWhy, ConnectInput, RequestRoute, RouteView, at_connect_observed, for_request,
     },
     sync::RedirectMaps,
 };
@@ -175,42 +178,43 @@ pub fn collect(ctx: &Ctx, args: &ExplainArgs) -> Result<ExplainDoc, CtlError> {
     let dst = SockAddr::from(args.to);
     let input = ConnectInput {
         dst,
-        ipv6_socket: args.to.is_ipv6(),
+        tcp: true,
         ancestors: ids,
         mark: args.mark,
         router_alive: if dst.is_v4() { alive[0] } else { alive[1] },
         pick: 0,
     };
-    let d = at_connect(&kernel, &input);
-    let steps = kernel_steps(&kernel, &input, &names);
-
-    let mut candidates = Vec::new();
-    if let (Reason::OriginFork, Some((_, key_id)), Some(sid)) = (d.reason, d.workload, d.service_id)
-        && let Some(f) = kernel.forks.get(&ForkKey {
-            key_id,
-            service_id: sid,
-        })
-    {
-        let (start, n) = f.family_range(dst.is_v4());
-        candidates = f.endpoints[start..start + n]
-            .iter()
-            .map(SocketAddr::from)
-            .collect();
-    }
+    let mut narrator = Narrator {
+        names: &names,
+        input: &input,
+        steps: Vec::new(),
+        candidates: Vec::new(),
+        service: String::new(),
+        router: String::new(),
+    };
+    let d = at_connect_observed(&kernel, &input, &mut narrator);
+    let Narrator {
+        mut steps,
+        candidates,
+        ..
+    } = narrator;
     let kd = KernelDecision {
         reason: d.reason.label(),
         rewrite: d.rewrite.map(|r| SocketAddr::from(&r)),
-        candidates,
+        candidates: if d.reason == Reason::OriginFork {
+            candidates
+        } else {
+            Vec::new()
+        },
         service_id: d.service_id,
         service: d.service_id.and_then(|id| names.service(id)),
         workload_cgroup_id: d.workload.map(|w| w.0),
         key_id: d.workload.map(|w| w.1),
     };
 
-    let mut steps = steps;
     let router = (d.reason == Reason::ToRouter)
         .then(|| router_steps(&names, d.service_id.unwrap_or(0), dst, args, &mut steps));
-    let verdict = verdict(&kd, router.as_ref(), args);
+    let verdict = verdict(d.reason, &kd, router.as_ref(), args);
     Ok(ExplainDoc {
         schema: "redirectctl.explain/v1",
         from: caller,
@@ -224,135 +228,167 @@ pub fn collect(ctx: &Ctx, args: &ExplainArgs) -> Result<ExplainDoc, CtlError> {
     })
 }
 
-/// The kernel's walk, narrated from the same tables `at_connect` decided on.
-fn kernel_steps(t: &Tables, input: &ConnectInput, names: &Names) -> Vec<Step> {
-    let mut steps = Vec::new();
-    let dst = SocketAddr::from(&input.dst);
-    let Some(svc) = t.services.get(&input.dst) else {
-        steps.push(Step {
-            map: Some("services_v1"),
-            lookup: dst.to_string(),
-            found: "miss".into(),
-            then: "not a forked service port: untouched (not_forked)".into(),
-        });
-        return steps;
-    };
-    let service = name_or_id(names.service(svc.service_id), svc.service_id);
-    steps.push(Step {
-        map: Some("services_v1"),
-        lookup: dst.to_string(),
-        found: match names.service(svc.service_id) {
-            Some(n) => format!("service {n} (id {:#010x})", svc.service_id),
-            None => format!("service id {:#010x} (name unknown)", svc.service_id),
-        },
-        then: "a forked service: decide".into(),
-    });
-    if t.router.mark != 0 && input.mark == t.router.mark {
-        steps.push(Step {
-            map: Some("router_v1"),
-            lookup: format!("socket mark {:#x}", input.mark),
-            found: format!("router mark {:#x}", t.router.mark),
-            then: "the router's own upstream socket: untouched (router_socket)".into(),
-        });
-        return steps;
-    }
-    let workload = input
-        .ancestors
+/// The kernel's decision, narrated step by step as `at_connect_observed` takes it.
+struct Narrator<'a> {
+    names: &'a Names,
+    input: &'a ConnectInput,
+    steps: Vec<Step>,
+    /// The fork endpoints a fork pod's connection picks from.
+    candidates: Vec<SocketAddr>,
+    service: String,
+    router: String,
+}
+
+/// A fork's endpoints of one family.
+fn candidates(f: &ForkEndpoints, v4: bool) -> Vec<SocketAddr> {
+    let (start, n) = f.family_range(v4);
+    f.endpoints[start..start + n]
         .iter()
-        .enumerate()
-        .find_map(|(lvl, cg)| t.workloads.get(cg).map(|w| (lvl, *cg, w.key_id)));
-    let Some((level, cg, key_id)) = workload else {
-        steps.push(Step {
-            map: Some("workloads_v1"),
-            lookup: format!(
-                "{} cgroup ancestors {:?}",
-                input.ancestors.len(),
-                input.ancestors
-            ),
-            found: "miss".into(),
-            then: "no fork pod in the caller's cgroup ancestry: a baseline caller".into(),
-        });
-        let (family, to) = if input.dst.is_v4() {
-            ("ipv4", t.router.v4)
-        } else {
-            ("ipv6", t.router.v6)
-        };
-        if to.is_unset() {
-            steps.push(Step {
+        .map(SocketAddr::from)
+        .collect()
+}
+
+impl Steps for Narrator<'_> {
+    fn step(&mut self, step: DecisionStep<'_>) {
+        let names = self.names;
+        let step = match step {
+            DecisionStep::Service { dst, service_id } => {
+                let lookup = SocketAddr::from(&dst).to_string();
+                match service_id {
+                    None => Step {
+                        map: Some("services_v1"),
+                        lookup,
+                        found: "miss".into(),
+                        then: "not a forked service port: untouched (not_forked)".into(),
+                    },
+                    Some(id) => {
+                        self.service = name_or_id(names.service(id), id);
+                        Step {
+                            map: Some("services_v1"),
+                            lookup,
+                            found: match names.service(id) {
+                                Some(n) => format!("service {n} (id {id:#010x})"),
+                                None => format!("service id {id:#010x} (name unknown)"),
+                            },
+                            then: "a forked service: decide".into(),
+                        }
+                    }
+                }
+            }
+            DecisionStep::RouterSocket { mark } => Step {
                 map: Some("router_v1"),
-                lookup: format!("router address ({family})"),
-                found: "unset".into(),
-                then: "no router for this family: untouched, fail open (router_no_address)".into(),
-            });
-            return steps;
-        }
-        steps.push(Step {
-            map: Some("router_v1"),
-            lookup: format!("router address ({family})"),
-            found: SocketAddr::from(&to).to_string(),
-            then: "check the router is alive".into(),
-        });
-        steps.push(Step {
-            map: Some("router_socks_v1"),
-            lookup: format!("slot {} ({family} listener)", u8::from(!input.dst.is_v4())),
-            found: if input.router_alive {
-                "a listening socket".into()
-            } else {
-                "empty".into()
+                lookup: format!("socket mark {mark:#x}"),
+                found: format!("router mark {mark:#x}"),
+                then: "the router's own upstream socket: untouched (router_socket)".into(),
             },
-            then: if input.router_alive {
-                format!(
-                    "rewrite to the router {}; original destination recorded (to_router)",
-                    SocketAddr::from(&to)
-                )
-            } else {
-                "the router is down: untouched, fail open (router_down)".into()
+            DecisionStep::Caller { found: None } => Step {
+                map: Some("workloads_v1"),
+                lookup: format!(
+                    "{} cgroup ancestors {:?}",
+                    self.input.ancestors.len(),
+                    self.input.ancestors
+                ),
+                found: "miss".into(),
+                then: "no fork pod in the caller's cgroup ancestry: a baseline caller".into(),
             },
-        });
-        return steps;
-    };
-    let key = name_or_id(names.key(key_id), key_id);
-    steps.push(Step {
-        map: Some("workloads_v1"),
-        lookup: format!("cgroup {cg} (ancestor level {level})"),
-        found: format!("fork pod of key {key}"),
-        then: "origin routing, decided in the kernel".into(),
-    });
-    let fork_key = format!("(key {key}, service {service})");
-    match t.forks.get(&ForkKey {
-        key_id,
-        service_id: svc.service_id,
-    }) {
-        None => steps.push(Step {
-            map: Some("forks_v1"),
-            lookup: fork_key,
-            found: "miss".into(),
-            then: "the caller's sandbox does not fork this service: baseline, untouched (origin_baseline)".into(),
-        }),
-        Some(f) => {
-            let (start, n) = f.family_range(input.dst.is_v4());
-            let eps: Vec<String> = f.endpoints[start..start + n]
-                .iter()
-                .map(|e| SocketAddr::from(e).to_string())
-                .collect();
-            let (_, v4) = f.family_range(true);
-            let (_, v6) = f.family_range(false);
-            steps.push(Step {
-                map: Some("forks_v1"),
-                lookup: fork_key,
-                found: format!("{v4} IPv4 + {v6} IPv6 ready endpoints"),
-                then: if n == 0 {
-                    "no ready endpoint of the destination's family: baseline, untouched (origin_no_endpoint)".into()
+            DecisionStep::Caller {
+                found: Some((cg, key_id)),
+            } => {
+                let level = self.input.ancestors.iter().position(|a| *a == cg);
+                Step {
+                    map: Some("workloads_v1"),
+                    lookup: format!("cgroup {cg} (ancestor level {})", level.unwrap_or(0)),
+                    found: format!("fork pod of key {}", name_or_id(names.key(key_id), key_id)),
+                    then: "origin routing, decided in the kernel".into(),
+                }
+            }
+            DecisionStep::Fork { key, v4, endpoints } => {
+                let lookup = format!(
+                    "(key {}, service {})",
+                    name_or_id(names.key(key.key_id), key.key_id),
+                    self.service
+                );
+                match endpoints {
+                    None => Step {
+                        map: Some("forks_v1"),
+                        lookup,
+                        found: "miss".into(),
+                        then: "the caller's sandbox does not fork this service: baseline, \
+                               untouched (origin_baseline)"
+                            .into(),
+                    },
+                    Some(f) => {
+                        self.candidates = candidates(f, v4);
+                        let eps: Vec<String> =
+                            self.candidates.iter().map(|e| e.to_string()).collect();
+                        let (_, n4) = f.family_range(true);
+                        let (_, n6) = f.family_range(false);
+                        Step {
+                            map: Some("forks_v1"),
+                            lookup,
+                            found: format!("{n4} IPv4 + {n6} IPv6 ready endpoints"),
+                            then: if eps.is_empty() {
+                                "no ready endpoint of the destination's family: baseline, \
+                                 untouched (origin_no_endpoint)"
+                                    .into()
+                            } else {
+                                format!(
+                                    "rewrite to a fork endpoint, one of [{}] at random \
+                                     (origin_fork)",
+                                    eps.join(", ")
+                                )
+                            },
+                        }
+                    }
+                }
+            }
+            DecisionStep::RouterAddress { v4, to } => {
+                let family = if v4 { "ipv4" } else { "ipv6" };
+                let lookup = format!("router address ({family})");
+                if to.is_unset() {
+                    Step {
+                        map: Some("router_v1"),
+                        lookup,
+                        found: "unset".into(),
+                        then: "no router for this family: untouched, fail open \
+                               (router_no_address)"
+                            .into(),
+                    }
                 } else {
-                    format!(
-                        "rewrite to a fork endpoint, one of [{}] at random (origin_fork)",
-                        eps.join(", ")
-                    )
+                    self.router = SocketAddr::from(&to).to_string();
+                    Step {
+                        map: Some("router_v1"),
+                        lookup,
+                        found: self.router.clone(),
+                        then: "check the router is alive".into(),
+                    }
+                }
+            }
+            DecisionStep::RouterAlive { slot, alive } => Step {
+                map: Some("router_socks_v1"),
+                lookup: format!(
+                    "slot {slot} ({} listener)",
+                    if slot == 0 { "ipv4" } else { "ipv6" }
+                ),
+                found: if alive {
+                    "a listening socket".into()
+                } else {
+                    "empty".into()
                 },
-            });
-        }
+                then: if alive {
+                    format!(
+                        "rewrite to the router {}; original destination recorded (to_router)",
+                        self.router
+                    )
+                } else {
+                    "the router is down: untouched, fail open (router_down)".into()
+                },
+            },
+            // The model always has room: storage exists only in the kernel.
+            DecisionStep::Recorded { .. } => return,
+        };
+        self.steps.push(step);
     }
-    steps
 }
 
 fn router_steps(
@@ -396,11 +432,7 @@ fn router_steps(
             service_id,
         })
     {
-        let (start, n) = f.family_range(dst.is_v4());
-        candidates = f.endpoints[start..start + n]
-            .iter()
-            .map(SocketAddr::from)
-            .collect();
+        candidates = self::candidates(f, dst.is_v4());
     }
     let orig_dst = SocketAddr::from(&dst);
     let (d, then) = match route {
@@ -495,10 +527,15 @@ fn forking_keys(names: &Names, service_id: u32) -> String {
     }
 }
 
-fn verdict(k: &KernelDecision, r: Option<&RouterDecision>, args: &ExplainArgs) -> Verdict {
+fn verdict(
+    reason: Reason,
+    k: &KernelDecision,
+    r: Option<&RouterDecision>,
+    args: &ExplainArgs,
+) -> Verdict {
     let to = args.to;
-    match k.reason {
-        "origin_fork" => Verdict {
+    match reason {
+        Reason::OriginFork => Verdict {
             kind: "fork_endpoint",
             destination: k.rewrite,
             summary: format!(
@@ -507,15 +544,17 @@ fn verdict(k: &KernelDecision, r: Option<&RouterDecision>, args: &ExplainArgs) -
                 k.candidates.len()
             ),
         },
-        "router_down" | "router_no_address" | "storage_full" | "error" => Verdict {
-            kind: "fail_open",
-            destination: Some(to),
-            summary: format!(
-                "fail open ({}): the connection goes to {to} untouched, baseline",
-                k.reason
-            ),
-        },
-        "to_router" => {
+        Reason::RouterDown | Reason::RouterNoAddress | Reason::StorageFull | Reason::Error => {
+            Verdict {
+                kind: "fail_open",
+                destination: Some(to),
+                summary: format!(
+                    "fail open ({}): the connection goes to {to} untouched, baseline",
+                    k.reason
+                ),
+            }
+        }
+        Reason::ToRouter => {
             let router = k.rewrite.map(|r| r.to_string()).unwrap_or_default();
             match r {
                 Some(RouterDecision {
@@ -559,10 +598,18 @@ fn verdict(k: &KernelDecision, r: Option<&RouterDecision>, args: &ExplainArgs) -
                 },
             }
         }
-        reason => Verdict {
+        Reason::NotForked
+        | Reason::RouterSocket
+        | Reason::OriginBaseline
+        | Reason::OriginNoEndpoint
+        | Reason::ConnRecorded
+        | Reason::ConnsFull => Verdict {
             kind: "untouched",
             destination: Some(to),
-            summary: format!("untouched ({reason}): the connection goes to {to}"),
+            summary: format!(
+                "untouched ({}): the connection goes to {to}",
+                reason.label()
+            ),
         },
     }
 }

@@ -1,8 +1,14 @@
-//! The decision the `connect4`/`connect6` programs make, as a pure function over `Tables`.
-//! It must stay step for step the same as `redirect-ebpf/src/connect.rs`; the end-to-end tests
-//! compare both on real connections.
+//! The decision the `connect4`/`connect6` programs make (`redirect_common::connect::decide`),
+//! run over `Tables`: the same function, with the caller found by the same walk
+//! (`redirect_common::origin::walk`) over the ancestry given. The end-to-end tests check it
+//! against the kernel on real connections; `redirectctl explain` narrates its steps.
 
-use redirect_common::{ForkKey, Reason, SockAddr};
+pub use redirect_common::connect::Decision as ConnectDecision;
+use redirect_common::{
+    ForkEndpoints, ForkKey, RouterConfig, SockAddr,
+    connect::{ConnectEnv, Steps, decide, nth_candidate},
+    origin::{self, OriginLookups},
+};
 
 use super::Tables;
 
@@ -11,8 +17,8 @@ use super::Tables;
 pub struct ConnectInput {
     /// Destination the caller asked for.
     pub dst: SockAddr,
-    /// Whether the socket is IPv6 (connect6).
-    pub ipv6_socket: bool,
+    /// Whether the socket is TCP (the programs decide nothing else).
+    pub tcp: bool,
     /// The caller's cgroup ancestry, root (level 0) first, as the kernel walks it.
     pub ancestors: Vec<u64>,
     /// The socket's `SO_MARK`.
@@ -23,77 +29,93 @@ pub struct ConnectInput {
     pub pick: u32,
 }
 
-/// What the kernel does, and why.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConnectDecision {
-    pub reason: Reason,
-    /// The rewritten destination, when the decision rewrites.
-    pub rewrite: Option<SockAddr>,
-    /// Service id of the destination, when it is a forked service.
-    pub service_id: Option<u32>,
-    /// The caller's pod cgroup and routing key, when it is a fork pod.
-    pub workload: Option<(u64, u32)>,
+/// Decides what `connect()` to `input.dst` does, as the programs do.
+pub fn at_connect(t: &Tables, input: &ConnectInput) -> ConnectDecision {
+    at_connect_observed(t, input, &mut ())
 }
 
-/// Decides what `connect()` to `input.dst` does. Mirrors the eBPF program.
-pub fn at_connect(t: &Tables, input: &ConnectInput) -> ConnectDecision {
-    let mut d = ConnectDecision {
-        reason: Reason::NotForked,
-        rewrite: None,
-        service_id: None,
-        workload: None,
-    };
-    let Some(svc) = t.services.get(&input.dst) else {
-        return d;
-    };
-    d.service_id = Some(svc.service_id);
-    if t.router.mark != 0 && input.mark == t.router.mark {
-        d.reason = Reason::RouterSocket;
-        return d;
+/// [`at_connect`], reporting each step to `steps`.
+pub fn at_connect_observed(
+    t: &Tables,
+    input: &ConnectInput,
+    steps: &mut impl Steps,
+) -> ConnectDecision {
+    decide(&OverTables { t, input }, steps)
+}
+
+/// The decision's view of `Tables` and one caller.
+struct OverTables<'a> {
+    t: &'a Tables,
+    input: &'a ConnectInput,
+}
+
+impl ConnectEnv for OverTables<'_> {
+    fn tcp_destination(&self) -> Option<SockAddr> {
+        self.input.tcp.then_some(self.input.dst)
     }
-    let workload = input
-        .ancestors
-        .iter()
-        .find_map(|cg| t.workloads.get(cg).map(|w| (*cg, w.key_id)));
-    if let Some((cgroup, key_id)) = workload {
-        d.workload = Some((cgroup, key_id));
-        let fork = t.forks.get(&ForkKey {
-            key_id,
-            service_id: svc.service_id,
-        });
-        d.reason = match fork {
-            None => Reason::OriginBaseline,
-            Some(f) => {
-                let (start, n) = f.family_range(input.dst.is_v4());
-                if n == 0 {
-                    Reason::OriginNoEndpoint
-                } else {
-                    d.rewrite = Some(f.endpoints[start + input.pick as usize % n]);
-                    Reason::OriginFork
-                }
-            }
-        };
-        return d;
+
+    fn service(&self, dst: &SockAddr) -> Option<u32> {
+        self.t.services.get(dst).map(|s| s.service_id)
     }
-    let router = if input.dst.is_v4() {
-        t.router.v4
-    } else {
-        t.router.v6
-    };
-    d.reason = if router.is_unset() {
-        Reason::RouterNoAddress
-    } else if !input.router_alive {
-        Reason::RouterDown
-    } else {
-        d.rewrite = Some(router);
-        Reason::ToRouter
-    };
-    d
+
+    fn router(&self) -> Option<&RouterConfig> {
+        Some(&self.t.router)
+    }
+
+    fn socket_mark(&self) -> u32 {
+        self.input.mark
+    }
+
+    fn caller(&self) -> Option<(u64, u32)> {
+        let (cgroup, key_id) = origin::walk(self);
+        (cgroup != 0).then_some((cgroup, key_id))
+    }
+
+    fn fork(&self, key: &ForkKey) -> Option<&ForkEndpoints> {
+        self.t.forks.get(key)
+    }
+
+    fn pick(&self, start: usize, n: usize) -> usize {
+        nth_candidate(start, n, self.input.pick)
+    }
+
+    fn router_alive(&self, _slot: u32) -> bool {
+        self.input.router_alive
+    }
+
+    fn remember(&self, _dst: &SockAddr, _service_id: u32, _to_router: bool) -> bool {
+        true
+    }
+}
+
+/// The uncached walk only: a model has no cache to consult.
+impl OriginLookups for OverTables<'_> {
+    fn generation(&self) -> u64 {
+        0
+    }
+
+    fn cached(&self, _cgroup_id: u64) -> Option<redirect_common::OriginCacheEntry> {
+        None
+    }
+
+    fn ancestor(&self, level: i32) -> u64 {
+        self.input
+            .ancestors
+            .get(level as usize)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn workload_key(&self, cgroup_id: u64) -> Option<u32> {
+        self.t.workloads.get(&cgroup_id).map(|w| w.key_id)
+    }
+
+    fn remember(&self, _cgroup_id: u64, _entry: &redirect_common::OriginCacheEntry) {}
 }
 
 #[cfg(test)]
 mod tests {
-    use redirect_common::{ForkEndpoints, RouterConfig, ServiceValue, WorkloadValue};
+    use redirect_common::{Reason, ServiceValue, WorkloadValue};
 
     use super::*;
 
@@ -136,7 +158,7 @@ mod tests {
     fn input(dst: SockAddr, ancestors: &[u64]) -> ConnectInput {
         ConnectInput {
             dst,
-            ipv6_socket: false,
+            tcp: true,
             ancestors: ancestors.to_vec(),
             mark: 0,
             router_alive: true,
@@ -204,8 +226,7 @@ mod tests {
                 flags: 0,
             },
         );
-        let mut i = input(vip6, &[1]);
-        i.ipv6_socket = true;
+        let i = input(vip6, &[1]);
         assert_eq!(at_connect(&t, &i).reason, Reason::RouterNoAddress);
     }
 
@@ -225,10 +246,21 @@ mod tests {
             i.pick = pick;
             assert_eq!(at_connect(&t, &i).rewrite, Some(v4(FORK_EP, 8080)));
             let mut i = input(vip6, &[FORK_POD_CG]);
-            (i.pick, i.ipv6_socket) = (pick, true);
+            i.pick = pick;
             let ep = at_connect(&t, &i).rewrite.unwrap();
             assert!(!ep.is_v4(), "{ep:?}");
         }
+    }
+
+    #[test]
+    fn only_tcp_is_decided() {
+        let mut i = input(v4(VIP, 80), &[1, 2]);
+        i.tcp = false;
+        let d = at_connect(&scene(), &i);
+        assert_eq!(
+            (d.reason, d.dst, d.rewrite),
+            (Reason::NotForked, None, None)
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ mod protocol;
 mod request;
 mod tables;
 
-pub use connect::{ConnectDecision, ConnectInput, at_connect};
+pub use connect::{ConnectDecision, ConnectInput, at_connect, at_connect_observed};
 pub use protocol::PortProtocol;
 pub use request::{BaselineWhy, RequestRoute, RouteView, for_request};
 pub use tables::{KeyInfo, ServiceName, Tables};

@@ -1,0 +1,194 @@
+//! The `connect4`/`connect6` decision, written once. The eBPF programs run it over their maps
+//! and the socket being connected; the agent runs it over the tables it reads back from the maps
+//! (the end-to-end tests compare both on real connections, `redirectctl explain` narrates it).
+//! Each step is reported to a [`Steps`] observer: `()` ignores them, `explain` renders them.
+
+use crate::{ForkEndpoints, ForkKey, MAX_FORK_ENDPOINTS, Reason, RouterConfig, SockAddr};
+
+/// What the decision reads, in the kernel or over tables.
+pub trait ConnectEnv {
+    /// The destination the caller asked for, when the socket is TCP (nothing else is decided).
+    fn tcp_destination(&self) -> Option<SockAddr>;
+    /// The service port id of the forked service at `dst` (`services_v1`).
+    fn service(&self, dst: &SockAddr) -> Option<u32>;
+    /// The router's addresses and mark (`router_v1`); `None` only when it cannot be read.
+    fn router(&self) -> Option<&RouterConfig>;
+    /// The socket's `SO_MARK`.
+    fn socket_mark(&self) -> u32;
+    /// The caller's fork pod cgroup and routing key, when it runs in a fork pod
+    /// ([`crate::origin::caller_key`]).
+    fn caller(&self) -> Option<(u64, u32)>;
+    /// The ready endpoints of a fork (`forks_v1`).
+    fn fork(&self, key: &ForkKey) -> Option<&ForkEndpoints>;
+    /// Which of the `n` candidates from `start` to use; must be below `MAX_FORK_ENDPOINTS`.
+    fn pick(&self, start: usize, n: usize) -> usize;
+    /// Whether the router's listener sits in liveness slot `slot` (`router_socks_v1`).
+    fn router_alive(&self, slot: u32) -> bool;
+    /// Records the rewritten socket: the address asked for (for `getpeername()`) and, when
+    /// `to_router`, its original destination for the router. `false` when it cannot.
+    fn remember(&self, dst: &SockAddr, service_id: u32, to_router: bool) -> bool;
+}
+
+/// One step of the decision, as it was taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step<'a> {
+    /// `services_v1[dst]`: the forked service port, if any.
+    Service {
+        dst: SockAddr,
+        service_id: Option<u32>,
+    },
+    /// The socket carries the router's mark: its own upstream socket.
+    RouterSocket { mark: u32 },
+    /// Who is calling: the fork pod cgroup and key, or `None` for a baseline caller.
+    Caller { found: Option<(u64, u32)> },
+    /// `forks_v1[key]` for the destination's family (`v4`).
+    Fork {
+        key: ForkKey,
+        v4: bool,
+        endpoints: Option<&'a ForkEndpoints>,
+    },
+    /// The router's address for the destination's family (unset: none).
+    RouterAddress { v4: bool, to: SockAddr },
+    /// Whether the router's listener is in its liveness slot.
+    RouterAlive { slot: u32, alive: bool },
+    /// Whether the socket's record could be stored.
+    Recorded { to_router: bool, ok: bool },
+}
+
+/// Sees each step as it is taken.
+pub trait Steps {
+    fn step(&mut self, step: Step<'_>);
+}
+
+/// No observer: what the kernel uses.
+impl Steps for () {
+    #[inline(always)]
+    fn step(&mut self, _: Step<'_>) {}
+}
+
+/// What `connect()` does, and why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub reason: Reason,
+    /// The destination asked for; `None` for a socket that is not TCP.
+    pub dst: Option<SockAddr>,
+    /// Where the connection goes instead, when the decision rewrites.
+    pub rewrite: Option<SockAddr>,
+    /// The destination's service port id, when it is a forked service.
+    pub service_id: Option<u32>,
+    /// The caller's fork pod cgroup and routing key, when it is a fork pod.
+    pub workload: Option<(u64, u32)>,
+}
+
+impl Decision {
+    const fn untouched(reason: Reason, dst: Option<SockAddr>) -> Self {
+        Decision {
+            reason,
+            dst,
+            rewrite: None,
+            service_id: None,
+            workload: None,
+        }
+    }
+}
+
+/// Decides what a `connect()` does: untouched unless the destination is a forked service; a
+/// fork pod's own connection goes to its sandbox's fork endpoint (decided here, in the kernel);
+/// a baseline caller's goes to the router, which decides per request. Every failure leaves the
+/// connection untouched (fail open).
+#[inline(always)]
+pub fn decide<E: ConnectEnv, S: Steps>(env: &E, steps: &mut S) -> Decision {
+    let Some(dst) = env.tcp_destination() else {
+        return Decision::untouched(Reason::NotForked, None);
+    };
+    let mut d = Decision::untouched(Reason::NotForked, Some(dst));
+    let service_id = env.service(&dst);
+    steps.step(Step::Service { dst, service_id });
+    let Some(service_id) = service_id else {
+        return d;
+    };
+    d.service_id = Some(service_id);
+    let Some(router) = env.router() else {
+        d.reason = Reason::Error;
+        return d;
+    };
+    if router.mark != 0 {
+        let mark = env.socket_mark();
+        if mark == router.mark {
+            steps.step(Step::RouterSocket { mark });
+            d.reason = Reason::RouterSocket;
+            return d;
+        }
+    }
+    let v4 = dst.is_v4();
+    let caller = env.caller();
+    steps.step(Step::Caller { found: caller });
+    if let Some((_, key_id)) = caller {
+        d.workload = caller;
+        let key = ForkKey { key_id, service_id };
+        let fork = env.fork(&key);
+        steps.step(Step::Fork {
+            key,
+            v4,
+            endpoints: fork,
+        });
+        let Some(fork) = fork else {
+            d.reason = Reason::OriginBaseline;
+            return d;
+        };
+        let (start, n) = fork.family_range(v4);
+        if n == 0 {
+            d.reason = Reason::OriginNoEndpoint;
+            return d;
+        }
+        let Some(ep) = fork.endpoints.get(env.pick(start, n)) else {
+            d.reason = Reason::Error;
+            return d;
+        };
+        // Best effort: without the record the application sees the fork endpoint as its peer.
+        let ok = env.remember(&dst, service_id, false);
+        steps.step(Step::Recorded {
+            to_router: false,
+            ok,
+        });
+        d.rewrite = Some(*ep);
+        d.reason = Reason::OriginFork;
+        return d;
+    }
+    let (to, slot) = if v4 {
+        (router.v4, crate::ROUTER_SOCK_V4)
+    } else {
+        (router.v6, crate::ROUTER_SOCK_V6)
+    };
+    steps.step(Step::RouterAddress { v4, to });
+    if to.is_unset() {
+        d.reason = Reason::RouterNoAddress;
+        return d;
+    }
+    let alive = env.router_alive(slot);
+    steps.step(Step::RouterAlive { slot, alive });
+    if !alive {
+        d.reason = Reason::RouterDown;
+        return d;
+    }
+    // Without the record the router could not route the connection: leave it alone.
+    let ok = env.remember(&dst, service_id, true);
+    steps.step(Step::Recorded {
+        to_router: true,
+        ok,
+    });
+    if !ok {
+        d.reason = Reason::StorageFull;
+        return d;
+    }
+    d.rewrite = Some(to);
+    d.reason = Reason::ToRouter;
+    d
+}
+
+/// The index of the `pick`-th of `n` candidates from `start` (what the agent's model uses; the
+/// kernel picks at random).
+#[inline(always)]
+pub const fn nth_candidate(start: usize, n: usize, pick: u32) -> usize {
+    (start + pick as usize % n) & (MAX_FORK_ENDPOINTS - 1)
+}

@@ -192,3 +192,147 @@ pub fn decide<E: ConnectEnv, S: Steps>(env: &E, steps: &mut S) -> Decision {
 pub const fn nth_candidate(start: usize, n: usize, pick: u32) -> usize {
     (start + pick as usize % n) & (MAX_FORK_ENDPOINTS - 1)
 }
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+
+    use core::cell::Cell;
+    use std::vec::Vec;
+
+    use super::*;
+
+    const VIP: SockAddr = SockAddr::v4(0x0a00_00c8, 80);
+    const ROUTER: SockAddr = SockAddr::v4(0x0100_00c8, 15001);
+
+    /// One forked service, one fork endpoint, a router; the caller and room are set per test.
+    struct Env {
+        caller: Option<(u64, u32)>,
+        fork: ForkEndpoints,
+        router: RouterConfig,
+        alive: bool,
+        room: bool,
+        remembered: Cell<Option<bool>>,
+    }
+
+    impl Env {
+        fn new(caller: Option<(u64, u32)>) -> Env {
+            let ep = SockAddr::v4(0x0901_00c8, 8080);
+            Env {
+                caller,
+                fork: ForkEndpoints::from_endpoints(&[ep]).0,
+                router: RouterConfig {
+                    v4: ROUTER,
+                    mark: 0x5244,
+                    ..Default::default()
+                },
+                alive: true,
+                room: true,
+                remembered: Cell::new(None),
+            }
+        }
+    }
+
+    impl ConnectEnv for Env {
+        fn tcp_destination(&self) -> Option<SockAddr> {
+            Some(VIP)
+        }
+        fn service(&self, dst: &SockAddr) -> Option<u32> {
+            (*dst == VIP).then_some(7)
+        }
+        fn router(&self) -> Option<&RouterConfig> {
+            Some(&self.router)
+        }
+        fn socket_mark(&self) -> u32 {
+            0
+        }
+        fn caller(&self) -> Option<(u64, u32)> {
+            self.caller
+        }
+        fn fork(&self, key: &ForkKey) -> Option<&ForkEndpoints> {
+            (key.key_id == 3 && key.service_id == 7).then_some(&self.fork)
+        }
+        fn pick(&self, start: usize, n: usize) -> usize {
+            nth_candidate(start, n, 0)
+        }
+        fn router_alive(&self, _slot: u32) -> bool {
+            self.alive
+        }
+        fn remember(&self, _dst: &SockAddr, _service_id: u32, to_router: bool) -> bool {
+            self.remembered.set(Some(to_router));
+            self.room
+        }
+    }
+
+    /// The names of the steps taken, in order.
+    #[derive(Default)]
+    struct Taken(Vec<&'static str>);
+
+    impl Steps for Taken {
+        fn step(&mut self, step: Step<'_>) {
+            self.0.push(match step {
+                Step::Service { .. } => "service",
+                Step::RouterSocket { .. } => "router_socket",
+                Step::Caller { .. } => "caller",
+                Step::Fork { .. } => "fork",
+                Step::RouterAddress { .. } => "router_address",
+                Step::RouterAlive { .. } => "router_alive",
+                Step::Recorded { .. } => "recorded",
+            });
+        }
+    }
+
+    #[test]
+    fn a_baseline_caller_goes_to_the_router_once_its_socket_is_recorded() {
+        let env = Env::new(None);
+        let mut taken = Taken::default();
+        let d = decide(&env, &mut taken);
+        assert_eq!((d.reason, d.rewrite), (Reason::ToRouter, Some(ROUTER)));
+        assert_eq!(env.remembered.get(), Some(true));
+        assert_eq!(
+            taken.0,
+            [
+                "service",
+                "caller",
+                "router_address",
+                "router_alive",
+                "recorded"
+            ]
+        );
+    }
+
+    #[test]
+    fn no_record_for_the_router_means_untouched_but_a_fork_endpoint_does_without() {
+        let mut env = Env::new(None);
+        env.room = false;
+        let d = decide(&env, &mut ());
+        assert_eq!((d.reason, d.rewrite), (Reason::StorageFull, None));
+        let mut env = Env::new(Some((42, 3)));
+        env.room = false;
+        let d = decide(&env, &mut ());
+        assert_eq!(d.reason, Reason::OriginFork);
+        assert_eq!(env.remembered.get(), Some(false));
+    }
+
+    #[test]
+    fn a_fork_pod_is_decided_without_the_router() {
+        let mut env = Env::new(Some((42, 3)));
+        env.alive = false;
+        let mut taken = Taken::default();
+        let d = decide(&env, &mut taken);
+        assert_eq!(d.reason, Reason::OriginFork);
+        assert_eq!(d.workload, Some((42, 3)));
+        assert_eq!(taken.0, ["service", "caller", "fork", "recorded"]);
+        let d = decide(&Env::new(Some((42, 4))), &mut ());
+        assert_eq!((d.reason, d.rewrite), (Reason::OriginBaseline, None));
+    }
+
+    #[test]
+    fn the_router_being_down_fails_open_before_anything_is_recorded() {
+        let mut env = Env::new(None);
+        env.alive = false;
+        let d = decide(&env, &mut ());
+        assert_eq!((d.reason, d.rewrite), (Reason::RouterDown, None));
+        assert_eq!(env.remembered.get(), None);
+    }
+}

@@ -160,7 +160,7 @@ impl AdminState {
         generation: u64,
         took: Duration,
         applied: usize,
-        failed: &[String],
+        failed: &[(crate::sync::Op, crate::sync::MapError)],
     ) {
         self.sync.record_sync(took.as_secs_f64(), applied, failed);
         *lock(&self.state_from) = api::STATE_SYNCED;
@@ -187,7 +187,6 @@ impl AdminState {
     }
 
     pub fn status(&self) -> api::AgentStatus {
-        let c = self.sync.snapshot();
         let router = self.router_stats();
         let stats = router.as_ref().map(|r| &r.stats);
         api::AgentStatus {
@@ -198,9 +197,9 @@ impl AdminState {
             ready: self.is_ready(),
             generation: self.generation.load(Ordering::Relaxed),
             last_sync: lock(&self.last_sync).clone(),
-            syncs_total: c.duration.count(),
-            sync_errors_total: c.errors_full + c.errors_other,
-            manifest_errors_total: c.manifest_errors,
+            syncs_total: self.sync.syncs(),
+            sync_errors_total: self.sync.errors(),
+            manifest_errors_total: self.sync.manifest_errors(),
             log_filter: lock(&self.log_filter).clone(),
             pin_dir: self.pin_dir.display().to_string(),
             cgroup_root: self.cgroup_root.display().to_string(),
@@ -219,22 +218,20 @@ impl AdminState {
     }
 
     fn metrics(&self) -> String {
-        let router = self.router_stats();
-        let last = lock(&self.last_sync)
+        let last_sync_unix = lock(&self.last_sync)
             .as_ref()
             .map(|s| s.at_unix_ms as f64 / 1000.0);
-        let mut out = metrics::render(
-            &self.pin_dir,
-            router.as_ref().map(|r| &r.stats),
-            &self.sync.snapshot(),
-            self.is_ready(),
-            self.generation.load(Ordering::Relaxed),
-            last,
-        );
-        if let Some(source) = self.source_status() {
-            metrics::render_source(&mut out, &source);
-        }
-        out
+        metrics::render(
+            &self.sync,
+            metrics::Scrape {
+                pin_dir: self.pin_dir.clone(),
+                router: self.router_stats(),
+                ready: self.is_ready(),
+                generation: self.generation.load(Ordering::Relaxed),
+                last_sync_unix,
+                source: self.source_status(),
+            },
+        )
     }
 
     fn set_log_filter(&self, filter: &str) -> Result<(), String> {
@@ -349,7 +346,7 @@ fn unauthorized() -> Response<Body> {
 /// Largest `PUT /loglevel` body.
 const MAX_FILTER_BYTES: usize = 4096;
 
-async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Body> {
+async fn handle(req: Request<Incoming>, state: &Arc<AdminState>) -> Response<Body> {
     let path = req.uri().path().to_string();
     match (req.method().clone(), path.as_str()) {
         (Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
@@ -364,13 +361,15 @@ async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Body> {
             }
         }
         (Method::GET, "/metrics") => {
-            // Map reads are blocking syscalls: keep them off the async workers.
-            let body = tokio::task::block_in_place(|| state.metrics());
-            reply(
-                StatusCode::OK,
-                "text/plain; version=0.0.4; charset=utf-8",
-                body,
-            )
+            // Map reads are syscalls (listing a big map takes a while): off the async workers.
+            let state = state.clone();
+            match tokio::task::spawn_blocking(move || state.metrics()).await {
+                Ok(body) => reply(StatusCode::OK, metrics::CONTENT_TYPE, body),
+                Err(e) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("collecting the metrics failed: {e}\n"),
+                ),
+            }
         }
         (Method::GET, "/tables") => {
             let p = state.tables.load();

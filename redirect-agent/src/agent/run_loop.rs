@@ -312,8 +312,8 @@ where
     for w in &out.warnings {
         tracing::warn!(warning = %w, "sync");
     }
-    for f in &out.failed {
-        tracing::error!(failure = %f, "map update failed");
+    for (op, error) in &out.failed {
+        tracing::error!(?op, %error, "map update failed");
     }
     if new_generation || out.applied > 0 || !out.failed.is_empty() {
         tracing::info!(
@@ -440,7 +440,7 @@ spec:
             1,
             "the fork is in the maps"
         );
-        assert_eq!(ctx.admin.sync.snapshot().manifest_errors, 1);
+        assert_eq!(ctx.admin.sync.manifest_errors(), 1);
         assert_eq!(ctx.admin.status().generation, 1);
         assert!(ctx.admin.is_ready());
     }

@@ -9,7 +9,7 @@ use crate::{
     routing::Tables,
     store::Store,
     sync::{
-        MapError, RedirectMaps,
+        MapError, Op, RedirectMaps,
         desired::{DesiredState, NodeContext},
         diff::{apply, diff, diff_touched},
     },
@@ -19,7 +19,7 @@ use crate::{
 #[derive(Debug, Default)]
 pub struct SyncOutcome {
     pub applied: usize,
-    pub failed: Vec<String>,
+    pub failed: Vec<(Op, MapError)>,
     pub warnings: Vec<String>,
 }
 
@@ -75,11 +75,7 @@ impl<M: RedirectMaps, C: CgroupResolver> Syncer<M, C> {
             _ => diff(&self.current, &want.tables),
         };
         let report = apply(ops, &mut self.maps);
-        let failed: Vec<String> = report
-            .failed
-            .iter()
-            .map(|(op, e)| format!("{op:?}: {e}"))
-            .collect();
+        let failed = report.failed;
         let tables = Arc::new(want.tables);
         // Re-read on failure so the next diff starts from the truth.
         self.current = if failed.is_empty() {

@@ -101,7 +101,7 @@ const REQUIRED_TOOLS: &[&str] = &["ip", "nft"];
 #[derive(Debug)]
 pub enum SetupError {
     /// The machine cannot run the harness (not root, a tool or cgroup2 missing): tests print
-    /// the reason and pass.
+    /// the reason ([`skip`]) and pass.
     Skip(String),
     /// Building the cluster failed: a real error.
     Failed(anyhow::Error),
@@ -130,6 +130,37 @@ impl From<std::io::Error> for SetupError {
     }
 }
 
+/// Reports that `test` skips: writes `SKIP <test>: <why>` straight to stderr, past the test
+/// harness's output capture, so a run without root or a tool shows what it did not test even
+/// when every test passes. Every test that skips says so through here.
+pub fn skip(test: &str, why: impl std::fmt::Display) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "SKIP {test}: {why}");
+}
+
+/// What `setup` gave, or `None` after [`skip`] when it says the machine cannot run `test`;
+/// panics on a real setup error.
+pub fn or_skip<T>(test: &str, setup: Result<T, SetupError>) -> Option<T> {
+    match setup {
+        Ok(v) => Some(v),
+        Err(SetupError::Skip(why)) => {
+            skip(test, why);
+            None
+        }
+        Err(e) => panic!("{test}: {e}"),
+    }
+}
+
+/// `Err(Skip)` unless this process runs as root; `why` says what needs root.
+pub fn require_root(why: &str) -> Result<(), SetupError> {
+    let euid = nix::unistd::geteuid();
+    if euid.is_root() {
+        Ok(())
+    } else {
+        Err(SetupError::Skip(format!("needs root {why} (euid {euid})")))
+    }
+}
+
 /// `Err(Skip)` unless every tool runs (`<tool> --version` or `-V` exits 0).
 pub fn require_tools(tools: &[&str]) -> Result<(), SetupError> {
     for tool in tools {
@@ -150,12 +181,7 @@ pub fn require_tools(tools: &[&str]) -> Result<(), SetupError> {
 }
 
 fn preflight() -> Result<PathBuf, SetupError> {
-    let euid = nix::unistd::geteuid();
-    if !euid.is_root() {
-        return Err(SetupError::Skip(format!(
-            "needs root for namespaces, nftables and cgroups (euid {euid})"
-        )));
-    }
+    require_root("for namespaces, nftables and cgroups")?;
     require_tools(REQUIRED_TOOLS)?;
     cgroup2_mount().map_err(|e| SetupError::Skip(format!("{e:#}")))
 }
@@ -283,17 +309,10 @@ impl MiniCluster {
     }
 
     /// [`MiniCluster::new`] for tests: also requires `tools` (e.g. `curl`); prints
-    /// `SKIP <test>: <reason>` and gives `None` when the machine cannot run it; panics on real
+    /// `SKIP <test>: <reason>` ([`skip`]) and gives `None` when the machine cannot run it; panics on real
     /// setup errors.
     pub fn new_or_skip(test: &str, tools: &[&str]) -> Option<MiniCluster> {
-        match require_tools(tools).and_then(|()| MiniCluster::new()) {
-            Ok(mc) => Some(mc),
-            Err(SetupError::Skip(why)) => {
-                eprintln!("SKIP {test}: {why}");
-                None
-            }
-            Err(e) => panic!("{test}: {e}"),
-        }
+        or_skip(test, require_tools(tools).and_then(|()| MiniCluster::new()))
     }
 
     fn setup_node(&self) -> Result<()> {

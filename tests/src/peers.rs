@@ -8,7 +8,7 @@ use std::{
 
 use serde_json::Value;
 
-use crate::{Pod, Proc};
+use crate::{MiniCluster, Pod, Proc, SetupError, or_skip, require_tools};
 
 pub const GRPC_PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/peers/grpc_peer.py");
 pub const WS_PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/peers/ws_peer.py");
@@ -28,6 +28,21 @@ pub fn python_modules_present() -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
+}
+
+/// A cluster for a test that runs the Python peers, or `None` after printing `SKIP` when the
+/// machine cannot run it: not root, one of `tools` missing or the Python modules missing.
+pub fn peer_cluster_or_skip(test: &str, tools: &[&str]) -> Option<MiniCluster> {
+    let setup = if python_modules_present() {
+        require_tools(tools).and_then(|()| MiniCluster::new())
+    } else {
+        Err(SetupError::Skip(
+            "Python modules grpc, grpc_tools or websockets missing (`./x setup` installs \
+             tests/peers/requirements.txt)"
+                .into(),
+        ))
+    };
+    or_skip(test, setup)
 }
 
 /// `ip4:port` and `[ip6]:port` of `pod`.

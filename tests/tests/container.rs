@@ -21,9 +21,10 @@ fn image(test: &str) -> Option<String> {
     match std::env::var("REDIRECT_AGENT_IMAGE") {
         Ok(i) if !i.is_empty() => Some(i),
         _ => {
-            eprintln!(
-                "SKIP {test}: REDIRECT_AGENT_IMAGE is not set (build the image with `cargo xtask \
-                 image` and set it to localhost/redirect-agent:dev; `cargo xtask test` does both)"
+            redirect_tests::skip(
+                test,
+                "REDIRECT_AGENT_IMAGE is not set (build the image with `cargo xtask image` and \
+                 set it to localhost/redirect-agent:dev; `cargo xtask test` does both)",
             );
             None
         }

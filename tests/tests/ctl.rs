@@ -12,7 +12,7 @@ use std::{
 
 use nix::sys::signal::Signal;
 use redirect_tests::{
-    MiniCluster, Pod, ROUTER_IP4,
+    MiniCluster, Pod, Proc, ROUTER_IP4, RunOutput,
     agent::{ROUTER_PORT, agent_bin, read_counters},
     kernel::delta,
     scene::*,
@@ -25,9 +25,37 @@ const ADMIN: &str = "http://127.0.0.1:9967";
 
 /// The redirectctl binary: `$REDIRECTCTL_BIN`, else the workspace's debug build.
 fn ctl_bin() -> PathBuf {
-    std::env::var_os("REDIRECTCTL_BIN")
+    let bin = std::env::var_os("REDIRECTCTL_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| agent_bin().with_file_name("redirectctl"))
+        .unwrap_or_else(|| agent_bin().with_file_name("redirectctl"));
+    assert!(
+        bin.exists(),
+        "{} missing: cargo build -p redirect-agent",
+        bin.display()
+    );
+    bin
+}
+
+/// `redirectctl --pin-dir <pins> <args>`.
+fn ctl_argv<'a>(bin: &'a Path, pins: &'a Path, args: &[&'a str]) -> Vec<&'a str> {
+    let mut argv = vec![bin.to_str().unwrap(), "--pin-dir", pins.to_str().unwrap()];
+    argv.extend_from_slice(args);
+    argv
+}
+
+/// Runs `redirectctl --pin-dir <pins> <args>` in the node netns to the end, whatever it exits
+/// with.
+fn ctl_run(mc: &MiniCluster, pins: &Path, args: &[&str]) -> RunOutput {
+    let bin = ctl_bin();
+    mc.node()
+        .run(&ctl_argv(&bin, pins, args), CTL_TIMEOUT)
+        .unwrap()
+}
+
+/// Starts `redirectctl --pin-dir <pins> <args>` in the node netns.
+fn ctl_spawn(mc: &MiniCluster, pins: &Path, args: &[&str]) -> Proc {
+    let bin = ctl_bin();
+    mc.node().spawn(&ctl_argv(&bin, pins, args)).unwrap()
 }
 
 /// Service ports the scene's sandbox forks.
@@ -42,15 +70,7 @@ fn pin_dir(shop: &Shop<'_>) -> PathBuf {
 /// Runs `redirectctl --pin-dir <pins> <args>` in the node netns; returns stdout, panicking
 /// with stderr on failure.
 fn ctl(mc: &MiniCluster, pins: &Path, args: &[&str]) -> String {
-    let bin = ctl_bin();
-    assert!(
-        bin.exists(),
-        "{} missing: cargo build -p redirect-agent",
-        bin.display()
-    );
-    let mut argv = vec![bin.to_str().unwrap(), "--pin-dir", pins.to_str().unwrap()];
-    argv.extend_from_slice(args);
-    let out = mc.node().run(&argv, CTL_TIMEOUT).unwrap();
+    let out = ctl_run(mc, pins, args);
     assert!(
         out.success(),
         "redirectctl {args:?} failed: {}\n{}",
@@ -67,9 +87,8 @@ fn ctl_json(mc: &MiniCluster, pins: &Path, args: &[&str]) -> Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
-/// `curl` in the node netns against the admin endpoint: (status code, body).
-fn admin(mc: &MiniCluster, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    let url = format!("{ADMIN}{path}");
+/// `curl -X <method> <url> <extra>` that prints the status code on a line after the body.
+fn curl_argv<'a>(method: &'a str, url: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut argv = vec![
         "curl",
         "-sS",
@@ -79,14 +98,24 @@ fn admin(mc: &MiniCluster, method: &str, path: &str, body: Option<&str>) -> (u16
         method,
         "-w",
         "\n%{http_code}",
-        &url,
+        url,
     ];
-    if let Some(b) = body {
-        argv.extend(["--data-binary", b]);
-    }
-    let out = mc.node().run(&argv, CTL_TIMEOUT).unwrap().check().unwrap();
+    argv.extend_from_slice(extra);
+    argv
+}
+
+/// (status code, body) of a [`curl_argv`] run, which must have succeeded.
+fn code_and_body(out: anyhow::Result<RunOutput>) -> (u16, String) {
+    let out = out.unwrap().check().unwrap();
     let (body, code) = out.rsplit_once('\n').unwrap();
     (code.trim().parse().unwrap(), body.to_string())
+}
+
+/// `curl` in the node netns against the admin endpoint: (status code, body).
+fn admin(mc: &MiniCluster, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let url = format!("{ADMIN}{path}");
+    let extra = body.map(|b| vec!["--data-binary", b]).unwrap_or_default();
+    code_and_body(mc.node().run(&curl_argv(method, &url, &extra), CTL_TIMEOUT))
 }
 
 fn str_of(v: &Value) -> &str {
@@ -544,23 +573,13 @@ fn with_the_agent_killed_map_commands_still_work_and_show_it_unreachable() {
 }
 
 /// Starts `redirectctl trace <args> -o json` in the node and waits until it traces.
-fn start_trace(mc: &MiniCluster, pins: &Path, args: &[&str]) -> redirect_tests::Proc {
-    let bin = ctl_bin();
-    let mut argv = vec![
-        bin.to_str().unwrap(),
-        "--pin-dir",
-        pins.to_str().unwrap(),
-        "-o",
-        "json",
-        "trace",
-    ];
-    argv.extend_from_slice(args);
-    let mut p = mc.node().spawn(&argv).unwrap();
+fn start_trace(mc: &MiniCluster, pins: &Path, args: &[&str]) -> Proc {
+    let mut p = ctl_spawn(mc, pins, &[&["-o", "json", "trace"], args].concat());
     p.wait_for_log("tracing", Duration::from_secs(20)).unwrap();
     p
 }
 
-fn trace_lines(p: &redirect_tests::Proc) -> Vec<Value> {
+fn trace_lines(p: &Proc) -> Vec<Value> {
     p.log()
         .lines()
         .filter(|l| l.starts_with('{'))
@@ -641,19 +660,7 @@ fn trace_shows_real_decisions_before_and_after_translation_and_switches_itself_o
 
     // Ctrl-C switches tracing off; a second tracer is refused while one runs.
     let mut t = start_trace(&mc, &pins, &[]);
-    let bin = ctl_bin();
-    let second = mc
-        .node()
-        .run(
-            &[
-                bin.to_str().unwrap(),
-                "--pin-dir",
-                pins.to_str().unwrap(),
-                "trace",
-            ],
-            CTL_TIMEOUT,
-        )
-        .unwrap();
+    let second = ctl_run(&mc, &pins, &["trace"]);
     assert!(!second.success());
     assert!(
         second.stderr.contains("another trace is running"),
@@ -915,21 +922,7 @@ fn the_log_level_changes_at_run_time() {
 
 /// `curl` from `pod` to `url` with extra curl arguments: (status code, body).
 fn curl_from(pod: &Pod<'_>, method: &str, url: &str, extra: &[&str]) -> (u16, String) {
-    let mut argv = vec![
-        "curl",
-        "-sS",
-        "--max-time",
-        "10",
-        "-X",
-        method,
-        "-w",
-        "\n%{http_code}",
-        url,
-    ];
-    argv.extend_from_slice(extra);
-    let out = pod.run(&argv, CTL_TIMEOUT).unwrap().check().unwrap();
-    let (body, code) = out.rsplit_once('\n').unwrap();
-    (code.trim().parse().unwrap(), body.to_string())
+    code_and_body(pod.run(&curl_argv(method, url, extra), CTL_TIMEOUT))
 }
 
 #[test]
@@ -1012,26 +1005,20 @@ fn a_non_loopback_admin_address_is_refused_unless_allowed_and_then_needs_a_token
 
     // redirectctl reads the token file named by the same variable as the agent's.
     let agent = shop.agent.as_ref().unwrap();
-    let bin = ctl_bin();
     let admin_url = url("");
-    let out = mc
-        .node()
-        .run(
-            &[
-                bin.to_str().unwrap(),
-                "--pin-dir",
-                agent.pin_dir.to_str().unwrap(),
-                "--admin",
-                &admin_url,
-                "--admin-token-file",
-                token_file.to_str().unwrap(),
-                "-o",
-                "json",
-                "status",
-            ],
-            CTL_TIMEOUT,
-        )
-        .unwrap();
+    let out = ctl_run(
+        &mc,
+        &agent.pin_dir,
+        &[
+            "--admin",
+            &admin_url,
+            "--admin-token-file",
+            token_file.to_str().unwrap(),
+            "-o",
+            "json",
+            "status",
+        ],
+    );
     let s: Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
     assert_eq!(s["agent"]["reachable"], true, "{s}");
     assert_eq!(s["agent"]["status"]["log_filter"], "debug", "{s}");
@@ -1043,11 +1030,10 @@ fn redirectctl_needs_root_and_says_so_and_says_when_nothing_is_pinned() {
     let Some(mc) = MiniCluster::new_or_skip("ctl_preconditions", TOOLS) else {
         return;
     };
-    let bin = ctl_bin();
     // The unprivileged user may not reach the build tree (a checkout under a 0700 directory):
     // run a copy from the cluster's work dir, which any user can traverse.
     let copy = mc.workdir().join("redirectctl");
-    std::fs::copy(&bin, &copy).unwrap();
+    std::fs::copy(ctl_bin(), &copy).unwrap();
     std::fs::set_permissions(&copy, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let mut cmd = std::process::Command::new(&copy);
     cmd.arg("status");
@@ -1059,18 +1045,7 @@ fn redirectctl_needs_root_and_says_so_and_says_when_nothing_is_pinned() {
 
     // No agent ever ran with this pin dir: map commands say so, status shows nothing attached.
     let pins = Path::new(redirect_tests::agent::BPFFS).join(format!("{}-none", mc.id()));
-    let out = mc
-        .node()
-        .run(
-            &[
-                bin.to_str().unwrap(),
-                "--pin-dir",
-                pins.to_str().unwrap(),
-                "services",
-            ],
-            CTL_TIMEOUT,
-        )
-        .unwrap();
+    let out = ctl_run(&mc, &pins, &["services"]);
     assert!(!out.success());
     assert!(out.stderr.contains("nothing pinned at"), "{}", out.stderr);
     let s = ctl_json(&mc, &pins, &["status"]);
@@ -1087,13 +1062,8 @@ fn with_o_json_an_error_is_a_json_document_on_stdout() {
     let Some(mc) = MiniCluster::new_or_skip("ctl_json_errors", TOOLS) else {
         return;
     };
-    let bin = ctl_bin();
     let pins = Path::new(redirect_tests::agent::BPFFS).join(format!("{}-none", mc.id()));
-    let run = |args: &[&str]| {
-        let mut argv = vec![bin.to_str().unwrap(), "--pin-dir", pins.to_str().unwrap()];
-        argv.extend_from_slice(args);
-        mc.node().run(&argv, CTL_TIMEOUT).unwrap()
-    };
+    let run = |args: &[&str]| ctl_run(&mc, &pins, args);
     for (args, kind, says, code) in [
         (
             &["-o", "json", "services"][..],
@@ -1137,7 +1107,7 @@ fn with_o_json_an_error_is_a_json_document_on_stdout() {
 #[ignore = "writes the documentation's command output; run by hand"]
 fn capture_debugging_walkthrough() {
     let Some(out_path) = std::env::var_os("REDIRECT_CAPTURE") else {
-        eprintln!("set REDIRECT_CAPTURE to a file");
+        redirect_tests::skip("ctl_capture", "set REDIRECT_CAPTURE to a file");
         return;
     };
     let Some(mc) = MiniCluster::new_or_skip("ctl_capture", TOOLS) else {
@@ -1147,10 +1117,7 @@ fn capture_debugging_walkthrough() {
     let pins = pin_dir(&shop);
     let mut doc = String::new();
     let mut show = |title: &str, args: &[&str]| {
-        let bin = ctl_bin();
-        let mut argv = vec![bin.to_str().unwrap(), "--pin-dir", pins.to_str().unwrap()];
-        argv.extend_from_slice(args);
-        let out = mc.node().run(&argv, CTL_TIMEOUT).unwrap();
+        let out = ctl_run(&mc, &pins, args);
         doc.push_str(&format!(
             "### {title}\n\n```console\n$ redirectctl {}\n{}{}```\n\n",
             args.join(" "),
@@ -1180,20 +1147,17 @@ fn capture_debugging_walkthrough() {
     );
 
     // Key not propagated: a baseline caller without the key.
-    let bin = ctl_bin();
-    let mut t = mc
-        .node()
-        .spawn(&[
-            bin.to_str().unwrap(),
-            "--pin-dir",
-            pins.to_str().unwrap(),
+    let mut t = ctl_spawn(
+        &mc,
+        &pins,
+        &[
             "trace",
             "--service",
             "default/checkout:http",
             "--count",
             "2",
-        ])
-        .unwrap();
+        ],
+    );
     t.wait_for_log("tracing", Duration::from_secs(20)).unwrap();
     get(&shop.client, CHECKOUT_VIP4, "").unwrap();
     get(&shop.frontend_fork, CHECKOUT_VIP4, "").unwrap();

@@ -64,19 +64,31 @@ fn helm() -> Option<PathBuf> {
     tool("REDIRECT_HELM", "helm", false)
 }
 
+/// `found`, or `None` after printing `SKIP <test>` naming the missing tool `name`.
+fn installed_or_skip(test: &str, name: &str, found: Option<PathBuf>) -> Option<PathBuf> {
+    if found.is_none() {
+        redirect_tests::skip(
+            test,
+            format!(
+                "{name} not installed (`cargo xtask tools` installs helm and kubectl into \
+                 target/tools/bin)"
+            ),
+        );
+    }
+    found
+}
+
+fn kubectl_or_skip(test: &str) -> Option<PathBuf> {
+    installed_or_skip(test, "kubectl", kubectl())
+}
+
+fn helm_or_skip(test: &str) -> Option<PathBuf> {
+    installed_or_skip(test, "helm", helm())
+}
+
 /// Both tools, or a SKIP line naming the missing one.
 fn tools(test: &str) -> Option<(PathBuf, PathBuf)> {
-    match (kubectl(), helm()) {
-        (Some(k), Some(h)) => Some((k, h)),
-        (k, _) => {
-            let missing = if k.is_none() { "kubectl" } else { "helm" };
-            eprintln!(
-                "SKIP {test}: {missing} not installed (`cargo xtask tools` installs helm and \
-                 kubectl into target/tools/bin)"
-            );
-            None
-        }
-    }
+    Some((kubectl_or_skip(test)?, helm_or_skip(test)?))
 }
 
 fn output(c: &mut Command) -> String {
@@ -431,8 +443,9 @@ fn every_rendered_field_is_a_kubernetes_api_field() {
 
 #[test]
 fn agent_runs_on_the_host_network_with_bpffs_and_the_cgroup_root_from_the_host() {
-    let Some(kubectl) = kubectl() else {
-        eprintln!("SKIP agent_runs_on_the_host_network_...: kubectl not installed");
+    let Some(kubectl) = kubectl_or_skip(
+        "agent_runs_on_the_host_network_with_bpffs_and_the_cgroup_root_from_the_host",
+    ) else {
         return;
     };
     let ds = kustomize(&kubectl, "deploy").agent();
@@ -652,8 +665,8 @@ fn agent_adds_only_the_capabilities_it_needs_and_is_privileged_only_for_bidirect
 
 #[test]
 fn agent_rolls_out_surge_first_and_outlasts_its_drain() {
-    let Some(kubectl) = kubectl() else {
-        eprintln!("SKIP agent_rolls_out_surge_first_and_outlasts_its_drain: kubectl not installed");
+    let Some(kubectl) = kubectl_or_skip("agent_rolls_out_surge_first_and_outlasts_its_drain")
+    else {
         return;
     };
     let ds = kustomize(&kubectl, "deploy").agent();
@@ -810,8 +823,9 @@ fn rbac_grants_exactly_the_documented_verbs_and_no_wildcard() {
 
 #[test]
 fn chart_values_change_the_image_cgroup_root_router_port_and_key_names() {
-    let Some(helm) = helm() else {
-        eprintln!("SKIP chart_values_change_...: helm not installed (`cargo xtask tools`)");
+    let Some(helm) =
+        helm_or_skip("chart_values_change_the_image_cgroup_root_router_port_and_key_names")
+    else {
         return;
     };
     let r = helm_template(
@@ -913,8 +927,7 @@ fn pod_of(r: &Rendered, daemonset: &str) -> PodSpec {
 
 #[test]
 fn chart_refuses_values_that_cannot_work() {
-    let Some(helm) = helm() else {
-        eprintln!("SKIP chart_refuses_values_that_cannot_work: helm not installed");
+    let Some(helm) = helm_or_skip("chart_refuses_values_that_cannot_work") else {
         return;
     };
     for (set, says) in [
@@ -945,8 +958,7 @@ fn chart_refuses_values_that_cannot_work() {
 
 #[test]
 fn helm_lint_passes() {
-    let Some(helm) = helm() else {
-        eprintln!("SKIP helm_lint_passes: helm not installed (`cargo xtask tools`)");
+    let Some(helm) = helm_or_skip("helm_lint_passes") else {
         return;
     };
     for extra in [&[][..], &["--set", "agent.privileged=false"][..]] {
@@ -965,8 +977,7 @@ fn helm_lint_passes() {
 
 #[test]
 fn uninstall_hook_cleans_every_node_then_removes_itself() {
-    let Some(helm) = helm() else {
-        eprintln!("SKIP uninstall_hook_cleans_every_node_then_removes_itself: helm not installed");
+    let Some(helm) = helm_or_skip("uninstall_hook_cleans_every_node_then_removes_itself") else {
         return;
     };
     let r = helm_template(&helm, &[]);
@@ -1093,8 +1104,7 @@ fn chart_and_image_tags_follow_the_workspace_version() {
 
 #[test]
 fn example_shop_and_sandboxes_render_and_fit_the_crd() {
-    let Some(kubectl) = kubectl() else {
-        eprintln!("SKIP example_shop_and_sandboxes_render_and_fit_the_crd: kubectl not installed");
+    let Some(kubectl) = kubectl_or_skip("example_shop_and_sandboxes_render_and_fit_the_crd") else {
         return;
     };
     let shop = kustomize(&kubectl, "deploy/examples/shop");

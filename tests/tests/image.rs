@@ -16,6 +16,7 @@ use std::{
     time::Instant,
 };
 
+use redirect_tests::{SetupError, require_root, require_tools};
 use serde_json::Value;
 
 const REPOSITORY: &str = "localhost/redirect-agent";
@@ -30,10 +31,9 @@ const ULIMITS: [&str; 4] = [
 
 #[test]
 fn image_is_reproducible_loads_from_its_archive_and_runs_two_static_binaries() {
-    if let Some(why) = missing_prerequisite() {
-        println!("SKIP image: {why}");
+    let Some(()) = redirect_tests::or_skip("image", prerequisites()) else {
         return;
-    }
+    };
     let tag = format!("test-{}", std::process::id());
     let image = format!("{REPOSITORY}:{tag}");
     let dir = workspace_root().join("target/image").join(&tag);
@@ -156,23 +156,10 @@ fn image_is_reproducible_loads_from_its_archive_and_runs_two_static_binaries() {
     scene.done();
 }
 
-/// Why the test cannot run here, if it cannot.
-fn missing_prerequisite() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("not root (buildah and podman run as root here)".into());
-    }
-    ["buildah", "podman"]
-        .into_iter()
-        .find(|tool| {
-            !Command::new(tool)
-                .arg("--version")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        })
-        .map(|tool| format!("{tool} is not installed (./x setup installs it)"))
+/// `Err(Skip)` when the test cannot run here (`./x setup` installs buildah and podman).
+fn prerequisites() -> Result<(), SetupError> {
+    require_root("for buildah and podman")?;
+    require_tools(&["buildah", "podman"])
 }
 
 /// What the test tagged, created and wrote; removed on drop, also after a failed assertion.

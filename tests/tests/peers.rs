@@ -7,7 +7,7 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use redirect_tests::{MiniCluster, peers::*};
+use redirect_tests::{MiniCluster, Pod, Proc, peers::*};
 use serde_json::Value;
 
 const PODSERVER: &str = env!("CARGO_BIN_EXE_podserver");
@@ -16,14 +16,22 @@ const MIB: usize = 1024 * 1024;
 /// A cluster for `test`, or `None` (after printing why) when the machine cannot run it:
 /// not root, a tool missing, or (with `python_peers`) the Python modules missing.
 fn cluster(test: &str, tools: &[&str], python_peers: bool) -> Option<MiniCluster> {
-    if python_peers && !python_modules_present() {
-        eprintln!(
-            "SKIP {test}: Python modules grpc, grpc_tools or websockets missing \
-             (`./x setup` installs tests/peers/requirements.txt)"
-        );
-        return None;
+    if python_peers {
+        peer_cluster_or_skip(test, tools)
+    } else {
+        MiniCluster::new_or_skip(test, tools)
     }
-    MiniCluster::new_or_skip(test, tools)
+}
+
+/// Pods `client` and `server`, the latter running podserver `srv` on port 8080 (dropping the
+/// [`Proc`] stops it).
+fn podserver_pair(mc: &MiniCluster) -> (Pod<'_>, Pod<'_>, Proc) {
+    let client = mc.pod("client").unwrap();
+    let server = mc.pod("server").unwrap();
+    let s = server
+        .spawn_server(Path::new(PODSERVER), "srv", 8080)
+        .unwrap();
+    (client, server, s)
 }
 
 #[test]
@@ -305,11 +313,7 @@ fn podserver_headers_returns_the_head_as_received() {
     let Some(mc) = cluster("podserver_headers", &["python3", "curl"], false) else {
         return;
     };
-    let client = mc.pod("client").unwrap();
-    let server = mc.pod("server").unwrap();
-    let _s = server
-        .spawn_server(Path::new(PODSERVER), "srv", 8080)
-        .unwrap();
+    let (client, server, _s) = podserver_pair(&mc);
     let head = "GET /headers?x=1 HTTP/1.1\r\nhost: Example.COM\r\nX-Mixed-Case: 1\r\n\
                 x-mixed-case: 2\r\nZZZ-First:  spaced \r\naaa-last: y\r\nConnection: close\r\n\r\n";
     let out = raw_http(&client, &server.ip4().to_string(), 8080, head);
@@ -377,11 +381,7 @@ fn podserver_echo_streams_a_20_mib_upload_back() {
     let Some(mc) = cluster("podserver_echo", &["curl", "python3"], false) else {
         return;
     };
-    let client = mc.pod("client").unwrap();
-    let server = mc.pod("server").unwrap();
-    let s = server
-        .spawn_server(Path::new(PODSERVER), "srv", 8080)
-        .unwrap();
+    let (client, server, s) = podserver_pair(&mc);
     let data = noise(20 * MIB);
     let input = mc.workdir().join("upload.bin");
     fs::write(&input, &data).unwrap();
@@ -456,11 +456,7 @@ fn podserver_sleep_bytes_and_head() {
     let Some(mc) = cluster("podserver_sleep_bytes_head", &["curl", "python3"], false) else {
         return;
     };
-    let client = mc.pod("client").unwrap();
-    let server = mc.pod("server").unwrap();
-    let _s = server
-        .spawn_server(Path::new(PODSERVER), "srv", 8080)
-        .unwrap();
+    let (client, server, _s) = podserver_pair(&mc);
     let base = format!("http://{}:8080", server.ip4());
     let curl = |args: &[&str]| {
         let mut argv = vec!["curl", "-sS", "-g", "--max-time", "10"];

@@ -456,13 +456,7 @@ fn proc_status_bytes(pid: u32, field: &str) -> u64 {
 
 /// Cluster for tests that need the Python peers.
 fn peer_cluster(test: &str) -> Option<MiniCluster> {
-    if !redirect_tests::peers::python_modules_present() {
-        eprintln!(
-            "SKIP {test}: Python modules grpc, grpc_tools or websockets missing (`./x setup` installs them)"
-        );
-        return None;
-    }
-    MiniCluster::new_or_skip(test, TOOLS)
+    redirect_tests::peers::peer_cluster_or_skip(test, TOOLS)
 }
 
 #[test]

@@ -1038,7 +1038,18 @@ fn redirectctl_needs_root_and_says_so_and_says_when_nothing_is_pinned() {
     let mut cmd = std::process::Command::new(&copy);
     cmd.arg("status");
     std::os::unix::process::CommandExt::uid(&mut cmd, 65534);
-    let out = cmd.output().unwrap();
+    // A test thread forking meanwhile can hold the fresh copy's write descriptor for an
+    // instant (until its exec closes it): exec then fails with ETXTBSY. Try again, briefly.
+    let mut tries = 0;
+    let out = loop {
+        match cmd.output() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => break other.unwrap(),
+        }
+    };
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("must run as root"), "{err}");

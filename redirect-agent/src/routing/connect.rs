@@ -215,8 +215,8 @@ mod tests {
         assert_eq!(at_connect(&t, &i).reason, Reason::RouterSocket);
     }
 
-    #[test]
-    fn ipv6_destination_without_ipv6_router_fails_open() {
+    /// The scene with the forked service also at an IPv6 VIP.
+    fn scene_with_vip6() -> (Tables, SockAddr) {
         let mut t = scene();
         let vip6 = SockAddr::v6([u32::from_ne_bytes([0xfd, 0, 2, 0]), 0, 0, 9], 80);
         t.services.insert(
@@ -226,21 +226,19 @@ mod tests {
                 flags: 0,
             },
         );
+        (t, vip6)
+    }
+
+    #[test]
+    fn ipv6_destination_without_ipv6_router_fails_open() {
+        let (t, vip6) = scene_with_vip6();
         let i = input(vip6, &[1]);
         assert_eq!(at_connect(&t, &i).reason, Reason::RouterNoAddress);
     }
 
     #[test]
     fn fork_endpoint_is_of_the_destination_family() {
-        let mut t = scene();
-        let vip6 = SockAddr::v6([u32::from_ne_bytes([0xfd, 0, 2, 0]), 0, 0, 9], 80);
-        t.services.insert(
-            vip6,
-            ServiceValue {
-                service_id: 7,
-                flags: 0,
-            },
-        );
+        let (t, vip6) = scene_with_vip6();
         for pick in 0..4 {
             let mut i = input(v4(VIP, 80), &[FORK_POD_CG]);
             i.pick = pick;

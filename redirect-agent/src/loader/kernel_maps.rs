@@ -264,7 +264,10 @@ impl RouterSocks {
         let fd = sys::obj_get(&path).map_err(|e| {
             RouterSockError::new(MAP_CONNS, format!("opening {}: {e}", path.display()))
         })?;
-        Ok(ConnsTaker { fd })
+        Ok(ConnsTaker {
+            fd,
+            split: std::sync::atomic::AtomicBool::new(false),
+        })
     }
 
     /// Removes records older than `max_age` (connections that failed before reaching the
@@ -287,14 +290,71 @@ impl RouterSocks {
 }
 
 /// Takes original-destination records out of `conns_v1`: one syscall (lookup and delete), no
-/// lock, so every router thread can use it.
+/// lock, so every router thread can use it. Kernels before 5.14 have no lookup-and-delete for
+/// hash maps: the first refusal switches this taker to a lookup, then a delete, for good.
 pub struct ConnsTaker {
     fd: std::os::fd::OwnedFd,
+    split: std::sync::atomic::AtomicBool,
+}
+
+/// What the kernel answers to a lookup-and-delete on a hash map it cannot do it for (before
+/// 5.14): `ENOTSUPP`, a kernel-internal errno libc does not name.
+const ENOTSUPP: i32 = 524;
+
+/// The map calls a take needs, so the fallback can be tested without a kernel.
+trait TakeCalls {
+    fn lookup_and_delete(&self, key: &[u8], out: &mut [u8]) -> std::io::Result<bool>;
+    fn lookup(&self, key: &[u8], out: &mut [u8]) -> std::io::Result<bool>;
+    fn delete(&self, key: &[u8]) -> std::io::Result<bool>;
+}
+
+impl TakeCalls for std::os::fd::OwnedFd {
+    fn lookup_and_delete(&self, key: &[u8], out: &mut [u8]) -> std::io::Result<bool> {
+        sys::map_lookup_and_delete(self, key, out)
+    }
+    fn lookup(&self, key: &[u8], out: &mut [u8]) -> std::io::Result<bool> {
+        sys::map_lookup(self, key, out)
+    }
+    fn delete(&self, key: &[u8]) -> std::io::Result<bool> {
+        sys::map_delete(self, key)
+    }
+}
+
+/// Takes `key` out of the map into `out`; `Ok(false)` when it is not there.
+fn take_with(
+    calls: &impl TakeCalls,
+    split: &std::sync::atomic::AtomicBool,
+    key: &[u8],
+    out: &mut [u8],
+) -> std::io::Result<bool> {
+    use std::sync::atomic::Ordering::Relaxed;
+    if !split.load(Relaxed) {
+        match calls.lookup_and_delete(key, out) {
+            Err(e) if e.raw_os_error() == Some(ENOTSUPP) => {
+                if !split.swap(true, Relaxed) {
+                    tracing::info!(
+                        "this kernel cannot look up and delete in one call on hash maps \
+                         (before Linux 5.14): the router takes original destinations with a \
+                         lookup, then a delete"
+                    );
+                }
+            }
+            taken => return taken,
+        }
+    }
+    if !calls.lookup(key, out)? {
+        return Ok(false);
+    }
+    // Only the router connection from this source address takes its key, so nobody else
+    // deletes it meanwhile but the age sweep, and then the value read is still the record.
+    calls.delete(key)?;
+    Ok(true)
 }
 
 impl ConnsTaker {
-    /// Takes the original destination recorded for a client's source address.
-    pub fn take(&self, src: &SockAddr) -> Option<OrigDst> {
+    /// Takes the original destination recorded for a client's source address: `Ok(None)` when
+    /// there is none, an error when the map call fails.
+    pub fn take(&self, src: &SockAddr) -> Result<Option<OrigDst>, RouterSockError> {
         let mut value = OrigDst::default();
         // SAFETY: both types are `#[repr(C)]` plain integers without padding (asserted in
         // redirect-common), so viewing them as bytes is sound.
@@ -307,10 +367,19 @@ impl ConnsTaker {
                 size_of::<OrigDst>(),
             )
         };
-        match sys::map_lookup_and_delete(&self.fd, key, out) {
-            Ok(true) => Some(value),
-            _ => None,
+        match take_with(&self.fd, &self.split, key, out) {
+            Ok(true) => Ok(Some(value)),
+            Ok(false) => Ok(None),
+            Err(e) => Err(RouterSockError::new(
+                MAP_CONNS,
+                format!("taking a record: {e}"),
+            )),
         }
+    }
+
+    /// Whether this kernel needed the lookup-then-delete fallback.
+    pub fn split(&self) -> bool {
+        self.split.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -319,4 +388,90 @@ pub fn monotonic_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod take_tests {
+    use std::{
+        cell::RefCell,
+        collections::HashMap,
+        io,
+        sync::atomic::{AtomicBool, Ordering},
+    };
+
+    use super::*;
+
+    /// A hash map behind the three calls; `one_call` answers like the kernel of that version.
+    struct Fake {
+        one_call: Result<(), i32>,
+        map: RefCell<HashMap<Vec<u8>, Vec<u8>>>,
+        one_call_tries: RefCell<u32>,
+    }
+
+    impl TakeCalls for Fake {
+        fn lookup_and_delete(&self, key: &[u8], out: &mut [u8]) -> io::Result<bool> {
+            *self.one_call_tries.borrow_mut() += 1;
+            self.one_call.map_err(io::Error::from_raw_os_error)?;
+            let found = self.lookup(key, out)?;
+            self.delete(key)?;
+            Ok(found)
+        }
+        fn lookup(&self, key: &[u8], out: &mut [u8]) -> io::Result<bool> {
+            match self.map.borrow().get(key) {
+                Some(v) => {
+                    out.copy_from_slice(v);
+                    Ok(true)
+                }
+                None => Ok(false),
+            }
+        }
+        fn delete(&self, key: &[u8]) -> io::Result<bool> {
+            Ok(self.map.borrow_mut().remove(key).is_some())
+        }
+    }
+
+    fn fake(one_call: Result<(), i32>) -> Fake {
+        let map = HashMap::from([
+            (b"k1".to_vec(), b"v1".to_vec()),
+            (b"k2".to_vec(), b"v2".to_vec()),
+        ]);
+        Fake {
+            one_call,
+            map: RefCell::new(map),
+            one_call_tries: RefCell::new(0),
+        }
+    }
+
+    #[test]
+    fn a_kernel_without_lookup_and_delete_is_served_by_lookup_then_delete_from_then_on() {
+        let calls = fake(Err(ENOTSUPP));
+        let split = AtomicBool::new(false);
+        let mut out = [0u8; 2];
+        assert!(take_with(&calls, &split, b"k1", &mut out).unwrap());
+        assert_eq!(&out, b"v1");
+        assert!(split.load(Ordering::Relaxed));
+        assert!(
+            !calls.map.borrow().contains_key(b"k1".as_slice()),
+            "taken, not copied"
+        );
+        assert!(take_with(&calls, &split, b"k2", &mut out).unwrap());
+        assert!(
+            !take_with(&calls, &split, b"k2", &mut out).unwrap(),
+            "taken once"
+        );
+        assert_eq!(*calls.one_call_tries.borrow(), 1, "asked the kernel once");
+    }
+
+    #[test]
+    fn other_failures_are_errors_not_a_missing_record() {
+        let calls = fake(Err(libc::EPERM));
+        let split = AtomicBool::new(false);
+        let err = take_with(&calls, &split, b"k1", &mut [0u8; 2]).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EPERM));
+        assert!(!split.load(Ordering::Relaxed));
+        let calls = fake(Ok(()));
+        assert!(!take_with(&calls, &split, b"zz", &mut [0u8; 2]).unwrap());
+        assert!(take_with(&calls, &split, b"k1", &mut [0u8; 2]).unwrap());
+        assert!(!split.load(Ordering::Relaxed));
+    }
 }

@@ -173,10 +173,24 @@ async fn accept_loop(l: Arc<TcpListener>, worker: Arc<Worker>) {
 /// Checks that the kernel redirected the connection and that its pod has room, then serves it.
 async fn admit(client: TcpStream, peer: SocketAddr, worker: &Arc<Worker>) -> Outcome {
     let shared = &worker.shared;
-    let Some(orig) = shared.conns.take(&SockAddr::from(peer)) else {
-        // Not redirected by the kernel: the router is no open proxy.
-        tracing::debug!(%peer, "refused: no recorded original destination");
-        return Outcome::NoOrigDst;
+    let orig = match shared.conns.take(&SockAddr::from(peer)) {
+        Ok(Some(orig)) => orig,
+        Ok(None) => {
+            // Not redirected by the kernel: the router is no open proxy.
+            tracing::debug!(%peer, "refused: no recorded original destination");
+            return Outcome::NoOrigDst;
+        }
+        Err(error) => {
+            if let Some(suppressed) = shared.map_log.allow() {
+                tracing::warn!(
+                    %peer,
+                    %error,
+                    suppressed,
+                    "closed: the original destination cannot be read from the kernel"
+                );
+            }
+            return Outcome::OrigDstError;
+        }
     };
     let Some(_pod) = shared.pods.take(peer.ip()) else {
         // Reset at once: the pod's own excess connection fails fast, and nobody else waits.

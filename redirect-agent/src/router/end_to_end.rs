@@ -258,6 +258,22 @@ fn a_connection_the_kernel_did_not_record_is_closed_unserved() {
 }
 
 #[test]
+fn a_record_that_cannot_be_read_closes_the_connection_and_is_counted_as_such() {
+    let baseline = Upstream::start("baseline");
+    let r = start(tables(None, true), RouterSettings::default());
+    r.kernel.break_takes();
+    let mut conn = r.connect(baseline.addr);
+    let _ = conn.write_all(b"GET /x HTTP/1.1\r\nhost: checkout\r\n\r\n");
+    assert!(matches!(conn.read(&mut [0u8; 64]), Ok(0) | Err(_)));
+    eventually("the map error is counted", || {
+        r.shared.stats.get(Outcome::OrigDstError) == 1
+    });
+    // Not mistaken for a connection the kernel never redirected.
+    assert_eq!(r.shared.stats.get(Outcome::NoOrigDst), 0);
+    assert_eq!(baseline.requests(), 0);
+}
+
+#[test]
 fn a_full_router_leaves_its_liveness_slot_and_returns_when_a_connection_ends() {
     let baseline = Upstream::start("baseline");
     let settings = RouterSettings {

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use redirect_common::{MAP_ROUTER_SOCKS, OrigDst, SockAddr};
+use redirect_common::{MAP_CONNS, MAP_ROUTER_SOCKS, OrigDst, SockAddr};
 
 use crate::loader::{ConnsTaker, RouterSockError, RouterSocks};
 
@@ -32,8 +32,10 @@ pub trait RouterKernel: Send + 'static {
 
 /// Taking original destinations, once each.
 pub trait OrigDsts: Send + Sync + 'static {
-    /// The original destination recorded for a client's source address, removed as it is read.
-    fn take(&self, src: &SockAddr) -> Option<OrigDst>;
+    /// The original destination recorded for a client's source address, removed as it is read:
+    /// `Ok(None)` when there is none; an error when the map cannot be read (never taken for
+    /// "none": that would refuse the client silently).
+    fn take(&self, src: &SockAddr) -> Result<Option<OrigDst>, RouterSockError>;
 }
 
 impl RouterKernel for RouterSocks {
@@ -59,7 +61,7 @@ impl RouterKernel for RouterSocks {
 }
 
 impl OrigDsts for ConnsTaker {
-    fn take(&self, src: &SockAddr) -> Option<OrigDst> {
+    fn take(&self, src: &SockAddr) -> Result<Option<OrigDst>, RouterSockError> {
         ConnsTaker::take(self, src)
     }
 }
@@ -75,12 +77,19 @@ struct MemoryState {
     /// The registered listener's descriptor per slot.
     slots: [Option<i32>; 2],
     conns: HashMap<SockAddr, OrigDst>,
+    /// Takes fail, as a map the kernel refuses to read would.
+    broken: bool,
 }
 
 impl MemoryKernel {
     /// Records a connection from `src` to `orig`, as `sock_ops` does before the SYN.
     pub fn record(&self, src: SockAddr, orig: OrigDst) {
         self.lock().conns.insert(src, orig);
+    }
+
+    /// Makes every take fail from now on.
+    pub fn break_takes(&self) {
+        self.lock().broken = true;
     }
 
     /// Records not taken yet.
@@ -144,7 +153,14 @@ impl RouterKernel for MemoryKernel {
 }
 
 impl OrigDsts for MemoryKernel {
-    fn take(&self, src: &SockAddr) -> Option<OrigDst> {
-        self.lock().conns.remove(src)
+    fn take(&self, src: &SockAddr) -> Result<Option<OrigDst>, RouterSockError> {
+        let mut state = self.lock();
+        if state.broken {
+            return Err(RouterSockError::new(
+                MAP_CONNS,
+                "taking a record: broken on purpose",
+            ));
+        }
+        Ok(state.conns.remove(src))
     }
 }

@@ -160,6 +160,7 @@ pub struct Shared {
     accept_log: log_limit::LogLimit,
     pod_log: log_limit::LogLimit,
     not_http_log: log_limit::LogLimit,
+    map_log: log_limit::LogLimit,
     /// Set once on shutdown: workers stop accepting and close their listeners, connections
     /// finish their current request (HTTP/1) or streams (HTTP/2 GOAWAY) and close.
     drain: tokio::sync::watch::Sender<bool>,
@@ -346,6 +347,7 @@ impl Router {
             accept_log: log_limit::LogLimit::new(Duration::from_secs(10)),
             pod_log: log_limit::LogLimit::new(Duration::from_secs(10)),
             not_http_log: log_limit::LogLimit::new(Duration::from_secs(10)),
+            map_log: log_limit::LogLimit::new(Duration::from_secs(10)),
             settings,
             view: ArcSwap::default(),
             stats,

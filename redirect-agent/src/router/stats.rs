@@ -23,10 +23,12 @@ pub enum Outcome {
     IdleTimeout,
     /// A port declared HTTP got bytes that cannot start an HTTP request: answered 400.
     NotHttp,
+    /// The original destination could not be read from the kernel (logged): closed.
+    OrigDstError,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 9] = [
+    pub const ALL: [Outcome; 10] = [
         Outcome::Forwarded,
         Outcome::Opaque,
         Outcome::NoOrigDst,
@@ -36,6 +38,7 @@ impl Outcome {
         Outcome::PodLimit,
         Outcome::IdleTimeout,
         Outcome::NotHttp,
+        Outcome::OrigDstError,
     ];
 
     pub const fn label(self) -> &'static str {
@@ -49,6 +52,7 @@ impl Outcome {
             Outcome::PodLimit => "pod_limit",
             Outcome::IdleTimeout => "idle_timeout",
             Outcome::NotHttp => "not_http",
+            Outcome::OrigDstError => "orig_dst_error",
         }
     }
 }

@@ -258,6 +258,31 @@ fn a_connection_the_kernel_did_not_record_is_closed_unserved() {
 }
 
 #[test]
+fn an_answer_that_ends_the_connection_says_so() {
+    let baseline = Upstream::start("baseline");
+    let r = start(tables(None, true), RouterSettings::default());
+    // Framed two ways: refused, and nothing after it on the connection can be trusted.
+    let mut conn = r.connect(baseline.addr);
+    conn.write_all(
+        b"POST /x HTTP/1.1\r\nhost: checkout\r\ncontent-length: 1\r\n\
+          transfer-encoding: chunked\r\n\r\n",
+    )
+    .unwrap();
+    let head = read_head(&mut conn).expect("an answer").to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 400 "), "{head}");
+    assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
+    // A keyed request for a fork without endpoints gets a 503 and the connection stays open.
+    let r = start(tables(None, false), RouterSettings::default());
+    let mut conn = r.connect(baseline.addr);
+    conn.write_all(b"GET /x HTTP/1.1\r\nhost: c\r\nbaggage: routing-key=feature-x\r\n\r\n")
+        .unwrap();
+    let head = read_head(&mut conn).expect("an answer").to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 503 "), "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+    assert_eq!(baseline.requests(), 0);
+}
+
+#[test]
 fn a_record_that_cannot_be_read_closes_the_connection_and_is_counted_as_such() {
     let baseline = Upstream::start("baseline");
     let r = start(tables(None, true), RouterSettings::default());

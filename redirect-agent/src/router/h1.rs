@@ -100,7 +100,7 @@ pub async fn serve(
                 Err(e) => {
                     tracing::debug!(%peer, error = %e, "refused a request head");
                     let resp =
-                        router_response(e.status(), &format!("request head: {e}"), None, false);
+                        router_response(e.status(), &format!("request head: {e}"), None, true);
                     linger_close(&mut client, &resp).await;
                     return Served::Done(Outcome::Forwarded);
                 }
@@ -120,7 +120,7 @@ pub async fn serve(
                         return Served::Done(Outcome::Forwarded);
                     }
                     tracing::debug!(%peer, "cut: request head not complete within the header timeout");
-                    let resp = router_response(408, "request head not complete in time", None, false);
+                    let resp = router_response(408, "request head not complete in time", None, true);
                     linger_close(&mut client, &resp).await;
                     return Served::Done(Outcome::Reset);
                 }
@@ -150,8 +150,10 @@ pub async fn serve(
         let key = key_or_none(shared, std::mem::replace(&mut req.key, Ok(None)));
         let (upstream, dest, label) = match decide(shared, &orig, key.as_deref()) {
             Decided::Unavailable { message, label } => {
-                let resp = router_response(503, &message, label.as_deref(), false);
-                if client.write_all(&resp).await.is_err() || req.body != Body::None || req.close {
+                // A request with a body is not read past: the connection closes after the answer.
+                let close = req.body != Body::None || req.close;
+                let resp = router_response(503, &message, label.as_deref(), close);
+                if client.write_all(&resp).await.is_err() || close {
                     return Served::Done(Outcome::Forwarded);
                 }
                 cbuf.drain(..req.len);
@@ -412,8 +414,8 @@ impl Exchange<'_> {
         let shared = &self.worker.shared;
         shared.stats.count_request(self.dest, outcome);
         shared.stats.observe(self.dest, self.started.elapsed());
-        let resp = router_response(status, &reason, self.label, false);
         let keep = keep && !self.req.close;
+        let resp = router_response(status, &reason, self.label, !keep);
         if keep {
             if client.write_all(&resp).await.is_err() {
                 return Ended {

@@ -57,11 +57,22 @@ pub fn cgroup_link_info(link: &OwnedFd) -> io::Result<(u32, u64)> {
 /// Looks up `key` and deletes it in one call (hash maps, kernel >= 5.14). `Ok(false)` when the
 /// key is not there.
 pub fn map_lookup_and_delete(map: &OwnedFd, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
+    key_call(BPF_MAP_LOOKUP_AND_DELETE_ELEM, map, key, Some(value))
+}
+
+/// A map command on one key (copying its value out when `value` is given); `Ok(false)` when
+/// the key is not there.
+fn key_call(
+    cmd: libc::c_long,
+    map: &OwnedFd,
+    key: &[u8],
+    value: Option<&mut [u8]>,
+) -> io::Result<bool> {
     let mut attr = [0u64; 16];
     attr[0] = map.as_raw_fd() as u64;
     attr[1] = key.as_ptr() as u64;
-    attr[2] = value.as_mut_ptr() as u64;
-    match bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut attr) {
+    attr[2] = value.map_or(0, |v| v.as_mut_ptr() as u64);
+    match bpf(cmd, &mut attr) {
         Ok(_) => Ok(true),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
         Err(e) => Err(e),
@@ -70,27 +81,12 @@ pub fn map_lookup_and_delete(map: &OwnedFd, key: &[u8], value: &mut [u8]) -> io:
 
 /// Looks `key` up in any map. `Ok(false)` when the key is not there.
 pub fn map_lookup(map: &OwnedFd, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
-    let mut attr = [0u64; 16];
-    attr[0] = map.as_raw_fd() as u64;
-    attr[1] = key.as_ptr() as u64;
-    attr[2] = value.as_mut_ptr() as u64;
-    match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
-        Ok(_) => Ok(true),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
-        Err(e) => Err(e),
-    }
+    key_call(BPF_MAP_LOOKUP_ELEM, map, key, Some(value))
 }
 
 /// Deletes `key` from a map. `Ok(false)` when the key is not there.
 pub fn map_delete(map: &OwnedFd, key: &[u8]) -> io::Result<bool> {
-    let mut attr = [0u64; 16];
-    attr[0] = map.as_raw_fd() as u64;
-    attr[1] = key.as_ptr() as u64;
-    match bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
-        Ok(_) => Ok(true),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
-        Err(e) => Err(e),
-    }
+    key_call(BPF_MAP_DELETE_ELEM, map, key, None)
 }
 
 /// Atomically replaces the program a link runs.

@@ -268,7 +268,9 @@ fn an_answer_that_ends_the_connection_says_so() {
           transfer-encoding: chunked\r\n\r\n",
     )
     .unwrap();
-    let head = read_head(&mut conn).expect("an answer").to_ascii_lowercase();
+    let head = read_head(&mut conn)
+        .expect("an answer")
+        .to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 400 "), "{head}");
     assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
     // A keyed request for a fork without endpoints gets a 503 and the connection stays open.
@@ -276,7 +278,9 @@ fn an_answer_that_ends_the_connection_says_so() {
     let mut conn = r.connect(baseline.addr);
     conn.write_all(b"GET /x HTTP/1.1\r\nhost: c\r\nbaggage: routing-key=feature-x\r\n\r\n")
         .unwrap();
-    let head = read_head(&mut conn).expect("an answer").to_ascii_lowercase();
+    let head = read_head(&mut conn)
+        .expect("an answer")
+        .to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 503 "), "{head}");
     assert!(!head.contains("connection: close"), "{head}");
     assert_eq!(baseline.requests(), 0);

@@ -562,6 +562,33 @@ fn maps_earlier_versions_pinned_are_removed_by_a_new_agent_and_by_cleanup() {
     assert!(!pin_dir.exists());
 }
 
+#[test]
+fn the_kernel_check_finds_everything_the_programs_need_here() {
+    let Some(()) = redirect_tests::or_skip(
+        "kernel_check",
+        redirect_tests::require_root("(the probes load programs)"),
+    ) else {
+        return;
+    };
+    let out = std::process::Command::new(redirect_tests::agent::agent_bin())
+        .arg("kernel-check")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // One line per need, each answered yes (the agent refuses to load otherwise).
+    let answered = text.lines().filter(|l| l.ends_with(" yes")).count();
+    assert_eq!(answered, 11, "{text}");
+    assert!(
+        text.contains("everything the programs need is there"),
+        "{text}"
+    );
+}
+
 /// What `getpeername()` says after connecting from `pod` to `ip:80`.
 fn peer_name(pod: &redirect_tests::Pod<'_>, ip: &str) -> String {
     let script = format!(

@@ -242,6 +242,9 @@ pub struct AgentStatus {
     /// `none` (nothing yet). Empty from agents that predate it.
     #[serde(default)]
     pub state_from: String,
+    /// Slower ways an older kernel makes the router go (empty on a current kernel).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kernel_fallbacks: Vec<String>,
 }
 
 pub const STATE_NONE: &str = "none";

@@ -214,6 +214,10 @@ impl AdminState {
             router_requests: stats.map(request_counts).unwrap_or_default(),
             source: self.source_status(),
             state_from: lock(&self.state_from).to_string(),
+            kernel_fallbacks: router
+                .as_ref()
+                .map(|r| r.kernel_fallbacks().iter().map(|f| f.to_string()).collect())
+                .unwrap_or_default(),
         }
     }
 

@@ -47,6 +47,10 @@ enum Command {
     Cleanup(PinArgs),
     /// Print the CustomResourceDefinitions (Sandbox, RouteGroup) as YAML.
     Crd,
+    /// Probe what the programs need from this kernel (program and map types, helpers), print
+    /// each with the kernel's answer, and exit 1 when something is missing. `run` makes the same
+    /// check before it loads anything.
+    KernelCheck,
     /// The cluster-wide controller (its own Deployment): validates sandboxes and route groups
     /// and writes their status, deletes expired sandboxes, publishes fork endpoints as
     /// EndpointSlices; one leader at a time through a Lease.
@@ -308,8 +312,40 @@ fn main() -> Result<()> {
             print!("{}", redirect_agent::crd::crd_yaml());
             Ok(())
         }
+        Command::KernelCheck => kernel_check(),
         Command::Controller(a) => controller(a),
     }
+}
+
+fn kernel_check() -> Result<()> {
+    use redirect_agent::loader::kernel_check::{Answer, probe};
+    let report = probe();
+    println!("kernel {}", report.release);
+    for (need, answer) in &report.answers {
+        let said = match answer {
+            Answer::Yes => "yes".to_string(),
+            Answer::No => format!("MISSING (needs {})", need.since),
+            Answer::Unknown(why) => format!("unknown ({why})"),
+        };
+        println!("  {:<66} {said}", need.what);
+    }
+    if let Some(why) = report.refusal() {
+        anyhow::bail!("{why}");
+    }
+    let unknown = report
+        .answers
+        .iter()
+        .filter(|(_, a)| matches!(a, Answer::Unknown(_)))
+        .count();
+    if unknown > 0 {
+        anyhow::bail!(
+            "{unknown} of {} needs could not be probed (the probes load programs: run as root, \
+             as the agent runs)",
+            report.answers.len()
+        );
+    }
+    println!("everything the programs need is there");
+    Ok(())
 }
 
 #[tokio::main]

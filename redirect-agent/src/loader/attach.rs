@@ -51,6 +51,8 @@ pub enum LoaderError {
     },
     #[error("program {name}: {reason}")]
     Program { name: &'static str, reason: String },
+    #[error("{0}")]
+    Kernel(String),
     #[error("pin {path}: {reason}")]
     Pin { path: PathBuf, reason: String },
 }
@@ -96,6 +98,15 @@ pub fn attach(cfg: &LoaderConfig) -> Result<Attached, LoaderError> {
     };
     let cgroup = fs::File::open(&cfg.cgroup_root).map_err(cg_err)?;
     let cgroup_id = cgroup.metadata().map_err(cg_err)?.ino();
+    let kernel = super::kernel_check::probe();
+    for (need, answer) in &kernel.answers {
+        if let super::kernel_check::Answer::Unknown(why) = answer {
+            tracing::warn!(need = need.what, %why, "cannot tell whether the kernel has this");
+        }
+    }
+    if let Some(why) = kernel.refusal() {
+        return Err(LoaderError::Kernel(why));
+    }
 
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(&cfg.pin_dir)

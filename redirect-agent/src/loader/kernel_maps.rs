@@ -264,10 +264,18 @@ impl RouterSocks {
         let fd = sys::obj_get(&path).map_err(|e| {
             RouterSockError::new(MAP_CONNS, format!("opening {}: {e}", path.display()))
         })?;
-        Ok(ConnsTaker {
+        let taker = ConnsTaker {
             fd,
             split: std::sync::atomic::AtomicBool::new(false),
-        })
+        };
+        // Find out now which way takes work here: the all-zero address is never a client's.
+        let _ = take_with(
+            &taker.fd,
+            &taker.split,
+            &[0u8; size_of::<SockAddr>()],
+            &mut [0u8; size_of::<OrigDst>()],
+        );
+        Ok(taker)
     }
 
     /// Removes records older than `max_age` (connections that failed before reaching the

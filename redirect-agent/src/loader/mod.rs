@@ -8,6 +8,7 @@
 mod attach;
 mod bpffs;
 pub mod inspect;
+pub mod kernel_check;
 mod kernel_maps;
 pub mod sys;
 

@@ -36,6 +36,11 @@ pub trait OrigDsts: Send + Sync + 'static {
     /// `Ok(None)` when there is none; an error when the map cannot be read (never taken for
     /// "none": that would refuse the client silently).
     fn take(&self, src: &SockAddr) -> Result<Option<OrigDst>, RouterSockError>;
+
+    /// A slower way this kernel makes takes go, for `/status`.
+    fn fallback(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 impl RouterKernel for RouterSocks {
@@ -63,6 +68,12 @@ impl RouterKernel for RouterSocks {
 impl OrigDsts for ConnsTaker {
     fn take(&self, src: &SockAddr) -> Result<Option<OrigDst>, RouterSockError> {
         ConnsTaker::take(self, src)
+    }
+
+    fn fallback(&self) -> Option<&'static str> {
+        self.split().then_some(
+            "conns_v1: lookup, then delete (no lookup-and-delete on hash maps before Linux 5.14)",
+        )
     }
 }
 

@@ -233,6 +233,11 @@ impl Shared {
         }
     }
 
+    /// Slower ways this kernel makes the router go (empty on a current kernel).
+    pub fn kernel_fallbacks(&self) -> Vec<&'static str> {
+        self.conns.fallback().into_iter().collect()
+    }
+
     /// Whether the router is draining.
     pub fn draining(&self) -> bool {
         *self.drain.borrow()

@@ -22,9 +22,10 @@
 //!   and kube-proxy style nftables DNAT for ClusterIPs (table `inet rdt_kube`).
 //! - **Pod** number `N` (1, 2, … in creation order, at most [`MAX_PODS`]): a netns `<id>-p<N>`
 //!   whose `eth0` holds `10.200.1.N/32` and `fd00:200::1:N/128` (N in hex in the last group),
-//!   default routes `via 10.200.0.1 onlink` and `via fe80::1`, no DAD. Its cgroup is
-//!   `<cgroup root>/kubepods/pod<uid>` (the cgroupfs layout of a Guaranteed pod) with a child
-//!   `c0` where its processes run, so eBPF programs must walk ancestors to find the pod.
+//!   default routes `via 10.200.0.1 onlink` and `via fe80::1`, no DAD. Its cgroup is laid out
+//!   as a kubelet's cgroup driver would ([`CgroupLayout`]): by default
+//!   `<cgroup root>/kubepods/pod<uid>` (cgroupfs, a Guaranteed pod) with a child `c0` where its
+//!   processes run, so eBPF programs must walk ancestors to find the pod.
 //! - **Cgroup root** ([`MiniCluster::cgroup_root`]): `<cgroup2 mount>/<id>`, where a test
 //!   attaches its cgroup programs; the mount is found in `/proc/self/mountinfo`.
 //! - **Service**: ClusterIPs chosen by the test inside `10.200.0.0/16` and `fd00:200::/64`
@@ -260,9 +261,42 @@ struct State {
     services: Vec<ServiceState>,
 }
 
+/// How pod cgroups are laid out, as the kubelet's cgroup driver does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CgroupLayout {
+    /// cgroupfs driver, a Guaranteed pod: `kubepods/pod<uid>/c0`.
+    #[default]
+    Cgroupfs,
+    /// systemd driver, a BestEffort pod: `kubepods.slice/kubepods-besteffort.slice/
+    /// kubepods-besteffort-pod<uid with underscores>.slice/cri-containerd-<id>.scope`.
+    Systemd,
+}
+
+impl CgroupLayout {
+    /// Below the cgroup root: the directory the pod cgroups go in.
+    fn pods_parent(self) -> &'static str {
+        match self {
+            CgroupLayout::Cgroupfs => "kubepods",
+            CgroupLayout::Systemd => "kubepods.slice/kubepods-besteffort.slice",
+        }
+    }
+
+    /// The pod's cgroup and its container's, below [`CgroupLayout::pods_parent`].
+    fn pod_dirs(self, uid: &str, index: usize) -> (String, String) {
+        match self {
+            CgroupLayout::Cgroupfs => (format!("pod{uid}"), "c0".into()),
+            CgroupLayout::Systemd => (
+                format!("kubepods-besteffort-pod{}.slice", uid.replace('-', "_")),
+                format!("cri-containerd-{index:064x}.scope"),
+            ),
+        }
+    }
+}
+
 /// One node and its pods. Dropping it removes everything it made.
 pub struct MiniCluster {
     id: String,
+    layout: CgroupLayout,
     cgroup_root: PathBuf,
     workdir: PathBuf,
     node_netns_name: String,
@@ -285,6 +319,11 @@ impl MiniCluster {
     /// Builds the node: `Err(SetupError::Skip)` when the machine cannot (not root, `ip` or
     /// `nft` missing, no cgroup2). The first call in a process sweeps leftovers of dead runs.
     pub fn new() -> Result<MiniCluster, SetupError> {
+        MiniCluster::with_layout(CgroupLayout::default())
+    }
+
+    /// [`MiniCluster::new`] with pod cgroups laid out as `layout`.
+    pub fn with_layout(layout: CgroupLayout) -> Result<MiniCluster, SetupError> {
         let mount = preflight()?;
         SWEEP.call_once(|| {
             let swept = sweep_leftovers();
@@ -295,6 +334,7 @@ impl MiniCluster {
         let id = names::new_cluster_id()?;
         let node_netns_name = format!("{id}-node");
         let mc = MiniCluster {
+            layout,
             cgroup_root: mount.join(&id),
             workdir: std::env::temp_dir().join(&id),
             node_netns: netns::path(&node_netns_name),
@@ -312,14 +352,30 @@ impl MiniCluster {
     /// `SKIP <test>: <reason>` ([`skip`]) and gives `None` when the machine cannot run it; panics on real
     /// setup errors.
     pub fn new_or_skip(test: &str, tools: &[&str]) -> Option<MiniCluster> {
-        or_skip(test, require_tools(tools).and_then(|()| MiniCluster::new()))
+        MiniCluster::new_or_skip_with_layout(test, tools, CgroupLayout::default())
+    }
+
+    /// [`MiniCluster::new_or_skip`] with pod cgroups laid out as `layout`.
+    pub fn new_or_skip_with_layout(
+        test: &str,
+        tools: &[&str],
+        layout: CgroupLayout,
+    ) -> Option<MiniCluster> {
+        or_skip(
+            test,
+            require_tools(tools).and_then(|()| MiniCluster::with_layout(layout)),
+        )
     }
 
     fn setup_node(&self) -> Result<()> {
         fs::create_dir(&self.workdir)
             .with_context(|| format!("creating {}", self.workdir.display()))?;
         cgroup::create(&self.cgroup_root)?;
-        cgroup::create(&self.kubepods_path())?;
+        let mut dir = self.cgroup_root.clone();
+        for level in self.layout.pods_parent().split('/') {
+            dir.push(level);
+            cgroup::create(&dir)?;
+        }
         self.lock().netns.push(self.node_netns_name.clone());
         netns::add(&self.node_netns_name)?;
         netns::sysctls(
@@ -357,9 +413,9 @@ impl MiniCluster {
         &self.cgroup_root
     }
 
-    /// `<cgroup root>/kubepods`, parent of the pod cgroups.
+    /// The parent of the pod cgroups (`<cgroup root>/kubepods` in the default layout).
     pub fn kubepods_path(&self) -> PathBuf {
-        self.cgroup_root.join("kubepods")
+        self.cgroup_root.join(self.layout.pods_parent())
     }
 
     /// `/run/netns/<id>-node`.
@@ -458,9 +514,10 @@ impl MiniCluster {
                 "route add default via {ROUTER_IP4} dev eth0 onlink\nroute add ::/0 via fe80::1 dev eth0\n"
             ),
         )?;
-        let cgroup = self.kubepods_path().join(format!("pod{uid}"));
+        let (pod_dir, container_dir) = self.layout.pod_dirs(&uid.to_string(), usize::from(index));
+        let cgroup = self.kubepods_path().join(pod_dir);
         cgroup::create(&cgroup)?;
-        let container_cgroup = cgroup.join("c0");
+        let container_cgroup = cgroup.join(container_dir);
         cgroup::create(&container_cgroup)?;
         let cgroup_id = fs::metadata(&cgroup)?.ino();
         let info = Arc::new(PodInfo {

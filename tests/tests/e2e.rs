@@ -8,7 +8,7 @@ use std::{
 
 use redirect_common::Reason;
 use redirect_tests::{
-    MiniCluster, ROUTER_IP4, ROUTER_IP6,
+    CgroupLayout, MiniCluster, ROUTER_IP4, ROUTER_IP6,
     agent::{ROUTER_PORT, SourceMode, read_counters},
     bpf_objects::PinnedObjects,
     kernel::{delta, expect_kernel_agrees, predict},
@@ -587,6 +587,52 @@ fn the_kernel_check_finds_everything_the_programs_need_here() {
         text.contains("everything the programs need is there"),
         "{text}"
     );
+}
+
+#[test]
+fn fork_pods_and_keyed_requests_are_routed_with_either_kubelet_cgroup_layout() {
+    for layout in [CgroupLayout::Cgroupfs, CgroupLayout::Systemd] {
+        let Some(mc) = MiniCluster::new_or_skip_with_layout("cgroup_layouts", TOOLS, layout) else {
+            return;
+        };
+        let mut shop = Shop::with_agent(&mc, true).unwrap();
+        let pin_dir = shop.agent().pin_dir.clone();
+        let path = shop
+            .frontend_fork
+            .container_cgroup_path()
+            .display()
+            .to_string();
+        let want = match layout {
+            CgroupLayout::Cgroupfs => "/kubepods/pod",
+            CgroupLayout::Systemd => {
+                "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod"
+            }
+        };
+        assert!(path.contains(want), "{layout:?}: {path}");
+        // The kernel finds the fork pod from its container's cgroup, as the model predicts.
+        let d = expect_kernel_agrees(&pin_dir, &shop.frontend_fork, sa(CHECKOUT_VIP4, 80), || {
+            assert_eq!(
+                get(&shop.frontend_fork, CHECKOUT_VIP4, "")?,
+                "checkout-fork\n",
+                "{layout:?}"
+            );
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(d.reason, Reason::OriginFork, "{layout:?}");
+        // A baseline pod's keyed request goes through the router to the fork.
+        let key = format!("x-routing-key: {SANDBOX_KEY}");
+        assert_eq!(
+            get_with(&shop.client, CHECKOUT_VIP4, "", Some(&key)).unwrap(),
+            "checkout-fork\n",
+            "{layout:?}"
+        );
+        assert_eq!(
+            get(&shop.client, CHECKOUT_VIP4, "").unwrap(),
+            "checkout-base\n",
+            "{layout:?}"
+        );
+    }
 }
 
 /// What `getpeername()` says after connecting from `pod` to `ip:80`.

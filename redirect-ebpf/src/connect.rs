@@ -125,36 +125,31 @@ impl ConnectEnv for Kernel<'_> {
         router_alive(slot)
     }
 
+    /// Records in the socket's storage the address the application asked for (which
+    /// `getpeername()` reports instead of the fork endpoint or the router) and, for the router,
+    /// the original destination that `sock_ops` hands on. A reconnect overwrites the record.
     #[inline(always)]
     fn remember(&self, dst: &SockAddr, service_id: u32, to_router: bool) -> bool {
-        let flags = if to_router { SOCK_TO_ROUTER } else { 0 };
-        remember(self.ctx, dst, service_id, flags).is_ok()
+        let mut record = SockRecord {
+            orig: OrigDst {
+                dst: *dst,
+                service_id,
+                // SAFETY: a helper without arguments.
+                cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+                recorded_ns: 0,
+            },
+            flags: if to_router { SOCK_TO_ROUTER } else { 0 },
+            _pad: 0,
+        };
+        let stored = SOCK_RECORDS.get_or_insert_ptr_mut(self.ctx, Some(&mut record));
+        if stored.is_null() {
+            return false;
+        }
+        // SAFETY: non-null storage of this socket; an existing record (a reconnect) is
+        // overwritten.
+        unsafe { *stored = record };
+        true
     }
-}
-
-/// Records in the socket's storage the address the application asked for (which
-/// `getpeername()` reports instead of the fork endpoint or the router) and, for the router, the
-/// original destination that `sock_ops` hands on. A reconnect overwrites the record.
-#[inline(always)]
-fn remember(ctx: &SockAddrContext, dst: &SockAddr, service_id: u32, flags: u32) -> Result<(), ()> {
-    let mut record = SockRecord {
-        orig: OrigDst {
-            dst: *dst,
-            service_id,
-            // SAFETY: a helper without arguments.
-            cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-            recorded_ns: 0,
-        },
-        flags,
-        _pad: 0,
-    };
-    let stored = SOCK_RECORDS.get_or_insert_ptr_mut(ctx, Some(&mut record));
-    if stored.is_null() {
-        return Err(());
-    }
-    // SAFETY: non-null storage of this socket; an existing record (a reconnect) is overwritten.
-    unsafe { *stored = record };
-    Ok(())
 }
 
 /// The caller lookup's view of the kernel: helpers and the pinned maps.

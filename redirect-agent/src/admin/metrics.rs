@@ -50,7 +50,7 @@ impl Default for SyncMetrics {
     fn default() -> Self {
         let errors = Family::<ErrorKind, Counter>::default();
         // Both kinds from the start, at 0: an alert on them needs the series to exist.
-        for kind in ["map_full", "map_error"] {
+        for kind in MapError::METRIC_LABELS {
             let _ = errors.get_or_create(&ErrorKind { kind });
         }
         SyncMetrics {
@@ -95,7 +95,7 @@ impl SyncMetrics {
 
     /// Failed map operations over all syncs.
     pub fn errors(&self) -> u64 {
-        ["map_full", "map_error"]
+        MapError::METRIC_LABELS
             .iter()
             .map(|kind| self.errors.get_or_create(&ErrorKind { kind }).get())
             .sum()

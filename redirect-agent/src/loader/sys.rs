@@ -249,11 +249,11 @@ pub fn array_update(map: &OwnedFd, key: u32, value: &[u8]) -> io::Result<()> {
 
 /// Reads index `key` of an array map into `value` (exactly the map's value size).
 pub fn array_lookup(map: &OwnedFd, key: u32, value: &mut [u8]) -> io::Result<()> {
-    let mut attr = [0u64; 16];
-    attr[0] = map.as_raw_fd() as u64;
-    attr[1] = &key as *const u32 as u64;
-    attr[2] = value.as_mut_ptr() as u64;
-    bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).map(|_| ())
+    if map_lookup(map, &key.to_ne_bytes(), value)? {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(libc::ENOENT))
+    }
 }
 
 /// Pins an object at `path`.

@@ -20,11 +20,14 @@ pub enum MapError {
 }
 
 impl MapError {
+    /// Every label [`MapError::metric_label`] gives.
+    pub const METRIC_LABELS: [&'static str; 2] = ["map_full", "map_error"];
+
     /// Bounded label for metrics.
     pub fn metric_label(&self) -> &'static str {
         match self {
-            MapError::Full { .. } => "map_full",
-            MapError::Other { .. } => "map_error",
+            MapError::Full { .. } => Self::METRIC_LABELS[0],
+            MapError::Other { .. } => Self::METRIC_LABELS[1],
         }
     }
 }

@@ -66,28 +66,79 @@ impl Steps for () {
     fn step(&mut self, _: Step<'_>) {}
 }
 
+/// An optional part of a [`Decision`]: a flag and a value that is `T::default()` when absent,
+/// never an `Option`. An `Option`'s payload is undefined while it is `None`, and LLVM may spill
+/// and reload it across a helper call on a path that never wrote it. Older verifiers (5.10's)
+/// refuse a read of a stack slot the path never wrote, and the programs then do not load at
+/// all (the 5.10 run of `cargo xtask vm-test` catches it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Part<T> {
+    present: bool,
+    value: T,
+}
+
+impl<T: Copy + Default> Part<T> {
+    #[inline(always)]
+    pub fn some(value: T) -> Self {
+        Part {
+            present: true,
+            value,
+        }
+    }
+
+    #[inline(always)]
+    pub fn none() -> Self {
+        Part {
+            present: false,
+            value: T::default(),
+        }
+    }
+
+    #[inline(always)]
+    pub fn get(&self) -> Option<T> {
+        if self.present { Some(self.value) } else { None }
+    }
+
+    /// The value, or `T::default()` when absent (both defined, without a branch on the flag).
+    #[inline(always)]
+    pub fn or_default(&self) -> T {
+        self.value
+    }
+}
+
+impl<T: Copy + Default> From<Option<T>> for Part<T> {
+    #[inline(always)]
+    fn from(o: Option<T>) -> Self {
+        match o {
+            Some(v) => Part::some(v),
+            None => Part::none(),
+        }
+    }
+}
+
 /// What `connect()` does, and why.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Decision {
     pub reason: Reason,
-    /// The destination asked for; `None` for a socket that is not TCP.
-    pub dst: Option<SockAddr>,
+    /// The destination asked for; absent for a socket that is not TCP.
+    pub dst: Part<SockAddr>,
     /// Where the connection goes instead, when the decision rewrites.
-    pub rewrite: Option<SockAddr>,
+    pub rewrite: Part<SockAddr>,
     /// The destination's service port id, when it is a forked service.
-    pub service_id: Option<u32>,
+    pub service_id: Part<u32>,
     /// The caller's fork pod cgroup and routing key, when it is a fork pod.
-    pub workload: Option<(u64, u32)>,
+    pub workload: Part<(u64, u32)>,
 }
 
 impl Decision {
-    const fn untouched(reason: Reason, dst: Option<SockAddr>) -> Self {
+    #[inline(always)]
+    fn untouched(reason: Reason, dst: Part<SockAddr>) -> Self {
         Decision {
             reason,
             dst,
-            rewrite: None,
-            service_id: None,
-            workload: None,
+            rewrite: Part::none(),
+            service_id: Part::none(),
+            workload: Part::none(),
         }
     }
 }
@@ -99,15 +150,15 @@ impl Decision {
 #[inline(always)]
 pub fn decide<E: ConnectEnv, S: Steps>(env: &E, steps: &mut S) -> Decision {
     let Some(dst) = env.tcp_destination() else {
-        return Decision::untouched(Reason::NotForked, None);
+        return Decision::untouched(Reason::NotForked, Part::none());
     };
-    let mut d = Decision::untouched(Reason::NotForked, Some(dst));
+    let mut d = Decision::untouched(Reason::NotForked, Part::some(dst));
     let service_id = env.service(&dst);
     steps.step(Step::Service { dst, service_id });
     let Some(service_id) = service_id else {
         return d;
     };
-    d.service_id = Some(service_id);
+    d.service_id = Part::some(service_id);
     let Some(router) = env.router() else {
         d.reason = Reason::Error;
         return d;
@@ -124,7 +175,7 @@ pub fn decide<E: ConnectEnv, S: Steps>(env: &E, steps: &mut S) -> Decision {
     let caller = env.caller();
     steps.step(Step::Caller { found: caller });
     if let Some((_, key_id)) = caller {
-        d.workload = caller;
+        d.workload = Part::from(caller);
         let key = ForkKey { key_id, service_id };
         let fork = env.fork(&key);
         steps.step(Step::Fork {
@@ -151,7 +202,7 @@ pub fn decide<E: ConnectEnv, S: Steps>(env: &E, steps: &mut S) -> Decision {
             to_router: false,
             ok,
         });
-        d.rewrite = Some(*ep);
+        d.rewrite = Part::some(*ep);
         d.reason = Reason::OriginFork;
         return d;
     }
@@ -181,7 +232,7 @@ pub fn decide<E: ConnectEnv, S: Steps>(env: &E, steps: &mut S) -> Decision {
         d.reason = Reason::StorageFull;
         return d;
     }
-    d.rewrite = Some(to);
+    d.rewrite = Part::some(to);
     d.reason = Reason::ToRouter;
     d
 }
@@ -287,7 +338,10 @@ mod tests {
         let env = Env::new(None);
         let mut taken = Taken::default();
         let d = decide(&env, &mut taken);
-        assert_eq!((d.reason, d.rewrite), (Reason::ToRouter, Some(ROUTER)));
+        assert_eq!(
+            (d.reason, d.rewrite.get()),
+            (Reason::ToRouter, Some(ROUTER))
+        );
         assert_eq!(env.remembered.get(), Some(true));
         assert_eq!(
             taken.0,
@@ -306,7 +360,7 @@ mod tests {
         let mut env = Env::new(None);
         env.room = false;
         let d = decide(&env, &mut ());
-        assert_eq!((d.reason, d.rewrite), (Reason::StorageFull, None));
+        assert_eq!((d.reason, d.rewrite.get()), (Reason::StorageFull, None));
         let mut env = Env::new(Some((42, 3)));
         env.room = false;
         let d = decide(&env, &mut ());
@@ -321,10 +375,10 @@ mod tests {
         let mut taken = Taken::default();
         let d = decide(&env, &mut taken);
         assert_eq!(d.reason, Reason::OriginFork);
-        assert_eq!(d.workload, Some((42, 3)));
+        assert_eq!(d.workload.get(), Some((42, 3)));
         assert_eq!(taken.0, ["service", "caller", "fork", "recorded"]);
         let d = decide(&Env::new(Some((42, 4))), &mut ());
-        assert_eq!((d.reason, d.rewrite), (Reason::OriginBaseline, None));
+        assert_eq!((d.reason, d.rewrite.get()), (Reason::OriginBaseline, None));
     }
 
     #[test]
@@ -332,7 +386,16 @@ mod tests {
         let mut env = Env::new(None);
         env.alive = false;
         let d = decide(&env, &mut ());
-        assert_eq!((d.reason, d.rewrite), (Reason::RouterDown, None));
+        assert_eq!((d.reason, d.rewrite.get()), (Reason::RouterDown, None));
         assert_eq!(env.remembered.get(), None);
+    }
+
+    #[test]
+    fn an_absent_part_holds_the_default_value_not_an_undefined_one() {
+        let none: Part<(u64, u32)> = Part::from(None);
+        assert_eq!((none.get(), none.or_default()), (None, (0, 0)));
+        assert_eq!(none, Part::none());
+        let some = Part::from(Some(7u32));
+        assert_eq!((some.get(), some.or_default()), (Some(7), 7));
     }
 }

@@ -34,7 +34,7 @@ pub fn run(ctx: &SockAddrContext, ipv6: bool) -> i32 {
     // Checked first: when nobody traces, tracing costs this one array lookup.
     let trace_mode = trace::mode();
     let d = decide(&Kernel { ctx, ipv6 }, &mut ());
-    if let Some(to) = d.rewrite {
+    if let Some(to) = d.rewrite.get() {
         rewrite(ctx, ipv6, &to);
     }
     count(d.reason);

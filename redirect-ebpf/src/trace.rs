@@ -22,11 +22,11 @@ pub fn mode() -> u32 {
 #[inline(always)]
 pub fn emit(mode: u32, ipv6: bool, d: &Decision) {
     // Only TCP connects are traced.
-    let Some(before) = d.dst else { return };
+    let Some(before) = d.dst.get() else { return };
     if mode != TRACE_ALL && d.reason == Reason::NotForked {
         return;
     }
-    let (pod_cgroup_id, key_id) = d.workload.unwrap_or((0, 0));
+    let (pod_cgroup_id, key_id) = d.workload.or_default();
     let ev = TraceEvent {
         // SAFETY: a helper without arguments.
         ts_ns: unsafe { bpf_ktime_get_ns() },
@@ -34,8 +34,8 @@ pub fn emit(mode: u32, ipv6: bool, d: &Decision) {
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         pod_cgroup_id,
         before,
-        after: d.rewrite.unwrap_or(before),
-        service_id: d.service_id.unwrap_or(0),
+        after: d.rewrite.get().unwrap_or(before),
+        service_id: d.service_id.or_default(),
         key_id,
         reason: d.reason as u32,
         flags: if ipv6 { TRACE_F_IPV6_SOCKET } else { 0 },

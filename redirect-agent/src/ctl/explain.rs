@@ -200,20 +200,20 @@ pub fn collect(ctx: &Ctx, args: &ExplainArgs) -> Result<ExplainDoc, CtlError> {
     } = narrator;
     let kd = KernelDecision {
         reason: d.reason.label(),
-        rewrite: d.rewrite.map(|r| SocketAddr::from(&r)),
+        rewrite: d.rewrite.get().map(|r| SocketAddr::from(&r)),
         candidates: if d.reason == Reason::OriginFork {
             candidates
         } else {
             Vec::new()
         },
-        service_id: d.service_id,
-        service: d.service_id.and_then(|id| names.service(id)),
-        workload_cgroup_id: d.workload.map(|w| w.0),
-        key_id: d.workload.map(|w| w.1),
+        service_id: d.service_id.get(),
+        service: d.service_id.get().and_then(|id| names.service(id)),
+        workload_cgroup_id: d.workload.get().map(|w| w.0),
+        key_id: d.workload.get().map(|w| w.1),
     };
 
     let router = (d.reason == Reason::ToRouter)
-        .then(|| router_steps(&names, d.service_id.unwrap_or(0), dst, args, &mut steps));
+        .then(|| router_steps(&names, d.service_id.or_default(), dst, args, &mut steps));
     let verdict = verdict(d.reason, &kd, router.as_ref(), args);
     Ok(ExplainDoc {
         schema: "redirectctl.explain/v1",

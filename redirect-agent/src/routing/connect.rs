@@ -173,15 +173,15 @@ mod tests {
             &input(v4([10, 200, 128, 2], 80), &[1, FORK_POD_CG]),
         );
         assert_eq!(d.reason, Reason::NotForked);
-        assert_eq!(d.rewrite, None);
+        assert_eq!(d.rewrite.get(), None);
     }
 
     #[test]
     fn fork_pod_calling_forked_service_goes_to_fork_endpoint() {
         let d = at_connect(&scene(), &input(v4(VIP, 80), &[1, 20, FORK_POD_CG, 99]));
         assert_eq!(d.reason, Reason::OriginFork);
-        assert_eq!(d.rewrite, Some(v4(FORK_EP, 8080)));
-        assert_eq!(d.workload, Some((FORK_POD_CG, 3)));
+        assert_eq!(d.rewrite.get(), Some(v4(FORK_EP, 8080)));
+        assert_eq!(d.workload.get(), Some((FORK_POD_CG, 3)));
     }
 
     #[test]
@@ -191,7 +191,7 @@ mod tests {
             .insert(555, WorkloadValue { key_id: 4, _pad: 0 });
         let d = at_connect(&t, &input(v4(VIP, 80), &[1, 555]));
         assert_eq!(d.reason, Reason::OriginBaseline);
-        assert_eq!(d.rewrite, None);
+        assert_eq!(d.rewrite.get(), None);
     }
 
     #[test]
@@ -199,12 +199,12 @@ mod tests {
         let t = scene();
         let d = at_connect(&t, &input(v4(VIP, 80), &[1, 2]));
         assert_eq!(d.reason, Reason::ToRouter);
-        assert_eq!(d.rewrite, Some(t.router.v4));
+        assert_eq!(d.rewrite.get(), Some(t.router.v4));
         let mut down = input(v4(VIP, 80), &[1, 2]);
         down.router_alive = false;
         let d = at_connect(&t, &down);
         assert_eq!(d.reason, Reason::RouterDown);
-        assert_eq!(d.rewrite, None);
+        assert_eq!(d.rewrite.get(), None);
     }
 
     #[test]
@@ -242,10 +242,10 @@ mod tests {
         for pick in 0..4 {
             let mut i = input(v4(VIP, 80), &[FORK_POD_CG]);
             i.pick = pick;
-            assert_eq!(at_connect(&t, &i).rewrite, Some(v4(FORK_EP, 8080)));
+            assert_eq!(at_connect(&t, &i).rewrite.get(), Some(v4(FORK_EP, 8080)));
             let mut i = input(vip6, &[FORK_POD_CG]);
             i.pick = pick;
-            let ep = at_connect(&t, &i).rewrite.unwrap();
+            let ep = at_connect(&t, &i).rewrite.get().unwrap();
             assert!(!ep.is_v4(), "{ep:?}");
         }
     }
@@ -256,7 +256,7 @@ mod tests {
         i.tcp = false;
         let d = at_connect(&scene(), &i);
         assert_eq!(
-            (d.reason, d.dst, d.rewrite),
+            (d.reason, d.dst.get(), d.rewrite.get()),
             (Reason::NotForked, None, None)
         );
     }
@@ -267,6 +267,6 @@ mod tests {
         t.forks.values_mut().next().unwrap().count = 0;
         let d = at_connect(&t, &input(v4(VIP, 80), &[FORK_POD_CG]));
         assert_eq!(d.reason, Reason::OriginNoEndpoint);
-        assert_eq!(d.rewrite, None);
+        assert_eq!(d.rewrite.get(), None);
     }
 }

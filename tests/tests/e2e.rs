@@ -342,15 +342,31 @@ fn agent_sigkill_fails_open_and_a_restart_restores_routes_from_pins_then_reconci
         "fail-open under SIGKILL: {res} (agent killed {:?} before the loop ended)",
         killed_at.elapsed()
     );
-    assert_eq!(
-        res["connect_failed"], 0,
-        "new connections failed after the kill: {res}"
-    );
     assert!(res["ok"].as_u64().unwrap() > 100, "{res}");
+    // Only connections in flight at the kill may fail: inside the router, or sent to its
+    // listener as it closed (a connect refused; the window is the kernel's own path from the
+    // decision to the listener, which emulated kernels stretch enough to hit). None fail after.
+    let failed = res["connect_failed"].as_u64().unwrap() + res["broken"].as_u64().unwrap();
     assert!(
-        res["broken"].as_u64().unwrap() <= 3,
-        "more connections broke than were inside the router: {res}"
+        failed <= 3,
+        "more connections failed than were in flight at the kill: {res}"
     );
+    let times: Vec<f64> = res["fail_times"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_f64().unwrap())
+        .collect();
+    if let (Some(first), Some(last)) = (
+        times.iter().copied().reduce(f64::min),
+        times.iter().copied().reduce(f64::max),
+    ) {
+        assert!(
+            last - first < 0.5,
+            "failures spread over {:.3} s, not only at the kill: {res}",
+            last - first
+        );
+    }
 
     // With the agent dead: baseline callers go direct (fail open), fork pods still reach the fork
     // through the pinned programs and maps.

@@ -153,6 +153,34 @@ fn baseline_pod_reaches_a_forked_service_through_the_router_which_recovers_the_d
         (body.as_str(), reason),
         ("catalog-base\n", Reason::NotForked)
     );
+    // Before Linux 5.14 the router took those destinations with its lookup-then-delete
+    // fallback, and says so; a newer kernel needs none.
+    let fallbacks = status(&mc)["kernel_fallbacks"].clone();
+    let names: Vec<&str> = fallbacks
+        .as_array()
+        .map(|a| a.iter().filter_map(|f| f.as_str()).collect())
+        .unwrap_or_default();
+    if kernel_before(5, 14) {
+        assert!(
+            names.len() == 1 && names[0].starts_with("conns_v1: lookup, then delete"),
+            "{fallbacks}"
+        );
+    } else {
+        assert!(
+            names.is_empty(),
+            "a fallback on a current kernel: {fallbacks}"
+        );
+    }
+}
+
+/// Whether the running kernel is older than `major.minor` (its `uname -r`).
+fn kernel_before(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse::<u32>().ok());
+    let have = (parts.next().unwrap(), parts.next().unwrap());
+    have < (major, minor)
 }
 
 /// Polls the kernel's `workloads_v1` until `pod`'s entry satisfies `want`, then gives the agent's

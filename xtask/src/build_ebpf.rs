@@ -1,6 +1,10 @@
 //! `cargo xtask build-ebpf`: the one way the eBPF object is built.
 
-use std::{fs, path::PathBuf, process::Command};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context, Result, bail};
 use aya::{
@@ -78,7 +82,7 @@ pub fn build() -> Result<()> {
 
 /// Loads every program through the verifier, with maps pinned in a scratch directory that is
 /// removed afterwards, and prints what the kernel accepted.
-fn verify(obj: &PathBuf) -> Result<()> {
+pub fn verify(obj: &Path) -> Result<()> {
     let bpffs = PathBuf::from("/sys/fs/bpf");
     let scratch = bpffs.join(format!("redirect-verify-{}", std::process::id()));
     fs::create_dir_all(&scratch).with_context(|| {

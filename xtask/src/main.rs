@@ -10,6 +10,7 @@ mod kind;
 mod lint_ebpf;
 mod run;
 mod tools;
+mod vm;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -54,6 +55,15 @@ enum Command {
     /// container engine, the node image, `cargo xtask image`'s archive) unless
     /// REDIRECT_REQUIRE_KIND=1.
     KindTest(kind::Options),
+    /// The privileged tests (mini-cluster end to end, router isolation) on another kernel under
+    /// QEMU: a stock Debian 5.10, 6.1, 6.12 or 7.3 (fetched once into target/vm), `all` of
+    /// them, or a vmlinuz of your own. Needs root and QEMU (./x setup installs it). See
+    /// docs/compatibility.md.
+    VmTest(vm::Options),
+    /// Load the built eBPF object's programs through this kernel's verifier and print what it
+    /// accepted, without building (vm-test runs it inside the guest).
+    #[command(hide = true)]
+    VerifyEbpf,
 }
 
 fn main() -> std::process::ExitCode {
@@ -70,6 +80,8 @@ fn main() -> std::process::ExitCode {
         }),
         Command::HelmLint => tools::helm_lint(),
         Command::KindTest(o) => kind::run(&o),
+        Command::VmTest(o) => vm::run(&o),
+        Command::VerifyEbpf => build_ebpf::verify(&build_ebpf::object_path()),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -17,6 +17,10 @@ pub struct TestOptions {
     /// Seconds each fuzz target runs after the tests (0: no fuzzing).
     #[arg(long, env = "REDIRECT_TEST_FUZZ_SECONDS", default_value_t = 10)]
     pub fuzz_seconds: u64,
+    /// Kernels the privileged suites also run on under QEMU after the tests (`cargo xtask
+    /// vm-test`): series separated by commas, or `none`.
+    #[arg(long, env = "REDIRECT_TEST_VM_KERNELS", default_value = "5.10")]
+    pub vm_kernels: String,
 }
 
 /// Path of the agent binary the end-to-end tests and the demo start.
@@ -65,11 +69,31 @@ pub fn test(o: &TestOptions) -> Result<()> {
         c.args(["--", f]);
     }
     cmd::run(&mut c)?;
+    if o.filter.is_none() {
+        vm_tests(&o.vm_kernels)?;
+    }
     if o.fuzz_seconds > 0 && o.filter.is_none() {
         crate::fuzz::run(&crate::fuzz::Options {
             seconds: o.fuzz_seconds,
             no_sanitizer: false,
             targets: Vec::new(),
+        })?;
+    }
+    Ok(())
+}
+
+/// The privileged suites on each of `kernels` under QEMU (the host kernel ran them above).
+fn vm_tests(kernels: &str) -> Result<()> {
+    if kernels == "none" {
+        return Ok(());
+    }
+    if !cmd::is_root() {
+        println!("SKIP vm-test {kernels}: needs root");
+        return Ok(());
+    }
+    for kernel in kernels.split(',').map(str::trim) {
+        crate::vm::run(&crate::vm::Options::for_test(kernel)).with_context(|| {
+            format!("the privileged tests on kernel {kernel} (cargo xtask vm-test {kernel})")
         })?;
     }
     Ok(())

@@ -23,8 +23,13 @@ pub struct Step {
     pub argv: Vec<String>,
 }
 
-/// The guest's script: mounts, modules, `env`, the steps, power off.
-pub fn script(steps: &[Step], env: &[(&str, String)]) -> String {
+/// Fresh, empty filesystems over the shared root's own.
+const SCRATCH: [&str; 2] = ["/tmp", "/run"];
+
+/// The guest's script: mounts, modules, `env`, the steps, power off. `keep` are directories of
+/// the shared root the steps use (the workspace); one below a scratch directory is carried over
+/// the fresh mount.
+pub fn script(steps: &[Step], env: &[(&str, String)], keep: &[&Path]) -> String {
     let mut s = String::from(
         r#"#!/bin/sh
 # The guest's PID 1 after switch_root.
@@ -34,9 +39,24 @@ mount -t sysfs sysfs /sys
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
-mount -t tmpfs tmpfs /tmp
-mount -t tmpfs tmpfs /run
-# A node's layout: cgroup v2 alone at /sys/fs/cgroup, bpffs at /sys/fs/bpf.
+"#,
+    );
+    for dir in SCRATCH {
+        let kept: Vec<String> = keep
+            .iter()
+            .filter(|k| k.starts_with(dir))
+            .map(|k| quote(&k.display().to_string()))
+            .collect();
+        for (i, k) in kept.iter().enumerate() {
+            let _ = writeln!(s, "mkdir -p /.vm-keep{i} && mount --bind {k} /.vm-keep{i}");
+        }
+        let _ = writeln!(s, "mount -t tmpfs tmpfs {dir}");
+        for (i, k) in kept.iter().enumerate() {
+            let _ = writeln!(s, "mkdir -p {k} && mount --move /.vm-keep{i} {k}");
+        }
+    }
+    s.push_str(
+        r#"# A node's layout: cgroup v2 alone at /sys/fs/cgroup, bpffs at /sys/fs/bpf.
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mount -t bpf bpf /sys/fs/bpf
 echo +cpu +memory +pids >/sys/fs/cgroup/cgroup.subtree_control 2>/dev/null
@@ -98,6 +118,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_workspace_below_a_scratch_directory_is_carried_over_its_fresh_mount() {
+        let s = script(&[], &[], &[Path::new("/tmp/ci.1"), Path::new("/work/w")]);
+        let at = |needle: &str| s.find(needle).unwrap_or_else(|| panic!("{needle} in {s}"));
+        assert!(at("mount --bind '/tmp/ci.1' /.vm-keep0") < at("mount -t tmpfs tmpfs /tmp"));
+        assert!(at("mount -t tmpfs tmpfs /tmp") < at("mount --move /.vm-keep0 '/tmp/ci.1'"));
+        assert!(
+            !s.contains("/work/w"),
+            "only directories below /tmp or /run move: {s}"
+        );
+        assert!(s.contains("mount -t tmpfs tmpfs /run"));
+    }
+
+    #[test]
     fn quoting_survives_single_quotes() {
         assert_eq!(quote("a'b c"), r"'a'\''b c'");
     }
@@ -108,7 +141,7 @@ mod tests {
             test_step("e2e", Path::new("/w/t/e2e-1"), Path::new("/w/tests"), None),
             test_step("iso", Path::new("/w/t/iso"), Path::new("/w"), Some("one")),
         ];
-        let s = script(&steps, &[("REDIRECT_AGENT_BIN", "/w/agent".into())]);
+        let s = script(&steps, &[("REDIRECT_AGENT_BIN", "/w/agent".into())], &[]);
         let at = |needle: &str| s.find(needle).unwrap_or_else(|| panic!("{needle} in {s}"));
         assert!(at("export REDIRECT_AGENT_BIN='/w/agent'") < at(BEGIN));
         assert!(at(BEGIN) < at("vm-test: step e2e"));

@@ -285,7 +285,7 @@ fn run_kernel(
         ("REDIRECT_AGENT_BIN", bin("redirect-agent")),
         ("RUST_BACKTRACE", "1".into()),
     ];
-    let script = guest::script(&steps, &env);
+    let script = guest::script(&steps, &env, &[&root]);
     let initrd = cache.join(format!("initramfs-{label}.cpio"));
     initramfs::write(
         &initramfs::Layout {

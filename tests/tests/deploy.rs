@@ -603,7 +603,9 @@ fn agent_adds_only_the_capabilities_it_needs_and_is_privileged_only_for_bidirect
         let sc = agent.security_context.clone().unwrap();
         let caps = sc.capabilities.clone().unwrap();
         let added: BTreeSet<_> = caps.add.clone().unwrap().into_iter().collect();
-        let want: BTreeSet<_> = ["BPF", "NET_ADMIN", "SYS_ADMIN"].map(String::from).into();
+        let want: BTreeSet<_> = ["BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_RESOURCE"]
+            .map(String::from)
+            .into();
         assert_eq!(added, want);
         assert_eq!(caps.drop, Some(vec!["ALL".to_string()]));
         assert_eq!(sc.privileged, Some(privileged));

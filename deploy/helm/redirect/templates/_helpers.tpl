@@ -64,7 +64,7 @@ runAsNonRoot: false
 readOnlyRootFilesystem: true
 capabilities:
   drop: ["ALL"]
-  add: ["BPF", "NET_ADMIN", "SYS_ADMIN"]
+  add: ["BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_RESOURCE"]
 seccompProfile:
   type: RuntimeDefault
 appArmorProfile:

@@ -59,14 +59,37 @@ pub const PROG_CONNECT6: &str = "redirect_connect6";
 pub const PROG_SOCK_OPS: &str = "redirect_sock_ops";
 pub const PROG_GETPEERNAME4: &str = "redirect_getpeername4";
 pub const PROG_GETPEERNAME6: &str = "redirect_getpeername6";
+/// `fentry` on the kernel's `tcp_connect()`: records router-bound connections once per connect
+/// (Linux 5.11+), where `sock_ops` runs for every callback of every socket below the root.
+pub const PROG_TCP_CONNECT: &str = "redirect_tcp_connect";
+/// The kernel function `PROG_TCP_CONNECT` is attached to.
+pub const TCP_CONNECT_FN: &str = "tcp_connect";
+/// The read-only global of `PROG_TCP_CONNECT` that the agent fills with [`SockOffsets`].
+pub const GLOBAL_SOCK_OFFSETS: &str = "SOCK_OFFSETS";
 
-/// Every program with the pin name of its cgroup link.
-pub const ALL_PROGRAMS: [(&str, &str); 5] = [
+/// The programs attached at the cgroup root in every mode, with their link pin names.
+pub const CGROUP_PROGRAMS: [(&str, &str); 4] = [
     (PROG_CONNECT4, "link_connect4_v1"),
     (PROG_CONNECT6, "link_connect6_v1"),
-    (PROG_SOCK_OPS, "link_sock_ops_v1"),
     (PROG_GETPEERNAME4, "link_getpeername4_v1"),
     (PROG_GETPEERNAME6, "link_getpeername6_v1"),
+];
+
+/// The two ways to hand a router-bound connection's original destination to `conns_v1`, with
+/// their link pin names, preferred first: exactly one is attached.
+pub const RECORD_PROGRAMS: [(&str, &str); 2] = [
+    (PROG_TCP_CONNECT, "link_tcp_connect_v1"),
+    (PROG_SOCK_OPS, "link_sock_ops_v1"),
+];
+
+/// Every program with the pin name of its link, for cleanup.
+pub const ALL_PROGRAMS: [(&str, &str); 6] = [
+    CGROUP_PROGRAMS[0],
+    CGROUP_PROGRAMS[1],
+    CGROUP_PROGRAMS[2],
+    CGROUP_PROGRAMS[3],
+    RECORD_PROGRAMS[0],
+    RECORD_PROGRAMS[1],
 ];
 
 pub const MAX_SERVICES: u32 = 65_536;
@@ -265,6 +288,36 @@ pub struct SockRecord {
 }
 const _: () = assert!(size_of::<SockRecord>() == 48);
 
+/// Where `__sk_common.skc_dport` sits in `struct sock` on every kernel since 2.6.38: the one
+/// field `PROG_TCP_CONNECT` reads with a plain load (its first check, on every TCP connect of the
+/// node, is then free of helper calls). The agent checks the kernel's BTF agrees before loading.
+pub const SOCK_DPORT_OFFSET: usize = 12;
+
+/// Byte offsets in the kernel's `struct sock` of the fields `PROG_TCP_CONNECT` reads, found by
+/// the agent in the kernel's BTF (Rust cannot emit CO-RE relocations), and the router's ports,
+/// written into the program's read-only global `GLOBAL_SOCK_OFFSETS` before it is loaded.
+/// `ready` is 0 in the object as built: the program then records nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockOffsets {
+    pub ready: u32,
+    /// `__sk_common.skc_family` (u16).
+    pub family: u32,
+    /// `__sk_common.skc_rcv_saddr` (u32, network order): the IPv4 source address.
+    pub rcv_saddr: u32,
+    /// `__sk_common.skc_num` (u16, host order): the source port.
+    pub num: u32,
+    /// `__sk_common.skc_v6_rcv_saddr` (16 bytes): the IPv6 source address.
+    pub v6_rcv_saddr: u32,
+    /// `__sk_common.skc_dport` (u16, network order): must equal `SOCK_DPORT_OFFSET`.
+    pub dport: u32,
+    /// The routers' ports in network order (0: no router for the family): a connect to any
+    /// other port was not sent to the router, and the program leaves at once.
+    pub router_dport4: u16,
+    pub router_dport6: u16,
+}
+const _: () = assert!(size_of::<SockOffsets>() == 28);
+
 /// `TraceControl::mode`: not tracing (the programs pay one array lookup).
 pub const TRACE_OFF: u32 = 0;
 /// `TraceControl::mode`: trace decisions about forked service ports (everything but
@@ -331,6 +384,7 @@ mod pod {
     unsafe impl aya::Pod for SockRecord {}
     unsafe impl aya::Pod for TraceControl {}
     unsafe impl aya::Pod for TraceEvent {}
+    unsafe impl aya::Pod for SockOffsets {}
     unsafe impl aya::Pod for crate::origin::OriginCacheEntry {}
 }
 

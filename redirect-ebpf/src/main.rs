@@ -1,5 +1,5 @@
 //! redirect's kernel programs. Entry points are one line each; the decisions live in
-//! `connect.rs` and `sock_ops.rs`, the maps in `maps.rs`, all types in `redirect-common`.
+//! `connect.rs`, `record.rs`, `sock_ops.rs` and `tcp_connect.rs`, the maps in `maps.rs`, all types in `redirect-common`.
 #![no_std]
 #![no_main]
 // Every `unsafe` says why it is sound; `cargo xtask lint-ebpf` enforces it.
@@ -9,12 +9,14 @@ mod connect;
 mod counters;
 mod getpeername;
 mod maps;
+mod record;
 mod sock_ops;
+mod tcp_connect;
 mod trace;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, sock_ops},
-    programs::{SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock_addr, fentry, sock_ops},
+    programs::{FEntryContext, SockAddrContext, SockOpsContext},
 };
 
 /// `connect()` on IPv4 sockets.
@@ -41,10 +43,19 @@ pub fn redirect_getpeername6(ctx: SockAddrContext) -> i32 {
     getpeername::run(&ctx, true)
 }
 
-/// Records a redirected connection's original destination by its source address.
+/// Records a redirected connection's original destination by its source address (the fallback
+/// before Linux 5.11).
 #[sock_ops]
 pub fn redirect_sock_ops(ctx: SockOpsContext) -> u32 {
     sock_ops::run(&ctx)
+}
+
+/// Records a redirected connection's original destination by its source address, once per TCP
+/// connect.
+#[fentry(function = "tcp_connect")]
+pub fn redirect_tcp_connect(ctx: FEntryContext) -> i32 {
+    tcp_connect::run(&ctx);
+    0
 }
 
 #[cfg(not(test))]

@@ -1,19 +1,13 @@
-//! Copies the original destination of a socket sent to the router into `conns_v1`, keyed by the
-//! client's source address, right before its SYN: the router looks it up after `accept()`.
+//! The fallback record hook (kernels before 5.11, whose tracing programs cannot read socket
+//! storage): a `sock_ops` program at the cgroup root, run for every callback of every socket
+//! below it, which records at `TCP_CONNECT_CB` (see `record.rs`).
 
-use core::{ffi::c_void, ptr::addr_of};
+use core::ffi::c_void;
 
-use aya_ebpf::{
-    bindings::BPF_SOCK_OPS_TCP_CONNECT_CB,
-    helpers::generated::{bpf_ktime_get_ns, bpf_sk_storage_get},
-    programs::SockOpsContext,
-};
-use redirect_common::{Reason, SOCK_TO_ROUTER, SockAddr, SockRecord};
+use aya_ebpf::{bindings::BPF_SOCK_OPS_TCP_CONNECT_CB, programs::SockOpsContext};
+use redirect_common::{Reason, SockAddr};
 
-use crate::{
-    counters::count,
-    maps::{CONNS, SOCK_RECORDS},
-};
+use crate::{counters::count, record};
 
 const AF_INET: u32 = 2;
 /// sock_ops programs report success; the value is not a verdict for these ops.
@@ -38,21 +32,7 @@ fn record(ctx: &SockOpsContext) -> Option<Reason> {
     if sk.is_null() {
         return None;
     }
-    let map = addr_of!(SOCK_RECORDS) as *mut c_void;
-    // SAFETY: `map` is the socket storage's definition, `sk` a non-null socket from the context;
-    // without a value to insert and with flags 0 the helper only looks up (and a socket without
-    // storage, every socket that was not rewritten, answers at once).
-    let record = unsafe { bpf_sk_storage_get(map, sk as *mut c_void, core::ptr::null_mut(), 0) }
-        as *const SockRecord;
-    if record.is_null() {
-        return None;
-    }
-    // SAFETY: non-null storage of this socket.
-    let record = unsafe { *record };
-    if record.flags & SOCK_TO_ROUTER == 0 {
-        // Rewritten to a fork endpoint: only `getpeername()` needs the record.
-        return None;
-    }
+    let orig = record::router_bound(sk as *mut c_void)?;
     let ops = ctx.ops;
     // Every context field is read unconditionally, one by one at its fixed offset: the verifier
     // rejects loads through a moved context pointer, which is what LLVM emits when it merges
@@ -76,11 +56,5 @@ fn record(ctx: &SockOpsContext) -> Option<Reason> {
     } else {
         SockAddr::v6(ip6, port)
     };
-    let mut value = record.orig;
-    // SAFETY: a helper without arguments.
-    value.recorded_ns = unsafe { bpf_ktime_get_ns() };
-    Some(match CONNS.insert(&src, &value, 0) {
-        Ok(()) => Reason::ConnRecorded,
-        Err(_) => Reason::ConnsFull,
-    })
+    Some(record::store(orig, &src))
 }

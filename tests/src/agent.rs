@@ -372,6 +372,35 @@ impl Agent {
         Ok(())
     }
 
+    /// Replaces the extra `redirect-agent run` flags of the next start.
+    pub fn set_extra(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+    }
+
+    /// SIGKILLs the agent and starts it again, expecting the new process to exit with an error
+    /// within `timeout`: returns its log.
+    pub fn restart_expecting_failure(
+        &mut self,
+        mc: &MiniCluster,
+        timeout: Duration,
+    ) -> Result<String> {
+        self.kill9()?;
+        self.spawn(mc)?;
+        let mut p = self.proc.take().context("no agent started")?;
+        let status = p.wait_timeout(timeout)?;
+        let log = p.log();
+        self.earlier_logs.push_str(&log);
+        match status {
+            Some(s) if !s.success() => Ok(log),
+            Some(s) => bail!("the agent exited with {s}, expected a failure:\n{log}"),
+            None => {
+                p.signal(Signal::SIGKILL)?;
+                p.wait_timeout(Duration::from_secs(10))?;
+                bail!("the agent still runs after {timeout:?}, expected a failure:\n{log}")
+            }
+        }
+    }
+
     /// Starts the agent again (after `kill9`) and waits for its first sync.
     pub fn restart(&mut self, mc: &MiniCluster) -> Result<()> {
         self.kill9()?;

@@ -37,6 +37,13 @@ impl PinnedObjects {
         let mut found = PinnedObjects::default();
         for (_, link) in redirect_common::ALL_PROGRAMS {
             let path = pin_dir.join(link);
+            // One of the two record hooks is attached, never both.
+            let record_hook = redirect_common::RECORD_PROGRAMS
+                .iter()
+                .any(|(_, l)| *l == link);
+            if record_hook && !path.exists() {
+                continue;
+            }
             let info = bpftool_json(&["link", "show", "pinned", path.to_str().context("path")?])?;
             found.links.push(info["id"].as_u64().context("link id")?);
             found

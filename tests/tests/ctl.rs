@@ -154,14 +154,29 @@ fn status_shows_attached_programs_live_router_map_fill_and_the_agent() {
     let s = ctl_json(&mc, &pins, &["status"]);
     assert_eq!(s["schema"], "redirectctl.status/v1");
     let progs = s["programs"].as_array().unwrap();
-    assert_eq!(progs.len(), redirect_common::ALL_PROGRAMS.len(), "{s:#}");
+    // The programs at the cgroup root and the one record hook the agent chose.
+    assert_eq!(
+        progs.len(),
+        redirect_common::CGROUP_PROGRAMS.len() + 1,
+        "{s:#}"
+    );
+    let record = str_of(&progs.last().unwrap()["program"]);
+    assert_eq!(
+        record,
+        mc.node().admin_status().unwrap()["record_hook"],
+        "{s:#}"
+    );
     for p in progs {
         assert_eq!(p["attached"], true, "{p}");
-        assert_eq!(
-            str_of(&p["cgroup_path"]),
-            mc.cgroup_root().to_str().unwrap(),
-            "{p}"
-        );
+        if p["program"] == redirect_common::PROG_TCP_CONNECT {
+            assert_eq!(str_of(&p["kernel_function"]), "fentry/tcp_connect", "{p}");
+        } else {
+            assert_eq!(
+                str_of(&p["cgroup_path"]),
+                mc.cgroup_root().to_str().unwrap(),
+                "{p}"
+            );
+        }
         let loaded = p["loaded_at_unix_ms"].as_u64().unwrap();
         let now = redirect_agent::admin::unix_ms(std::time::SystemTime::now());
         assert!(loaded <= now && now - loaded < 600_000, "{p}");

@@ -154,23 +154,126 @@ fn baseline_pod_reaches_a_forked_service_through_the_router_which_recovers_the_d
         ("catalog-base\n", Reason::NotForked)
     );
     // Before Linux 5.14 the router took those destinations with its lookup-then-delete
-    // fallback, and says so; a newer kernel needs none.
-    let fallbacks = status(&mc)["kernel_fallbacks"].clone();
-    let names: Vec<&str> = fallbacks
+    // fallback; before 5.11, or where the kernel refuses tracing programs, sock_ops records
+    // them. Each fallback is named, and a kernel that needs none gets none.
+    let st = status(&mc);
+    let names: Vec<&str> = st["kernel_fallbacks"]
         .as_array()
         .map(|a| a.iter().filter_map(|f| f.as_str()).collect())
         .unwrap_or_default();
+    let fentry = fentry_expected();
+    let mut want = Vec::new();
     if kernel_before(5, 14) {
-        assert!(
-            names.len() == 1 && names[0].starts_with("conns_v1: lookup, then delete"),
-            "{fallbacks}"
-        );
-    } else {
-        assert!(
-            names.is_empty(),
-            "a fallback on a current kernel: {fallbacks}"
-        );
+        want.push("conns_v1: lookup, then delete");
     }
+    if !fentry {
+        want.push("record hook: redirect_sock_ops on every socket below the cgroup root");
+    }
+    assert_eq!(names.len(), want.len(), "{st:#}");
+    for (name, want) in names.iter().zip(&want) {
+        assert!(name.starts_with(want), "{name} is not {want}: {st:#}");
+    }
+    let hook = if fentry {
+        redirect_common::PROG_TCP_CONNECT
+    } else {
+        redirect_common::PROG_SOCK_OPS
+    };
+    assert_eq!(st["record_hook"], hook, "{st:#}");
+}
+
+/// Both record hooks hand router-bound connections to the router, and each takes over from the
+/// other on a restart: the new hook is attached before the old one's pin goes. `--record-hook
+/// fentry` where the kernel refuses it stops the agent with the reason, the pins as they were.
+#[test]
+fn either_record_hook_hands_connections_to_the_router_and_takes_over_from_the_other() {
+    use redirect_common::{PROG_SOCK_OPS, PROG_TCP_CONNECT, RECORD_PROGRAMS};
+    let Some(mc) = MiniCluster::new_or_skip("record_hooks", TOOLS) else {
+        return;
+    };
+    let mut shop = Shop::with_agent_args(&mc, true, &["--record-hook", "sock-ops"]).unwrap();
+    let pins = shop.agent().pin_dir.clone();
+    let fentry_pin = pins.join(RECORD_PROGRAMS[0].1);
+    let sock_ops_pin = pins.join(RECORD_PROGRAMS[1].1);
+    let fentry = fentry_expected();
+    // Unkeyed requests from a baseline pod: the router can only forward them to the original
+    // destination the record hook handed over (it refuses connections without one).
+    let through_router_to_baseline = |shop: &Shop<'_>| {
+        for ip in [CHECKOUT_VIP4, CHECKOUT_VIP6] {
+            let (body, reason) = get_checked(shop, &shop.client, ip, "");
+            assert_eq!(
+                (body.as_str(), reason),
+                ("checkout-base\n", Reason::ToRouter)
+            );
+        }
+    };
+    let record_fallback = |st: &serde_json::Value| {
+        st["kernel_fallbacks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|f| f.as_str().unwrap_or("").starts_with("record hook"))
+    };
+
+    // Chosen by flag, sock_ops is no kernel fallback.
+    let st = status(&mc);
+    assert_eq!(st["record_hook"], PROG_SOCK_OPS, "{st:#}");
+    assert!(!record_fallback(&st), "{st:#}");
+    assert_eq!((fentry_pin.exists(), sock_ops_pin.exists()), (false, true));
+    through_router_to_baseline(&shop);
+
+    // auto: fentry where the kernel loads it, and the sock_ops link is gone after it.
+    shop.agent().set_extra(&[]);
+    shop.agent().restart(&mc).unwrap();
+    let st = status(&mc);
+    let want = if fentry {
+        PROG_TCP_CONNECT
+    } else {
+        PROG_SOCK_OPS
+    };
+    assert_eq!(st["record_hook"], want, "{st:#}");
+    assert_eq!(record_fallback(&st), !fentry, "{st:#}");
+    assert_eq!(
+        (fentry_pin.exists(), sock_ops_pin.exists()),
+        (fentry, !fentry)
+    );
+    through_router_to_baseline(&shop);
+
+    // Required fentry: relinked where the kernel has it; refused with the reason elsewhere.
+    shop.agent().set_extra(&["--record-hook", "fentry"]);
+    if fentry {
+        shop.agent().restart(&mc).unwrap();
+        assert!(
+            shop.agent().current_log().contains("action=Relinked"),
+            "{}",
+            shop.agent().current_log()
+        );
+        through_router_to_baseline(&shop);
+    } else {
+        let log = shop
+            .agent()
+            .restart_expecting_failure(&mc, Duration::from_secs(30))
+            .unwrap();
+        assert!(
+            log.contains("program redirect_tcp_connect") && log.contains("--record-hook fentry"),
+            "{log}"
+        );
+        assert_eq!((fentry_pin.exists(), sock_ops_pin.exists()), (false, true));
+    }
+
+    // And back to sock_ops: attached before the fentry link goes.
+    shop.agent().set_extra(&["--record-hook", "sock-ops"]);
+    shop.agent().restart(&mc).unwrap();
+    assert_eq!(status(&mc)["record_hook"], PROG_SOCK_OPS);
+    assert_eq!((fentry_pin.exists(), sock_ops_pin.exists()), (false, true));
+    through_router_to_baseline(&shop);
+}
+
+/// Whether the agent's `auto` record hook should be `fentry` here: Linux 5.11 or later (socket
+/// storage from tracing programs), and a kernel that loads tracing programs at all (aya's probe;
+/// some sandboxed kernels refuse them with EPERM).
+fn fentry_expected() -> bool {
+    !kernel_before(5, 11)
+        && aya::sys::is_program_supported(aya::programs::ProgramType::Tracing).unwrap_or(false)
 }
 
 /// Whether the running kernel is older than `major.minor` (its `uname -r`).
@@ -427,10 +530,23 @@ fn agent_sigkill_fails_open_and_a_restart_restores_routes_from_pins_then_reconci
     );
     shop.agent().restart(&mc).unwrap();
     let log = shop.agent().log();
+    // Cgroup links get the new program in place; the fentry record hook's link cannot swap
+    // programs, so a new one takes its pin over.
+    let cgroup_links = redirect_common::CGROUP_PROGRAMS.len();
+    let (updated, relinked) = if fentry_expected() {
+        (cgroup_links, 1)
+    } else {
+        (cgroup_links + 1, 0)
+    };
     assert_eq!(
         log.matches("action=Updated").count(),
-        redirect_common::ALL_PROGRAMS.len(),
+        updated,
         "links not reused:\n{log}"
+    );
+    assert_eq!(
+        log.matches("action=Relinked").count(),
+        relinked,
+        "record hook not relinked:\n{log}"
     );
     assert_eq!(
         get(&shop.frontend_fork, CHECKOUT_VIP4, "").unwrap(),

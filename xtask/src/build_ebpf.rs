@@ -8,9 +8,10 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use aya::{
-    Ebpf, EbpfLoader,
+    Btf, Ebpf, EbpfLoader,
     programs::{CgroupSockAddr, Program, SockOps},
 };
+use redirect_common::{GLOBAL_SOCK_OFFSETS, SockOffsets, TCP_CONNECT_FN};
 
 use crate::cmd::{self, workspace_root};
 
@@ -80,8 +81,24 @@ pub fn build() -> Result<()> {
     })
 }
 
+/// Offsets as on x86_64 kernels of the last years: the verifier's answer does not depend on
+/// them (`tcp_connect` reads through `bpf_probe_read_kernel`), but `ready` must be set, or the
+/// verifier prunes the reads as dead code.
+const VERIFY_SOCK_OFFSETS: SockOffsets = SockOffsets {
+    ready: 1,
+    family: 16,
+    rcv_saddr: 4,
+    num: 14,
+    v6_rcv_saddr: 72,
+    dport: 12,
+    router_dport4: 15001u16.to_be(),
+    router_dport6: 15001u16.to_be(),
+};
+
 /// Loads every program through the verifier, with maps pinned in a scratch directory that is
-/// removed afterwards, and prints what the kernel accepted.
+/// removed afterwards, and prints what the kernel accepted. The `fentry` record hook may be
+/// refused by kernels before 5.11 (the agent then uses `sock_ops`): that is reported, not an
+/// error.
 pub fn verify(obj: &Path) -> Result<()> {
     let bpffs = PathBuf::from("/sys/fs/bpf");
     let scratch = bpffs.join(format!("redirect-verify-{}", std::process::id()));
@@ -95,6 +112,7 @@ pub fn verify(obj: &Path) -> Result<()> {
         let bytes = fs::read(obj).with_context(|| format!("reading {}", obj.display()))?;
         let mut ebpf: Ebpf = EbpfLoader::new()
             .default_map_pin_directory(&scratch)
+            .override_global(GLOBAL_SOCK_OFFSETS, &VERIFY_SOCK_OFFSETS, true)
             .load(&bytes)
             .context("loading the object's maps")?;
         println!("{:<22} {:<20} {:>12}", "program", "type", "instructions");
@@ -110,11 +128,27 @@ pub fn verify(obj: &Path) -> Result<()> {
                     load(SockOps::load(p), &name)?;
                     "sock_ops".to_string()
                 }
+                Program::FEntry(p) => {
+                    let loaded = Btf::from_sys_fs()
+                        .map_err(|e| anyhow::anyhow!("the kernel's BTF: {e}"))
+                        .and_then(|btf| load(p.load(TCP_CONNECT_FN, &btf), &name));
+                    if let Err(e) = loaded {
+                        let first = format!("{e:#}");
+                        let first = first.lines().next().unwrap_or_default();
+                        println!(
+                            "{name:<22} {:<20} {:>12}  ({first})",
+                            "fentry", "not loaded"
+                        );
+                        continue;
+                    }
+                    "fentry".to_string()
+                }
                 other => bail!("unexpected program {name}: {:?}", other.prog_type()),
             };
             let info = match prog {
                 Program::CgroupSockAddr(p) => p.info()?,
                 Program::SockOps(p) => p.info()?,
+                Program::FEntry(p) => p.info()?,
                 _ => unreachable!(),
             };
             let insns = info.size_translated().unwrap_or(0) / 8;

@@ -245,6 +245,10 @@ pub struct AgentStatus {
     /// Slower ways an older kernel makes the router go (empty on a current kernel).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub kernel_fallbacks: Vec<String>,
+    /// The program that records router-bound connections (`redirect_tcp_connect` or
+    /// `redirect_sock_ops`). Empty from agents that predate it.
+    #[serde(default)]
+    pub record_hook: String,
 }
 
 pub const STATE_NONE: &str = "none";

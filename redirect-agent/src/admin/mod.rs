@@ -76,6 +76,8 @@ pub struct AdminState {
     source: Mutex<SourceInfo>,
     log: Option<LogControl>,
     log_filter: Mutex<String>,
+    /// The record hook attached, and why the preferred one could not be.
+    record_hook: Mutex<(&'static str, Option<String>)>,
 }
 
 /// The tables of the last sync (or of the persisted state), with what names their pods.
@@ -107,7 +109,13 @@ impl AdminState {
             source: Mutex::new(SourceInfo::default()),
             log,
             log_filter: Mutex::new(log_filter.to_string()),
+            record_hook: Mutex::new(("", None)),
         }
+    }
+
+    /// The record hook the loader attached, and why `fentry` was not (a kernel fallback).
+    pub fn set_record_hook(&self, program: &'static str, fallback: Option<String>) {
+        *lock(&self.record_hook) = (program, fallback);
     }
 
     /// The router whose stats `/metrics` shows.
@@ -214,11 +222,22 @@ impl AdminState {
             router_requests: stats.map(request_counts).unwrap_or_default(),
             source: self.source_status(),
             state_from: lock(&self.state_from).to_string(),
-            kernel_fallbacks: router
-                .as_ref()
-                .map(|r| r.kernel_fallbacks().iter().map(|f| f.to_string()).collect())
-                .unwrap_or_default(),
+            kernel_fallbacks: self.kernel_fallbacks(router.as_deref()),
+            record_hook: lock(&self.record_hook).0.to_string(),
         }
+    }
+
+    fn kernel_fallbacks(&self, router: Option<&Shared>) -> Vec<String> {
+        let mut out: Vec<String> = router
+            .map(|r| r.kernel_fallbacks().iter().map(|f| f.to_string()).collect())
+            .unwrap_or_default();
+        if let (program, Some(why)) = &*lock(&self.record_hook) {
+            out.push(format!(
+                "record hook: {program} on every socket below the cgroup root, ~9 runs per \
+                 connection (fentry on tcp_connect: {why})"
+            ));
+        }
+        out
     }
 
     fn metrics(&self) -> String {

@@ -9,7 +9,7 @@ use redirect_agent::{
     agent::{self, LoopContext, RouterHandle, StartRouter, Syncer},
     cgroup::{PodCgroups, cgroup2_mount},
     controller::ControllerArgs,
-    loader::{self, KernelMaps, LoaderConfig, RouterSocks},
+    loader::{self, KernelMaps, LoaderConfig, RecordHook, RouterSocks},
     router::{
         ClientNetnsSettings, MIGRATE_REQ_SYSCTL, Router, RouterSettings, enable_request_migration,
         key::KeyConfig,
@@ -100,6 +100,12 @@ struct RunArgs {
     /// cgroup2 mount found in /proc/self/mountinfo].
     #[arg(long, env = "REDIRECT_CGROUP_ROOT")]
     cgroup_root: Option<PathBuf>,
+    /// Which program records connections sent to the router: `fentry` on the kernel's
+    /// `tcp_connect()` runs once per connect (Linux 5.11+, and where tracing programs are
+    /// allowed); `sock_ops` runs for every callback of every socket below the cgroup root;
+    /// `auto` takes `fentry` when the kernel loads it, else `sock_ops` (listed in `/status`).
+    #[arg(long, env = "REDIRECT_RECORD_HOOK", value_enum, default_value_t = RecordHook::Auto)]
+    record_hook: RecordHook,
     /// Router address for IPv4 clients: pods' redirected connections go here, and the router
     /// listens on it. Must be reachable from every pod netns (a node address).
     #[arg(long, env = "REDIRECT_ROUTER_V4")]
@@ -399,10 +405,22 @@ async fn run(a: RunArgs, log_control: LogControl, log_filter: String) -> Result<
         bpffs: a.pins.bpffs.clone(),
         pin_dir: pin_dir.clone(),
         cgroup_root: cgroup_root.clone(),
+        record_hook: a.record_hook,
+        router_ports: [a.router_v4, a.router_v6].map(|r| r.map_or(0, |r| r.port())),
     })?;
     for (prog, action) in &attached.report.links {
         tracing::info!(program = prog, ?action, cgroup_root = %cgroup_root.display(), "attached");
     }
+    let report = &attached.report;
+    if let Some(why) = &report.record_fallback {
+        tracing::warn!(
+            record_hook = report.record,
+            %why,
+            "fentry on tcp_connect unavailable: recording with sock_ops, which runs for every \
+             socket below the cgroup root"
+        );
+    }
+    let record_hook = (report.record, report.record_fallback.clone());
     drop(attached);
 
     let admin = Arc::new(AdminState::new(
@@ -411,6 +429,7 @@ async fn run(a: RunArgs, log_control: LogControl, log_filter: String) -> Result<
         Some(log_control),
         &log_filter,
     ));
+    admin.set_record_hook(record_hook.0, record_hook.1);
     if let Some((addr, access)) = admin_access {
         let listener = admin::bind(addr)
             .await

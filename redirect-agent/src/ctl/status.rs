@@ -4,7 +4,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use redirect_common::{TRACE_ALL, TRACE_FORKED, TRACE_OFF};
+use redirect_common::{TCP_CONNECT_FN, TRACE_ALL, TRACE_FORKED, TRACE_OFF};
 use serde::Serialize;
 
 use super::{
@@ -15,7 +15,7 @@ use super::{
 };
 use crate::{
     admin::api::AgentStatus,
-    loader::{inspect, monotonic_ns},
+    loader::{inspect, monotonic_ns, sys},
     source::kube::health::SourceStatus,
 };
 
@@ -39,9 +39,11 @@ pub struct ProgramRow {
     pub attached: bool,
     pub link_id: Option<u32>,
     pub prog_id: Option<u32>,
-    /// The cgroup the link attaches the program to.
+    /// The cgroup the link attaches the program to (a cgroup link).
     pub cgroup_id: Option<u64>,
     pub cgroup_path: Option<String>,
+    /// The kernel function a tracing link attaches the program to (`fentry/tcp_connect`).
+    pub kernel_function: Option<String>,
     /// When the program the link runs was loaded (the agent's last start).
     pub loaded_at_unix_ms: Option<u64>,
     pub error: Option<String>,
@@ -91,19 +93,25 @@ pub fn collect(ctx: &Ctx) -> Result<StatusDoc, CtlError> {
     let idx = CgroupIndex::scan();
     let programs = inspect::links(&ctx.pin_dir)
         .into_iter()
-        .map(|l| ProgramRow {
-            program: l.program,
-            link_pin: l.pin.display().to_string(),
-            attached: l.link.is_some(),
-            link_id: l.link.map(|i| i.link_id),
-            prog_id: l.link.map(|i| i.prog_id),
-            cgroup_id: l.link.map(|i| i.cgroup_id),
-            cgroup_path: l
-                .link
-                .and_then(|i| idx.path(i.cgroup_id))
-                .map(|p| p.display().to_string()),
-            loaded_at_unix_ms: l.prog_loaded_at.map(unix_ms),
-            error: l.error,
+        .map(|l| {
+            let cgroup_link = l.link.filter(|i| i.link_type == sys::LINK_TYPE_CGROUP);
+            ProgramRow {
+                program: l.program,
+                link_pin: l.pin.display().to_string(),
+                attached: l.link.is_some(),
+                link_id: l.link.map(|i| i.link_id),
+                prog_id: l.link.map(|i| i.prog_id),
+                cgroup_id: cgroup_link.map(|i| i.cgroup_id),
+                cgroup_path: cgroup_link
+                    .and_then(|i| idx.path(i.cgroup_id))
+                    .map(|p| p.display().to_string()),
+                kernel_function: l
+                    .link
+                    .filter(|i| i.link_type != sys::LINK_TYPE_CGROUP)
+                    .map(|_| format!("fentry/{TCP_CONNECT_FN}")),
+                loaded_at_unix_ms: l.prog_loaded_at.map(unix_ms),
+                error: l.error,
+            }
         })
         .collect();
     let router = if pinned {
@@ -214,6 +222,12 @@ pub fn render(doc: &StatusDoc) -> String {
                 _ => "-".into(),
             },
             match (&p.cgroup_path, p.cgroup_id) {
+                _ if p.kernel_function.is_some() => {
+                    format!(
+                        "(kernel function {})",
+                        p.kernel_function.as_deref().unwrap_or("")
+                    )
+                }
                 (Some(path), _) => path.clone(),
                 (None, Some(id)) => format!("cgroup id {id} (path not found)"),
                 _ => "-".into(),

@@ -10,9 +10,9 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf};
 use redirect_common::{
-    ALL_MAPS, ALL_PROGRAMS, MAP_CONNS, MAP_ROUTER_SOCKS, MAP_TRACE_CTL, MAP_TRACE_EVENTS,
-    MAP_TRACE_STATS, OrigDst, SockAddr, TRACE_OFF, TRACE_STAT_DROPPED, TRACE_STAT_EMITTED,
-    TraceControl, TraceEvent,
+    ALL_MAPS, CGROUP_PROGRAMS, MAP_CONNS, MAP_ROUTER_SOCKS, MAP_TRACE_CTL, MAP_TRACE_EVENTS,
+    MAP_TRACE_STATS, OrigDst, RECORD_PROGRAMS, SockAddr, TRACE_OFF, TRACE_STAT_DROPPED,
+    TRACE_STAT_EMITTED, TraceControl, TraceEvent,
 };
 
 use super::sys;
@@ -48,13 +48,24 @@ pub struct LinkStatus {
     pub error: Option<String>,
 }
 
-/// The link of every program in `ALL_PROGRAMS`, pinned or not.
+/// The link of every program at the cgroup root, pinned or not, and of the record hook in use
+/// (both record hooks, as missing, when neither is pinned).
 pub fn links(pin_dir: &Path) -> Vec<LinkStatus> {
     let progs: Vec<aya::programs::ProgramInfo> = aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .collect();
-    ALL_PROGRAMS
+    let pinned: Vec<_> = RECORD_PROGRAMS
         .iter()
+        .filter(|(_, link)| pin_dir.join(link).exists())
+        .collect();
+    let record = if pinned.is_empty() {
+        RECORD_PROGRAMS.iter().collect()
+    } else {
+        pinned
+    };
+    CGROUP_PROGRAMS
+        .iter()
+        .chain(record)
         .map(|(program, link_name)| {
             let pin = pin_dir.join(link_name);
             let mut st = LinkStatus {

@@ -10,9 +10,10 @@ mod bpffs;
 pub mod inspect;
 pub mod kernel_check;
 mod kernel_maps;
+pub mod sock_btf;
 pub mod sys;
 
-pub use attach::{AttachReport, Attached, LoaderConfig, LoaderError, attach, cleanup};
+pub use attach::{AttachReport, Attached, LoaderConfig, LoaderError, RecordHook, attach, cleanup};
 pub use bpffs::{ensure_bpffs, is_bpffs};
 pub use kernel_maps::{ConnsTaker, KernelMaps, RouterSockError, RouterSocks, monotonic_ns};
 

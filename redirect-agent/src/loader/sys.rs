@@ -96,29 +96,42 @@ pub fn link_update(link: &OwnedFd, prog_fd: i32) -> io::Result<()> {
     bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
 }
 
-/// What `BPF_OBJ_GET_INFO_BY_FD` tells about a cgroup link.
+/// `bpf_link_info.type` of a cgroup link (`BPF_LINK_TYPE_CGROUP`).
+pub const LINK_TYPE_CGROUP: u32 = 3;
+
+/// What `BPF_OBJ_GET_INFO_BY_FD` tells about a link: a cgroup link, or the `fentry` record
+/// hook's tracing link (no cgroup).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CgroupLinkInfo {
+    pub link_type: u32,
     pub link_id: u32,
     pub prog_id: u32,
+    /// The cgroup of a cgroup link; 0 for any other link.
     pub cgroup_id: u64,
     pub attach_type: u32,
 }
 
-/// Link id, program id, attach cgroup and attach type of a cgroup link.
+/// Link type, link id, program id, attach cgroup and attach type of a link.
 pub fn cgroup_link_details(link: &OwnedFd) -> io::Result<CgroupLinkInfo> {
     // struct bpf_link_info: type, id, prog_id (u32 each), then the cgroup arm at offset 16:
-    // cgroup_id (u64), attach_type (u32).
+    // cgroup_id (u64), attach_type (u32); a tracing link's arm starts with attach_type.
     let mut info = [0u64; 12];
     let mut attr = [0u64; 16];
     attr[0] = link.as_raw_fd() as u64 | ((std::mem::size_of_val(&info) as u64) << 32);
     attr[1] = info.as_mut_ptr() as u64;
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    let link_type = (info[0] & 0xffff_ffff) as u32;
+    let cgroup = link_type == LINK_TYPE_CGROUP;
     Ok(CgroupLinkInfo {
+        link_type,
         link_id: (info[0] >> 32) as u32,
         prog_id: (info[1] & 0xffff_ffff) as u32,
-        cgroup_id: info[2],
-        attach_type: (info[3] & 0xffff_ffff) as u32,
+        cgroup_id: if cgroup { info[2] } else { 0 },
+        attach_type: if cgroup {
+            (info[3] & 0xffff_ffff) as u32
+        } else {
+            (info[2] & 0xffff_ffff) as u32
+        },
     })
 }
 

@@ -385,7 +385,7 @@ fn measure(mc: &MiniCluster, o: &Options) -> Result<(Samples, Vec<JsonEntry>)> {
         manifests.join("sandbox-bench.yaml"),
         redirect_tests::scene::sandbox_manifest(KEY, "Unavailable", &["caller", "target"]),
     )?;
-    let agent = Agent::start(mc, &manifests)?;
+    let mut agent = Agent::start(mc, &manifests)?;
     println!(
         "mini-cluster {} ready; agent attached at {}, pinned at {}",
         mc.id(),
@@ -447,7 +447,7 @@ fn measure(mc: &MiniCluster, o: &Options) -> Result<(Samples, Vec<JsonEntry>)> {
         }
         println!("{line}");
     }
-    let programs = match program_time(&scene, o.warmup.max(1.0)) {
+    let programs = match record_hooks_time(&scene, &mut agent, o.warmup.max(1.0)) {
         Ok(entries) => entries,
         Err(e) => {
             println!("program run time not measured: {e:#}");
@@ -519,6 +519,58 @@ fn attached(root: &Path) -> Result<Vec<(String, String)>> {
     Ok(progs)
 }
 
+/// ("fentry", program id) of the `fentry` record hook, when the agent pinned its link.
+fn fentry_hook(pin_dir: &Path) -> Result<Option<(String, String)>> {
+    let pin = pin_dir.join(redirect_common::RECORD_PROGRAMS[0].1);
+    if !pin.exists() {
+        return Ok(None);
+    }
+    let text = bpftool(&[
+        "-j",
+        "link",
+        "show",
+        "pinned",
+        pin.to_str().context("pin path")?,
+    ])?;
+    let id = json_field(&text, "prog_id").context("no prog_id in bpftool's link")?;
+    Ok(Some(("fentry".to_string(), id.to_string())))
+}
+
+/// The record hook's program run time with the agent's automatic choice and, when that is
+/// `fentry`, again with `--record-hook sock-ops` (same scene, one run: the two side by side).
+fn record_hooks_time(scene: &Scene<'_>, agent: &mut Agent, seconds: f64) -> Result<Vec<JsonEntry>> {
+    let mut json = program_time(scene, &agent.pin_dir, seconds)?;
+    if fentry_hook(&agent.pin_dir)?.is_none() {
+        println!("record hook: sock_ops (fentry on tcp_connect not available on this kernel)");
+        return Ok(json);
+    }
+    agent.set_extra(&["--record-hook", "sock-ops"]);
+    agent.restart(scene.mc)?;
+    println!("\nthe same with --record-hook sock-ops (the fallback before Linux 5.11):");
+    let ops = program_time(scene, &agent.pin_dir, seconds)?;
+    let value = |v: &[JsonEntry], k: &str| v.iter().find(|e| e.0 == k).map(|e| e.1);
+    if let (Some(f), Some(o)) = (
+        value(&json, "programs_miss_ns"),
+        value(&ops, "programs_miss_ns"),
+    ) {
+        println!(
+            "programs per unforked connection, fentry / sock_ops: {:.2}",
+            f / o
+        );
+        json.push((
+            "programs_miss_ns_fentry_over_sock_ops".into(),
+            f / o,
+            "ratio",
+        ));
+    }
+    json.extend(
+        ops.into_iter()
+            .filter(|e| e.0.starts_with("record_") || e.0.starts_with("programs_"))
+            .map(|(k, v, u)| (format!("sock_ops_hook_{k}"), v, u)),
+    );
+    Ok(json)
+}
+
 /// Total (run time ns, runs) per attach type.
 fn run_stats(progs: &[(String, String)]) -> Result<Vec<(String, u64, u64)>> {
     progs
@@ -538,17 +590,28 @@ fn run_stats(progs: &[(String, String)]) -> Result<Vec<(String, u64, u64)>> {
 /// The programs' own run time per connection, measured by the kernel (BPF run-time stats,
 /// enabled only for these extra samples because timing every run costs a little), against the
 /// client's CPU time per connection. Returns the figures for `--json`, per scenario:
-/// `connect4_<sc>_ns` (per run), `sock_ops_<sc>_runs` (per connection), `sock_ops_<sc>_ns`
-/// (per run), `programs_<sc>_ns` (per connection), `programs_<sc>_share` (% of the client's CPU
-/// time per connection), and `connect4_origin_ns_over_miss_ns`.
-fn program_time(scene: &Scene<'_>, seconds: f64) -> Result<Vec<JsonEntry>> {
-    let progs = attached(scene.mc.cgroup_root())?;
+/// `connect4_<sc>_ns` (per run), `record_<sc>_runs` (runs of the record hook, `sock_ops` or
+/// `fentry`, per connection), `record_<sc>_ns` (per run), `programs_<sc>_ns` (per connection),
+/// `programs_<sc>_share` (% of the client's CPU time per connection), and
+/// `connect4_origin_ns_over_miss_ns`.
+fn program_time(scene: &Scene<'_>, pin_dir: &Path, seconds: f64) -> Result<Vec<JsonEntry>> {
+    let mut progs = attached(scene.mc.cgroup_root())?;
+    let fentry = fentry_hook(pin_dir)?;
+    let hook = if fentry.is_some() {
+        "fentry"
+    } else {
+        "sock_ops"
+    };
+    progs.extend(fentry);
     let _stats = enable_bpf_stats()?;
     println!();
-    println!("program run time per connection (kernel BPF stats, {seconds} s per scenario):");
+    println!(
+        "program run time per connection (kernel BPF stats, {seconds} s per scenario; record \
+         hook {hook}, whose runs count every TCP connect of the machine):"
+    );
     println!(
         "{:<12} {:>13} {:>19} {:>12} {:>15} {:>7}",
-        "scenario", "connect4 ns", "sock_ops runs x ns", "programs ns", "client CPU ns", "share"
+        "scenario", "connect4 ns", "record runs x ns", "programs ns", "client CPU ns", "share"
     );
     let mut json = Vec::new();
     let mut connect4_ns = [0.0; 5];
@@ -573,7 +636,11 @@ fn program_time(scene: &Scene<'_>, seconds: f64) -> Result<Vec<JsonEntry>> {
             ((t1 - t0) as f64, (c1 - c0) as f64)
         };
         let (connect_ns, connect_runs) = delta("cgroup_inet4_connect");
-        let (ops_ns, ops_runs) = delta("cgroup_sock_ops");
+        let (ops_ns, ops_runs) = if hook == "fentry" {
+            delta("fentry")
+        } else {
+            delta("cgroup_sock_ops")
+        };
         let total = (connect_ns + ops_ns) / n;
         let cpu = 1e9 / s.cpu_rate;
         let per_connect = connect_ns / connect_runs.max(1.0);
@@ -588,8 +655,8 @@ fn program_time(scene: &Scene<'_>, seconds: f64) -> Result<Vec<JsonEntry>> {
         let name = sc.name();
         json.extend([
             (format!("connect4_{name}_ns"), per_connect, "ns/run"),
-            (format!("sock_ops_{name}_runs"), runs, "runs/conn"),
-            (format!("sock_ops_{name}_ns"), per_op, "ns/run"),
+            (format!("record_{name}_runs"), runs, "runs/conn"),
+            (format!("record_{name}_ns"), per_op, "ns/run"),
             (format!("programs_{name}_ns"), total, "ns/conn"),
             (format!("programs_{name}_share"), share, "%"),
         ]);

@@ -55,6 +55,11 @@ pub struct Options {
     /// Skip building (use what is in target/ already).
     #[arg(long)]
     pub no_build: bool,
+    /// Also run the connect benchmark in the guest (`bench_connect`, 3 rounds x 2 s) and print
+    /// its tables: on kernels with `fentry` it measures both record hooks side by side. The
+    /// guest is emulated, so only its ratios mean anything.
+    #[arg(long)]
+    pub bench_connect: bool,
 }
 
 impl Options {
@@ -69,6 +74,7 @@ impl Options {
             cpus: 2,
             timeout_minutes: 30,
             no_build: true,
+            bench_connect: false,
         }
     }
 }
@@ -98,6 +104,13 @@ pub fn run(o: &Options) -> Result<()> {
     } else {
         build_ebpf::build()?;
         cmd::run(cargo().args(["build", "--workspace", "--bins"]))?;
+        if o.bench_connect {
+            cmd::run(
+                cargo()
+                    .args(["build", "--release", "-p", "redirect-tests"])
+                    .args(["--bin", "bench_connect"]),
+            )?;
+        }
         test_binaries(&o.suites, true)?
     };
     let cache = cache_dir();
@@ -280,6 +293,21 @@ fn run_kernel(
             &root.join("tests"),
             o.filter.as_deref(),
         ));
+    }
+    if o.bench_connect {
+        steps.push(guest::Step {
+            name: "bench-connect".into(),
+            dir: root.display().to_string(),
+            argv: vec![
+                root.join("target/release/bench_connect")
+                    .display()
+                    .to_string(),
+                "--rounds".into(),
+                "3".into(),
+                "--seconds".into(),
+                "2".into(),
+            ],
+        });
     }
     let env = [
         ("REDIRECT_AGENT_BIN", bin("redirect-agent")),

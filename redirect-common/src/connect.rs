@@ -106,16 +106,6 @@ impl<T: Copy + Default> Part<T> {
     }
 }
 
-impl<T: Copy + Default> From<Option<T>> for Part<T> {
-    #[inline(always)]
-    fn from(o: Option<T>) -> Self {
-        match o {
-            Some(v) => Part::some(v),
-            None => Part::none(),
-        }
-    }
-}
-
 /// What `connect()` does, and why.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Decision {
@@ -174,8 +164,8 @@ pub fn decide<E: ConnectEnv, S: Steps>(env: &E, steps: &mut S) -> Decision {
     let v4 = dst.is_v4();
     let caller = env.caller();
     steps.step(Step::Caller { found: caller });
-    if let Some((_, key_id)) = caller {
-        d.workload = Part::from(caller);
+    if let Some(workload @ (_, key_id)) = caller {
+        d.workload = Part::some(workload);
         let key = ForkKey { key_id, service_id };
         let fork = env.fork(&key);
         steps.step(Step::Fork {
@@ -392,10 +382,10 @@ mod tests {
 
     #[test]
     fn an_absent_part_holds_the_default_value_not_an_undefined_one() {
-        let none: Part<(u64, u32)> = Part::from(None);
+        let none: Part<(u64, u32)> = Part::none();
         assert_eq!((none.get(), none.or_default()), (None, (0, 0)));
-        assert_eq!(none, Part::none());
-        let some = Part::from(Some(7u32));
+        assert_eq!(none, Part::default());
+        let some = Part::some(7u32);
         assert_eq!((some.get(), some.or_default()), (Some(7), 7));
     }
 }

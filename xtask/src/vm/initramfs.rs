@@ -12,6 +12,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use super::cpio::Cpio;
+use crate::cmd;
 
 /// Modules the first init loads before it can mount the root: 9p over virtio, the overlay,
 /// and the entropy device (crypto and `getrandom` would otherwise wait on early kernels).
@@ -132,18 +133,10 @@ fn decompress(path: &Path) -> Result<Vec<u8>> {
     } else {
         return fs::read(path).with_context(|| format!("reading {name}"));
     };
-    let out = Command::new(tool)
-        .args(["-dc"])
-        .arg(path)
-        .output()
-        .with_context(|| format!("running {tool} to decompress {name} (is {tool} installed?)"))?;
-    if !out.status.success() {
-        bail!(
-            "{tool} -dc {name} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(out.stdout)
+    cmd::output(
+        Command::new(tool).arg("-dc").arg(path),
+        &format!("{tool} -dc {name} (is {tool} installed?)"),
+    )
 }
 
 /// What `modules.dep` and `modules.builtin` say of a kernel's modules.

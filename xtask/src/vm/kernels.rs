@@ -314,19 +314,9 @@ impl Apt {
 
     /// Runs a query and returns its standard output.
     fn output(&self, program: &str, args: &[&str]) -> Result<String> {
-        let out = self
-            .command(program)
-            .args(args)
-            .output()
-            .with_context(|| format!("could not start {program}"))?;
-        if !out.status.success() {
-            bail!(
-                "{program} {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        let what = format!("{program} {}", args.join(" "));
+        let out = cmd::output(self.command(program).args(args), &what)?;
+        Ok(String::from_utf8_lossy(&out).into_owned())
     }
 }
 

@@ -407,11 +407,18 @@ async fn watch_from_a_compacted_version_makes_the_watcher_relist() -> Result<()>
             "{:?}",
             w.log()
         );
-        let last = watches(&api, "pods").pop().context("a watch")?;
-        ensure!(
-            last.param("resourceVersion") == Some(&compacted.to_string()),
-            "{last:?}"
-        );
+        // The watch after the relist follows the relist's events: wait for its request.
+        let compacted = compacted.to_string();
+        eventually(
+            "a watch from the relisted version",
+            || {
+                watches(&api, "pods")
+                    .last()
+                    .is_some_and(|r| r.param("resourceVersion") == Some(&compacted))
+            },
+            || format!("{:?}", watches(&api, "pods")),
+        )
+        .await?;
         Ok(())
     })
     .await

@@ -1,5 +1,6 @@
 //! redirect's kernel programs. Entry points are one line each; the decisions live in
-//! `connect.rs`, `record.rs`, `sock_ops.rs` and `tcp_connect.rs`, the maps in `maps.rs`, all types in `redirect-common`.
+//! `connect.rs`, `record.rs`, `sock_ops.rs` and `tcp_connect.rs`, the maps in `maps.rs`, all
+//! types in `redirect-common`.
 #![no_std]
 #![no_main]
 // Every `unsafe` says why it is sound; `cargo xtask lint-ebpf` enforces it.

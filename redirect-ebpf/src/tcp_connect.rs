@@ -4,9 +4,11 @@
 //! the destination port with the router's (one load, no helper call) and only then looks for
 //! the socket's record (see `record.rs`).
 //!
-//! `struct sock`'s layout is the kernel's: the agent writes the offsets of the fields read here
-//! into `SOCK_OFFSETS` from the kernel's BTF before loading, and each read goes through
+//! `struct sock`'s layout is the kernel's: the agent writes the offsets of the source fields
+//! into `SOCK_OFFSETS` from the kernel's BTF before loading, and those reads go through
 //! `bpf_probe_read_kernel`, so a wrong offset can only yield a wrong address, never a fault.
+//! The port compare is a plain load at `SOCK_DPORT_OFFSET`, which the verifier checks against
+//! the BTF and the agent checks against the kernel's offset before loading.
 
 use core::ffi::c_void;
 

@@ -125,6 +125,7 @@ pub fn attach(cfg: &LoaderConfig) -> Result<Attached, LoaderError> {
         source,
     };
     let cgroup = fs::File::open(&cfg.cgroup_root).map_err(cg_err)?;
+    let cgroup_id = cgroup.metadata().map_err(cg_err)?.ino();
     let kernel = super::kernel_check::probe();
     for (need, answer) in &kernel.answers {
         if let super::kernel_check::Answer::Unknown(why) = answer {
@@ -152,7 +153,8 @@ pub fn attach(cfg: &LoaderConfig) -> Result<Attached, LoaderError> {
 
     let mut links = Vec::new();
     for (name, link_name) in CGROUP_PROGRAMS {
-        let action = attach_at_cgroup(&mut ebpf, name, &cfg.pin_dir.join(link_name), &cgroup)?;
+        let link = cfg.pin_dir.join(link_name);
+        let action = attach_at_cgroup(&mut ebpf, name, &link, &cgroup, cgroup_id)?;
         links.push((name, action));
     }
     let (record, record_fallback) = match offsets.and_then(|_| attach_fentry(&mut ebpf, cfg)) {
@@ -168,7 +170,7 @@ pub fn attach(cfg: &LoaderConfig) -> Result<Attached, LoaderError> {
         }
         Err(why) => {
             let link = cfg.pin_dir.join(RECORD_PROGRAMS[1].1);
-            let action = attach_at_cgroup(&mut ebpf, PROG_SOCK_OPS, &link, &cgroup)?;
+            let action = attach_at_cgroup(&mut ebpf, PROG_SOCK_OPS, &link, &cgroup, cgroup_id)?;
             links.push((PROG_SOCK_OPS, action));
             // Only now that sock_ops records does an earlier fentry link go.
             remove_pin(&cfg.pin_dir.join(RECORD_PROGRAMS[0].1))?;
@@ -212,13 +214,15 @@ fn fentry_globals(mut o: SockOffsets, router_ports: [u16; 2]) -> Result<SockOffs
     Ok(o)
 }
 
-/// Loads `name` and runs it at the cgroup root through the link pinned at `link_path`: the
-/// pinned link is updated in place when it is on this cgroup, replaced otherwise.
+/// Loads `name` and runs it at the cgroup root (`cgroup`, whose id is `cgroup_id`) through the
+/// link pinned at `link_path`: the pinned link is updated in place when it is on this cgroup,
+/// replaced otherwise.
 fn attach_at_cgroup(
     ebpf: &mut Ebpf,
     name: &'static str,
     link_path: &Path,
     cgroup: &fs::File,
+    cgroup_id: u64,
 ) -> Result<LinkAction, LoaderError> {
     let perr = |reason: String| LoaderError::Program { name, reason };
     let prog = ebpf
@@ -226,10 +230,6 @@ fn attach_at_cgroup(
         .ok_or_else(|| perr("missing from the object".into()))?;
     load(prog).map_err(|e| perr(verifier_message(e)))?;
     let prog_fd = program_fd(prog).map_err(|e| perr(chain(&e)))?;
-    let cgroup_id = cgroup
-        .metadata()
-        .map_err(|e| perr(format!("the cgroup root: {e}")))?
-        .ino();
     let mut action = LinkAction::Attached;
     if link_path.exists() {
         match reuse_link(link_path, cgroup_id, prog_fd) {

@@ -70,6 +70,17 @@ pub fn peer_server(pod: &Pod<'_>, script: &str, name: &str, port: u16, extra: &[
     spawn_listening(pod, &argv)
 }
 
+/// An `h2peer` server (the binary at `bin`) in `pod` on `port`, answering as `name`.
+pub fn h2peer_server(pod: &Pod<'_>, bin: &str, name: &str, port: u16) -> Proc {
+    let [l4, l6] = listen_addrs(pod, port);
+    spawn_listening(
+        pod,
+        &[
+            bin, "server", "--name", name, "--listen", &l4, "--listen", &l6,
+        ],
+    )
+}
+
 /// Runs `argv` in `pod`, expecting success, and parses its stdout as JSON.
 pub fn run_json(pod: &Pod<'_>, argv: &[&str]) -> Value {
     let out = pod.run(argv, TIMEOUT).unwrap().check().unwrap();

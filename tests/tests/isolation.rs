@@ -31,16 +31,7 @@ fn podserver(pod: &Pod<'_>, name: &str) -> Proc {
 }
 
 fn h2_server(pod: &Pod<'_>, name: &str) -> Proc {
-    let [l4, l6] = [
-        format!("{}:{H2_PORT}", pod.ip4()),
-        format!("[{}]:{H2_PORT}", pod.ip6()),
-    ];
-    spawn_listening(
-        pod,
-        &[
-            H2PEER, "server", "--name", name, "--listen", &l4, "--listen", &l6,
-        ],
-    )
+    redirect_tests::peers::h2peer_server(pod, H2PEER, name, H2_PORT)
 }
 
 /// Two baseline client pods (an attacker and a victim), a baseline `shop` service (ports 80 →

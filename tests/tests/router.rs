@@ -1116,3 +1116,98 @@ print(data.decode(errors="replace"))
         "the reason names the port: {out}"
     );
 }
+
+const H2PEER: &str = env!("CARGO_BIN_EXE_h2peer");
+
+#[test]
+fn http2_streams_carry_large_bodies_both_ways_and_get_the_routers_own_answers() {
+    let Some(mc) = MiniCluster::new_or_skip("h2_through_router", TOOLS) else {
+        return;
+    };
+    let mut shop = Shop::with_agent_args(
+        &mc,
+        true,
+        &["--debug-header", "--response-timeout-ms", "1000"],
+    )
+    .unwrap();
+    use redirect_tests::peers::h2peer_server;
+    let _base = h2peer_server(&shop.checkout_base, H2PEER, "checkout-base", GRPC_PORT);
+    let mut fork = h2peer_server(&shop.checkout_fork, H2PEER, "checkout-fork", GRPC_PORT);
+    let url = |path: &str| format!("http://{CHECKOUT_VIP4}:{GRPC_PORT}{path}");
+    // Status line and headers (lowercase names), then the body.
+    let h2 = |shop: &Shop<'_>, extra: &[&str], path: &str| {
+        let mut argv = vec!["--http2-prior-knowledge", "-D", "-"];
+        argv.extend_from_slice(extra);
+        let url = url(path);
+        argv.push(&url);
+        let (out, _) = curl(shop, &argv);
+        let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+        (head.to_ascii_lowercase(), body.to_string())
+    };
+    let debug = |head: &str| {
+        head.lines()
+            .find_map(|l| l.strip_prefix("x-redirect-upstream: "))
+            .unwrap_or_else(|| panic!("no debug header:\n{head}"))
+            .to_string()
+    };
+
+    // Routed by key, stream by stream, with the debug header added.
+    let (head, body) = h2(&shop, &["-H", KEY], "/");
+    assert!(head.starts_with("http/2 200"), "{head}");
+    assert_eq!(body, "checkout-fork\n");
+    assert!(debug(&head).starts_with("fork feature-x "), "{head}");
+    let (head, body) = h2(&shop, &[], "/");
+    assert_eq!(body, "checkout-base\n", "{head}");
+    assert!(debug(&head).starts_with("baseline "), "{head}");
+
+    // 64 MiB up and the same back on one stream, moved as the windows allow: never held whole.
+    let pid = shop.agent().pid().unwrap();
+    let before = proc_status_bytes(pid, "VmRSS:");
+    let size: u64 = 64 * 1024 * 1024;
+    let file = mc.workdir().join("upload-h2");
+    let cmd = format!(
+        "head -c {size} /dev/urandom > {f} && curl -sS --max-time 60 --http2-prior-knowledge -T {f} -H '{KEY}' {u} | cmp - {f} && echo same",
+        f = file.display(),
+        u = url("/echo"),
+    );
+    let out = shop
+        .client
+        .run(&["sh", "-c", &cmd], Duration::from_secs(90))
+        .unwrap();
+    assert_eq!(out.stdout.trim(), "same", "{out:?}");
+    let grew = proc_status_bytes(pid, "VmHWM:").saturating_sub(before);
+    println!("agent RSS {before} before, grew {grew} during a {size}-byte HTTP/2 round trip");
+    assert!(
+        grew < 32 * 1024 * 1024,
+        "the router buffered the body: RSS grew {grew} bytes"
+    );
+
+    // No response head within --response-timeout-ms: 504, the upstream stream cancelled.
+    let (head, body) = h2(&shop, &["-H", KEY], "/sleep/5000");
+    assert!(head.starts_with("http/2 504"), "{head}");
+    assert!(body.contains("sent no response within"), "{body}");
+    assert!(debug(&head).starts_with("fork feature-x "), "{head}");
+
+    // The fork's server is gone: 502 with the reason.
+    fork.kill().unwrap();
+    let (head, body) = h2(&shop, &["-H", KEY], "/");
+    assert!(head.starts_with("http/2 502"), "{head}\n{body}");
+    assert!(body.starts_with("upstream "), "{body}");
+
+    // The fork has no ready endpoint: 503 naming sandbox and service; baseline unaffected.
+    shop.remove_pod_manifest(&shop.checkout_fork).unwrap();
+    shop.agent()
+        .wait_synced(2, Duration::from_secs(20))
+        .unwrap();
+    let (head, body) = h2(&shop, &["-H", KEY], "/");
+    assert!(head.starts_with("http/2 503"), "{head}");
+    assert!(body.contains("default/feature-x"), "{body}");
+    assert!(debug(&head).starts_with("unavailable feature-x "), "{head}");
+    assert_eq!(h2(&shop, &[], "/").1, "checkout-base\n");
+
+    let status = mc.node().admin_status().unwrap();
+    let requests = &status["router_requests"];
+    assert_eq!(requests["fork/upstream_timeout"], 1, "{requests}");
+    assert_eq!(requests["fork/upstream_error"], 1, "{requests}");
+    assert_eq!(requests["fork/unavailable"], 1, "{requests}");
+}

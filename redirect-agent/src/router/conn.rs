@@ -8,7 +8,7 @@ use std::{
 };
 
 use hyper::{server::conn, service::service_fn};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use redirect_common::{OrigDst, SockAddr};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -20,7 +20,8 @@ use super::{
     DEBUG_HEADER, Shared, Worker,
     detect::{MAX_SNIFF, Protocol, detect, detect_declared_http},
     h1,
-    http::{Proto, handle},
+    http::handle,
+    http2,
     overload::{Cause, is_exhaustion},
     pool::Pool,
     prefixed::Prefixed,
@@ -75,7 +76,7 @@ pub fn worker(shared: Arc<Shared>, listeners: Vec<(u32, std::net::TcpListener)>)
 /// HTTP/2 receive windows towards clients: the most request body bytes one client connection
 /// can make the router hold while its upstream does not read.
 pub const CLIENT_H2_CONN_WINDOW: u32 = 128 * 1024;
-const CLIENT_H2_STREAM_WINDOW: u32 = 64 * 1024;
+pub const CLIENT_H2_STREAM_WINDOW: u32 = 64 * 1024;
 /// The copy buffers of an opaque connection, one each way.
 pub const TUNNEL_BUFFERS: usize = 2 * 8 * 1024;
 
@@ -246,36 +247,18 @@ async fn serve(
             }
         }
         Some(Protocol::Http2) => {
-            let io = TokioIo::new(Prefixed::new(prefix, client));
-            Box::pin(serve_h2(io, peer, orig, worker)).await
+            Box::pin(http2::serve(
+                Prefixed::new(prefix, client),
+                peer,
+                orig,
+                worker,
+            ))
+            .await
         }
         Some(Protocol::Opaque) | None => {
             Box::pin(opaque(Prefixed::new(prefix, client), peer, orig, shared)).await
         }
     }
-}
-
-/// HTTP/2 (h2c, gRPC) through hyper: every stream routed on its own.
-async fn serve_h2(
-    io: TokioIo<Prefixed<TcpStream>>,
-    peer: SocketAddr,
-    orig: OrigDst,
-    worker: &Arc<Worker>,
-) -> Outcome {
-    let shared = &worker.shared;
-    let w = worker.clone();
-    let svc = service_fn(move |req| handle(req, w.clone(), peer.ip(), orig, Proto::Http2));
-    let mut b = conn::http2::Builder::new(TokioExecutor::new());
-    b.timer(TokioTimer::new())
-        .max_header_list_size(shared.settings.max_header_bytes as u32)
-        // What a client can make the router hold per connection (node-local round
-        // trips are short: small windows cost no throughput).
-        .initial_connection_window_size(CLIENT_H2_CONN_WINDOW)
-        .initial_stream_window_size(CLIENT_H2_STREAM_WINDOW)
-        .keep_alive_interval(std::time::Duration::from_secs(30));
-    let c = b.serve_connection(io, svc);
-    // At the drain, GOAWAY: streams in flight complete, the client opens new ones elsewhere.
-    until_drained(c, |c| c.graceful_shutdown(), shared, peer, "HTTP/2").await
 }
 
 /// Serves a hyper connection to its end; once the router drains, `shutdown` asks it to finish
@@ -320,7 +303,7 @@ async fn serve_general_h1(
 ) -> Outcome {
     let shared = &worker.shared;
     let w = worker.clone();
-    let svc = service_fn(move |req| handle(req, w.clone(), peer.ip(), orig, Proto::Http1));
+    let svc = service_fn(move |req| handle(req, w.clone(), peer.ip(), orig));
     let mut b = conn::http1::Builder::new();
     b.timer(TokioTimer::new())
         .header_read_timeout(shared.settings.header_timeout)

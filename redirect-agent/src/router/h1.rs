@@ -36,7 +36,7 @@ use super::{
     deadline::Deadline,
     pool::{Checkout, PoolKey},
     prefixed::Prefixed,
-    route::{Decided, decide, key_or_none},
+    route::{Decided, Failure, decide, key_or_none},
     scratch::{read_append, try_read_append},
     stats::{Dest, Outcome, RequestOutcome},
 };
@@ -261,22 +261,21 @@ enum Fail {
     Client,
 }
 
+/// The shared answer, with the status as a number.
+fn answer(f: Failure, upstream: SocketAddr) -> (u16, String, RequestOutcome) {
+    let (status, reason, outcome) = f.answer(upstream);
+    (status.as_u16(), reason, outcome)
+}
+
 impl Fail {
     /// The router's answer to the client: status, reason and how the request is counted;
     /// `None` when the client is gone.
     fn answer(self, upstream: SocketAddr) -> Option<(u16, String, RequestOutcome)> {
         Some(match self {
-            Fail::Timeout(after) => (
-                504,
-                format!("upstream {upstream} sent no response within {after:?}"),
-                RequestOutcome::UpstreamTimeout,
-            ),
+            Fail::Timeout(after) => answer(Failure::Timeout(after), upstream),
+            // The reason already names the upstream.
             Fail::Upstream { reason, .. } => (502, reason, RequestOutcome::UpstreamError),
-            Fail::BadBody(reason) => (
-                400,
-                format!("request body: {reason}"),
-                RequestOutcome::BadRequest,
-            ),
+            Fail::BadBody(reason) => answer(Failure::BadBody(reason), upstream),
             Fail::Client => return None,
         })
     }

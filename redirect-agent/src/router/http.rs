@@ -1,11 +1,8 @@
-//! Per-request routing for HTTP/1.1 and HTTP/2 (h2c, gRPC): every request (every stream on
-//! HTTP/2) is routed on its own, by the routing key it carries.
+//! Per-request routing through hyper, for what the in-place HTTP/1.1 path hands over
+//! (upgrades, CONNECT, HTTP/1.0): every request routed on its own, by the routing key it
+//! carries.
 
-use std::{
-    net::IpAddr,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{net::IpAddr, sync::Arc, time::Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
@@ -19,18 +16,11 @@ use super::{
     body::{BodyError, UpstreamBody},
     key::extract_key,
     pool::{Checkout, PoolKey, UpstreamError},
-    route::{Decided, decide, key_or_none},
+    route::{Decided, Failure, decide, key_or_none},
     stats::RequestOutcome,
 };
 
 pub type RouterBody = Either<Incoming, Full<Bytes>>;
-
-/// The upstream protocol: the same as the client's (the router never translates).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Proto {
-    Http1,
-    Http2,
-}
 
 /// Response header naming where a request went, when enabled (`--debug-header`).
 pub const DEBUG_HEADER: &str = "x-redirect-upstream";
@@ -42,7 +32,6 @@ pub async fn handle(
     worker: Arc<Worker>,
     client: IpAddr,
     orig: OrigDst,
-    proto: Proto,
 ) -> Result<Response<RouterBody>, std::convert::Infallible> {
     let shared = &worker.shared;
     let started = Instant::now();
@@ -62,7 +51,7 @@ pub async fn handle(
         } => (upstream, dest, label),
     };
 
-    let upgrade = proto == Proto::Http1 && is_upgrade(&req);
+    let upgrade = is_upgrade(&req);
     let body_idle = shared.settings.body_idle_timeout;
     let mut req = req.map(|b| UpstreamBody::new(b, body_idle));
     let key = PoolKey { client, upstream };
@@ -70,39 +59,23 @@ pub async fn handle(
         Box::pin(forward_upgrade(req, &worker, key)).await
     } else {
         strip_hop_by_hop(req.headers_mut());
-        // Boxed, like the upgrade: hyper spawns this future per HTTP/2 stream and moves it while
-        // it runs, and the forwarding state (pool checkout, connect, timeout) is most of its
-        // size.
-        Box::pin(forward(req, &worker, key, proto)).await
+        // Boxed, like the upgrade: the forwarding state (pool checkout, connect, timeout) is
+        // most of the future's size.
+        Box::pin(forward(req, &worker, key)).await
     };
-    let outcome = match &result {
-        Ok(_) if upgrade => RequestOutcome::Upgraded,
-        Ok(_) => RequestOutcome::Ok,
-        Err(Failure::Timeout(_)) => RequestOutcome::UpstreamTimeout,
-        Err(Failure::Upstream(_)) => RequestOutcome::UpstreamError,
-        Err(Failure::BadBody(_)) => RequestOutcome::BadRequest,
+    let (mut resp, outcome) = match result {
+        Ok(resp) if upgrade => (resp.map(Either::Left), RequestOutcome::Upgraded),
+        Ok(mut resp) => {
+            strip_hop_by_hop(resp.headers_mut());
+            (resp.map(Either::Left), RequestOutcome::Ok)
+        }
+        Err(failure) => {
+            let (status, reason, outcome) = failure.answer(upstream);
+            (error_response(status, &reason), outcome)
+        }
     };
     shared.stats.count_request(dest, outcome);
     shared.stats.observe(dest, started.elapsed());
-    let mut resp = match result {
-        Ok(mut resp) => {
-            if !upgrade {
-                strip_hop_by_hop(resp.headers_mut());
-            }
-            resp.map(Either::Left)
-        }
-        Err(Failure::Timeout(after)) => error_response(
-            StatusCode::GATEWAY_TIMEOUT,
-            &format!("upstream {upstream} sent no response within {after:?}"),
-        ),
-        Err(Failure::Upstream(reason)) => error_response(
-            StatusCode::BAD_GATEWAY,
-            &format!("upstream {upstream}: {reason}"),
-        ),
-        Err(Failure::BadBody(reason)) => {
-            error_response(StatusCode::BAD_REQUEST, &format!("request body: {reason}"))
-        }
-    };
     if let Some(label) = label {
         set_debug_header(&mut resp, &label);
     }
@@ -115,40 +88,24 @@ fn set_debug_header(resp: &mut Response<RouterBody>, label: &str) {
     }
 }
 
-enum Failure {
-    Timeout(Duration),
-    Upstream(String),
-    /// The client's own request body failed while it was being sent upstream.
-    BadBody(String),
-}
-
 async fn forward(
     req: Request<UpstreamBody>,
     worker: &Worker,
     key: PoolKey,
-    proto: Proto,
 ) -> Result<Response<Incoming>, Failure> {
     let timeout = worker.shared.settings.response_timeout;
     let pool = &worker.pool;
     let fut = async {
-        match proto {
-            Proto::Http1 => {
-                let mut found = Checkout::default();
-                let conn = pool.h1(key, &mut found).await;
-                worker.shared.stats.count_pool_discards(found.discarded);
-                let mut conn = conn.map_err(|e| upstream_failed(worker, e))?;
-                // Back to the pool now: it is ready for the next request once this response
-                // has been read, and only a ready, quiet connection is handed out again. A
-                // failed exchange leaves the connection out.
-                let resp = conn.send.send_request(req).await.map_err(sending)?;
-                pool.put_h1(key, conn);
-                Ok(resp)
-            }
-            Proto::Http2 => {
-                let mut send = pool.h2(key).await.map_err(|e| upstream_failed(worker, e))?;
-                send.send_request(req).await.map_err(sending)
-            }
-        }
+        let mut found = Checkout::default();
+        let conn = pool.h1(key, &mut found).await;
+        worker.shared.stats.count_pool_discards(found.discarded);
+        let mut conn = conn.map_err(|e| upstream_failed(worker, e))?;
+        // Back to the pool now: it is ready for the next request once this response has been
+        // read, and only a ready, quiet connection is handed out again. A failed exchange
+        // leaves the connection out.
+        let resp = conn.send.send_request(req).await.map_err(sending)?;
+        pool.put_h1(key, conn);
+        Ok(resp)
     };
     match tokio::time::timeout(timeout, fut).await {
         Ok(r) => r,

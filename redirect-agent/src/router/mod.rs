@@ -15,6 +15,7 @@ mod deadline;
 mod end_to_end;
 mod h1;
 mod http;
+mod http2;
 mod kernel;
 mod listener;
 mod log_limit;

@@ -7,12 +7,16 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use bytes::Bytes;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::{
@@ -46,6 +50,8 @@ pub enum UpstreamError {
         addr: SocketAddr,
         source: hyper::Error,
     },
+    #[error("HTTP/2 handshake with {addr}: {source}")]
+    H2Handshake { addr: SocketAddr, source: h2::Error },
 }
 
 /// An HTTP/1.1 connection, with the handle that tells whether it is clean to reuse.
@@ -60,8 +66,16 @@ struct IdleH1 {
 }
 
 struct SharedH2 {
-    send: http2::SendRequest<UpstreamBody>,
+    send: h2::client::SendRequest<Bytes>,
+    /// Set once the connection has ended.
+    closed: Arc<AtomicBool>,
     used: Instant,
+}
+
+impl SharedH2 {
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
 }
 
 /// What a checkout found.
@@ -201,37 +215,40 @@ impl Pool {
     }
 
     /// The HTTP/2 connection of `key`, opened when missing or closed.
-    pub async fn h2(
-        &self,
-        key: PoolKey,
-    ) -> Result<http2::SendRequest<UpstreamBody>, UpstreamError> {
-        if let Some(s) = self.h2.lock().ok().and_then(|mut m| {
-            let e = m.get_mut(&key)?;
+    pub async fn h2(&self, key: PoolKey) -> Result<h2::client::SendRequest<Bytes>, UpstreamError> {
+        if let Some(send) = self.h2.lock().ok().and_then(|mut m| {
+            let e = m.get_mut(&key).filter(|e| !e.is_closed())?;
             e.used = Instant::now();
             Some(e.send.clone())
-        }) && !s.is_closed()
-        {
-            return Ok(s);
+        }) {
+            return Ok(send);
         }
         let addr = key.upstream;
-        let io = TokioIo::new(self.connector.connect(key.client, addr).await?);
-        let (send, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
+        let stream = self.connector.connect(key.client, addr).await?;
+        let (send, mut conn) = h2::client::Builder::new()
             // What one client pod's unread responses can make the router hold per upstream.
             .initial_connection_window_size(UPSTREAM_H2_CONN_WINDOW)
-            .initial_stream_window_size(UPSTREAM_H2_STREAM_WINDOW)
-            .keep_alive_interval(Duration::from_secs(30))
-            .handshake(io)
+            .initial_window_size(UPSTREAM_H2_STREAM_WINDOW)
+            .enable_push(false)
+            .handshake::<_, Bytes>(stream)
             .await
-            .map_err(|source| UpstreamError::Handshake { addr, source })?;
+            .map_err(|source| UpstreamError::H2Handshake { addr, source })?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let ended = closed.clone();
         tokio::spawn(async move {
-            let _ = conn.await;
+            let alive = super::http2::keepalive(conn.ping_pong());
+            tokio::select! {
+                _ = &mut conn => {}
+                () = alive => {}
+            }
+            ended.store(true, Ordering::Relaxed);
         });
         if let Ok(mut m) = self.h2.lock() {
             m.insert(
                 key,
                 SharedH2 {
                     send: send.clone(),
+                    closed,
                     used: Instant::now(),
                 },
             );
@@ -261,7 +278,7 @@ impl Pool {
             });
         }
         if let Ok(mut m) = self.h2.lock() {
-            m.retain(|_, c| !c.send.is_closed() && now - c.used < idle);
+            m.retain(|_, c| !c.is_closed() && now - c.used < idle);
         }
     }
 }

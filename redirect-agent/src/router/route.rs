@@ -1,7 +1,9 @@
 //! Where one request goes, for both HTTP paths: the routing key read, the decision over the
 //! current view, and what the debug header and a 503 say about it.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
+
+use http::StatusCode;
 
 use redirect_common::OrigDst;
 
@@ -26,6 +28,40 @@ pub enum Decided {
         message: String,
         label: Option<String>,
     },
+}
+
+/// Why a request got the router's own answer instead of its upstream's, on the paths that
+/// answer before any byte of a response went out.
+pub enum Failure {
+    /// No response head within the response timeout.
+    Timeout(Duration),
+    /// The upstream refused, reset or failed before its response head.
+    Upstream(String),
+    /// The client's own request body failed while it was being sent upstream.
+    BadBody(String),
+}
+
+impl Failure {
+    /// The answer for a request to `upstream`: status, reason and how the request is counted.
+    pub fn answer(self, upstream: SocketAddr) -> (StatusCode, String, RequestOutcome) {
+        match self {
+            Failure::Timeout(after) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("upstream {upstream} sent no response within {after:?}"),
+                RequestOutcome::UpstreamTimeout,
+            ),
+            Failure::Upstream(reason) => (
+                StatusCode::BAD_GATEWAY,
+                format!("upstream {upstream}: {reason}"),
+                RequestOutcome::UpstreamError,
+            ),
+            Failure::BadBody(reason) => (
+                StatusCode::BAD_REQUEST,
+                format!("request body: {reason}"),
+                RequestOutcome::BadRequest,
+            ),
+        }
+    }
 }
 
 /// The routing key to route by: a malformed key header must not break the request, it goes

@@ -3,8 +3,10 @@
 //! one complete request, so the router already holds an upstream connection their streams join.
 //!
 //! - `h2peer server --name NAME --listen ADDR:PORT [--listen ..]`: at most 100 concurrent
-//!   streams per connection; `/bytes/<n>` streams `n` bytes (at most 1 GiB); any other path
-//!   reads the whole request body, then answers `NAME\n`. Prints `listening`.
+//!   streams per connection; every response carries `x-served-by: NAME`. `/bytes/<n>` streams
+//!   `n` bytes (at most 1 GiB); `/echo` streams the request body back as it arrives (never
+//!   whole); `/sleep/<ms>` answers `NAME\n` after `ms` (at most 60 s); any other path reads the
+//!   whole request body, then answers `NAME\n`. Prints `listening`.
 //! - `h2peer window0 --target ADDR:PORT --path P --streams N [--header "name: value"]`: one
 //!   connection announcing `SETTINGS_INITIAL_WINDOW_SIZE=0`, N GETs whose bodies it never
 //!   reads. Prints `holding` once every response head arrived (or after 10 s), then waits.
@@ -152,7 +154,33 @@ async fn server(a: Args) -> Result<()> {
     Ok(())
 }
 
-async fn respond(req: Request<Incoming>, name: Bytes) -> Result<Response<Body>, Infallible> {
+/// A server response body: streamed back from the request (`/echo`) or made here.
+type ServerBody = BoxBody<Bytes, hyper::Error>;
+
+async fn respond(req: Request<Incoming>, name: Bytes) -> Result<Response<ServerBody>, Infallible> {
+    let served_by = String::from_utf8_lossy(name.trim_ascii_end()).into_owned();
+    let mut resp = answer(req, name).await;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(&served_by) {
+        resp.headers_mut().insert("x-served-by", v);
+    }
+    Ok(resp)
+}
+
+async fn answer(req: Request<Incoming>, name: Bytes) -> Response<ServerBody> {
+    let made = |b: Body| b.map_err(|never| match never {}).boxed();
+    let path = req.uri().path();
+    if path == "/echo" {
+        return Response::new(req.into_body().boxed());
+    }
+    if let Some(ms) = path.strip_prefix("/sleep/") {
+        let ms = ms.parse::<u64>().unwrap_or(0).min(60_000);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        return Response::new(made(Full::new(name).boxed()));
+    }
+    Response::new(made(bytes_or_name(req, name).await))
+}
+
+async fn bytes_or_name(req: Request<Incoming>, name: Bytes) -> Body {
     if let Some(n) = req.uri().path().strip_prefix("/bytes/") {
         let n = n.parse::<u64>().unwrap_or(0).min(MAX_BYTES);
         let chunk = Bytes::from(vec![b'x'; 16 * 1024]);
@@ -165,10 +193,10 @@ async fn respond(req: Request<Incoming>, name: Bytes) -> Result<Response<Body>, 
                 })
             }
         });
-        return Ok(Response::new(StreamBody::new(frames).boxed()));
+        return StreamBody::new(frames).boxed();
     }
     let _ = req.into_body().collect().await;
-    Ok(Response::new(Full::new(name).boxed()))
+    Full::new(name).boxed()
 }
 
 fn request(a: &Args, method: &str, body: Body) -> Result<Request<Body>> {

@@ -70,15 +70,15 @@ pub fn peer_server(pod: &Pod<'_>, script: &str, name: &str, port: u16, extra: &[
     spawn_listening(pod, &argv)
 }
 
-/// An `h2peer` server (the binary at `bin`) in `pod` on `port`, answering as `name`.
-pub fn h2peer_server(pod: &Pod<'_>, bin: &str, name: &str, port: u16) -> Proc {
+/// An `h2peer` server (the binary at `bin`) in `pod` on `port`, answering as `name`, with
+/// `extra` arguments.
+pub fn h2peer_server(pod: &Pod<'_>, bin: &str, name: &str, port: u16, extra: &[&str]) -> Proc {
     let [l4, l6] = listen_addrs(pod, port);
-    spawn_listening(
-        pod,
-        &[
-            bin, "server", "--name", name, "--listen", &l4, "--listen", &l6,
-        ],
-    )
+    let mut argv = vec![
+        bin, "server", "--name", name, "--listen", &l4, "--listen", &l6,
+    ];
+    argv.extend_from_slice(extra);
+    spawn_listening(pod, &argv)
 }
 
 /// Runs `argv` in `pod`, expecting success, and parses its stdout as JSON.

@@ -31,7 +31,7 @@ fn podserver(pod: &Pod<'_>, name: &str) -> Proc {
 }
 
 fn h2_server(pod: &Pod<'_>, name: &str) -> Proc {
-    redirect_tests::peers::h2peer_server(pod, H2PEER, name, H2_PORT)
+    redirect_tests::peers::h2peer_server(pod, H2PEER, name, H2_PORT, &[])
 }
 
 /// Two baseline client pods (an attacker and a victim), a baseline `shop` service (ports 80 →

@@ -1131,8 +1131,8 @@ fn http2_streams_carry_large_bodies_both_ways_and_get_the_routers_own_answers() 
     )
     .unwrap();
     use redirect_tests::peers::h2peer_server;
-    let _base = h2peer_server(&shop.checkout_base, H2PEER, "checkout-base", GRPC_PORT);
-    let mut fork = h2peer_server(&shop.checkout_fork, H2PEER, "checkout-fork", GRPC_PORT);
+    let _base = h2peer_server(&shop.checkout_base, H2PEER, "checkout-base", GRPC_PORT, &[]);
+    let mut fork = h2peer_server(&shop.checkout_fork, H2PEER, "checkout-fork", GRPC_PORT, &[]);
     let url = |path: &str| format!("http://{CHECKOUT_VIP4}:{GRPC_PORT}{path}");
     // Status line and headers (lowercase names), then the body.
     let h2 = |shop: &Shop<'_>, extra: &[&str], path: &str| {
@@ -1159,6 +1159,12 @@ fn http2_streams_carry_large_bodies_both_ways_and_get_the_routers_own_answers() 
     let (head, body) = h2(&shop, &[], "/");
     assert_eq!(body, "checkout-base\n", "{head}");
     assert!(debug(&head).starts_with("baseline "), "{head}");
+
+    // A response head beyond what the router decodes: the upstream stream is reset, 502.
+    let (head, body) = h2(&shop, &["-H", KEY], "/head-bytes/20000");
+    assert!(head.starts_with("http/2 200"), "{head}\n{body}");
+    let (head, body) = h2(&shop, &["-H", KEY], "/head-bytes/200000");
+    assert!(head.starts_with("http/2 502"), "{head}\n{body}");
 
     // 64 MiB up and the same back on one stream, moved as the windows allow: never held whole.
     let pid = shop.agent().pid().unwrap();
@@ -1208,6 +1214,61 @@ fn http2_streams_carry_large_bodies_both_ways_and_get_the_routers_own_answers() 
     let status = mc.node().admin_status().unwrap();
     let requests = &status["router_requests"];
     assert_eq!(requests["fork/upstream_timeout"], 1, "{requests}");
-    assert_eq!(requests["fork/upstream_error"], 1, "{requests}");
+    assert_eq!(requests["fork/upstream_error"], 2, "{requests}");
     assert_eq!(requests["fork/unavailable"], 1, "{requests}");
+}
+
+#[test]
+fn an_upstream_http2_connection_going_away_takes_no_new_request_and_none_fails() {
+    use redirect_tests::peers::h2peer_server;
+    let Some(mc) = MiniCluster::new_or_skip("h2_goaway", TOOLS) else {
+        return;
+    };
+    // One router thread: every request of the client pod shares one upstream connection.
+    let shop = Shop::with_agent_args(&mc, true, &["--router-workers", "1"]).unwrap();
+    // The fork's server says GOAWAY on a connection's second request (as gRPC servers do at
+    // their max connection age) and keeps the connection open while that request runs.
+    let _fork = h2peer_server(
+        &shop.checkout_fork,
+        H2PEER,
+        "checkout-fork",
+        GRPC_PORT,
+        &["--goaway-after", "2"],
+    );
+    let url = |path: &str| format!("http://{CHECKOUT_VIP4}:{GRPC_PORT}{path}");
+    let get = |path: &str| status(&shop, &["--http2-prior-knowledge", "-H", KEY, &url(path)]);
+    assert_eq!(get("/"), (200, "checkout-fork\n".into()));
+    // The second request on the upstream connection: it gets the GOAWAY and stays open 3 s.
+    let slow = url("/sleep/3000");
+    let in_flight = shop
+        .client
+        .spawn(&[
+            "curl",
+            "-sS",
+            "--max-time",
+            "8",
+            "--http2-prior-knowledge",
+            "-H",
+            KEY,
+            &slow,
+        ])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    // Meanwhile, new requests go on a new upstream connection instead of failing.
+    for _ in 0..3 {
+        assert_eq!(get("/"), (200, "checkout-fork\n".into()));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !in_flight.log().contains("checkout-fork") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the request in flight at the GOAWAY did not complete: {}",
+            in_flight.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = mc.node().admin_status().unwrap();
+    let requests = &status["router_requests"];
+    assert_eq!(requests["fork/upstream_error"], 0, "{requests}");
+    assert_eq!(requests["fork/ok"], 5, "{requests}");
 }

@@ -43,8 +43,8 @@ use super::{
 
 /// Most bytes of one read; a connection's buffers stay this small while bodies stream.
 const READ_CHUNK: usize = 16 * 1024;
-/// Longest upstream response head.
-const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Longest upstream response head (HTTP/2: its header list).
+pub(super) const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 const MAX_RESPONSE_HEADERS: usize = 256;
 const RESPONSE_LIMITS: Limits = Limits {
     max_bytes: MAX_RESPONSE_HEAD,

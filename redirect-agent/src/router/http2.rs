@@ -190,16 +190,33 @@ async fn forward(
     let (parts, body) = req.into_parts();
     let end = body.is_end_stream();
     let opened = async {
-        let send = worker.pool.h2(key).await.map_err(|e| {
-            if let UpstreamError::Connect(c) = &e {
-                shared.connect_failed(c);
+        // A pooled connection whose upstream is going away (GOAWAY: a rolling restart, gRPC's
+        // max connection age) takes no new stream; nothing was sent on it yet, so the request
+        // goes once more, on a new connection.
+        let mut fresh = false;
+        loop {
+            let conn = worker.pool.h2(key).await.map_err(|e| {
+                if let UpstreamError::Connect(c) = &e {
+                    shared.connect_failed(c);
+                }
+                Failure::Upstream(e.to_string())
+            })?;
+            // Waits while the upstream's stream limit is reached.
+            match conn.send.clone().ready().await {
+                Ok(mut send) => {
+                    return send
+                        .send_request(Request::from_parts(parts, ()), end)
+                        .map_err(upstream_error);
+                }
+                Err(e) => {
+                    conn.retire();
+                    if fresh {
+                        return Err(upstream_error(e));
+                    }
+                    fresh = true;
+                }
             }
-            Failure::Upstream(e.to_string())
-        })?;
-        // Waits while the upstream's stream limit is reached.
-        let mut send = send.ready().await.map_err(upstream_error)?;
-        send.send_request(Request::from_parts(parts, ()), end)
-            .map_err(upstream_error)
+        }
     };
     let (response, up_body) = tokio::select! {
         biased;

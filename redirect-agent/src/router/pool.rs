@@ -32,6 +32,8 @@ const MAX_IDLE_H1_TOTAL: usize = 1024;
 /// HTTP/2 receive windows towards upstreams (per client pod, upstream and router thread).
 pub const UPSTREAM_H2_CONN_WINDOW: u32 = 1024 * 1024;
 const UPSTREAM_H2_STREAM_WINDOW: u32 = 256 * 1024;
+/// Streams opened on a new upstream HTTP/2 connection before its SETTINGS tell its limit.
+const UPSTREAM_H2_FIRST_STREAMS: usize = 100;
 
 /// Whose a pooled connection is: the client pod (its address, which the router sees
 /// untranslated) and the upstream it goes to.
@@ -66,15 +68,26 @@ struct IdleH1 {
 }
 
 struct SharedH2 {
-    send: h2::client::SendRequest<Bytes>,
-    /// Set once the connection has ended.
-    closed: Arc<AtomicBool>,
+    conn: H2,
     used: Instant,
 }
 
-impl SharedH2 {
+/// A pooled HTTP/2 connection.
+pub struct H2 {
+    pub send: h2::client::SendRequest<Bytes>,
+    /// Set once the connection has ended or takes no new stream.
+    closed: Arc<AtomicBool>,
+}
+
+impl H2 {
     fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Relaxed)
+    }
+
+    /// The connection takes no new stream (the upstream sent GOAWAY, or it failed): the next
+    /// checkout opens another. Its streams in flight go on.
+    pub fn retire(&self) {
+        self.closed.store(true, Ordering::Relaxed);
     }
 }
 
@@ -214,14 +227,17 @@ impl Pool {
         }
     }
 
-    /// The HTTP/2 connection of `key`, opened when missing or closed.
-    pub async fn h2(&self, key: PoolKey) -> Result<h2::client::SendRequest<Bytes>, UpstreamError> {
-        if let Some(send) = self.h2.lock().ok().and_then(|mut m| {
-            let e = m.get_mut(&key).filter(|e| !e.is_closed())?;
+    /// The HTTP/2 connection of `key`, opened when missing, closed or retired.
+    pub async fn h2(&self, key: PoolKey) -> Result<H2, UpstreamError> {
+        if let Some(conn) = self.h2.lock().ok().and_then(|mut m| {
+            let e = m.get_mut(&key).filter(|e| !e.conn.is_closed())?;
             e.used = Instant::now();
-            Some(e.send.clone())
+            Some(H2 {
+                send: e.conn.send.clone(),
+                closed: e.conn.closed.clone(),
+            })
         }) {
-            return Ok(send);
+            return Ok(conn);
         }
         let addr = key.upstream;
         let stream = self.connector.connect(key.client, addr).await?;
@@ -229,6 +245,10 @@ impl Pool {
             // What one client pod's unread responses can make the router hold per upstream.
             .initial_connection_window_size(UPSTREAM_H2_CONN_WINDOW)
             .initial_window_size(UPSTREAM_H2_STREAM_WINDOW)
+            .initial_max_send_streams(UPSTREAM_H2_FIRST_STREAMS)
+            // A response head as large as the HTTP/1.1 path takes: an upstream cannot make the
+            // router decode and hold megabytes of headers (the stream is reset: 502).
+            .max_header_list_size(super::h1::MAX_RESPONSE_HEAD as u32)
             .enable_push(false)
             .handshake::<_, Bytes>(stream)
             .await
@@ -247,13 +267,15 @@ impl Pool {
             m.insert(
                 key,
                 SharedH2 {
-                    send: send.clone(),
-                    closed,
+                    conn: H2 {
+                        send: send.clone(),
+                        closed: closed.clone(),
+                    },
                     used: Instant::now(),
                 },
             );
         }
-        Ok(send)
+        Ok(H2 { send, closed })
     }
 
     /// Drops connections closed upstream and those unused for `idle`: per-pod keys come and go
@@ -278,7 +300,7 @@ impl Pool {
             });
         }
         if let Ok(mut m) = self.h2.lock() {
-            m.retain(|_, c| !c.is_closed() && now - c.used < idle);
+            m.retain(|_, c| !c.conn.is_closed() && now - c.used < idle);
         }
     }
 }

@@ -5,8 +5,10 @@
 //! - `h2peer server --name NAME --listen ADDR:PORT [--listen ..]`: at most 100 concurrent
 //!   streams per connection; every response carries `x-served-by: NAME`. `/bytes/<n>` streams
 //!   `n` bytes (at most 1 GiB); `/echo` streams the request body back as it arrives (never
-//!   whole); `/sleep/<ms>` answers `NAME\n` after `ms` (at most 60 s); any other path reads the
-//!   whole request body, then answers `NAME\n`. Prints `listening`.
+//!   whole); `/head-bytes/<n>` answers with an `x-fill` header of `n` bytes (at most 1 MiB);
+//!   `/sleep/<ms>` answers `NAME\n` after `ms` (at most 60 s); any other path reads the
+//!   whole request body, then answers `NAME\n`. `--goaway-after N`: GOAWAY on a connection
+//!   once it brought N requests (the streams in flight complete). Prints `listening`.
 //! - `h2peer window0 --target ADDR:PORT --path P --streams N [--header "name: value"]`: one
 //!   connection announcing `SETTINGS_INITIAL_WINDOW_SIZE=0`, N GETs whose bodies it never
 //!   reads. Prints `holding` once every response head arrived (or after 10 s), then waits.
@@ -82,6 +84,10 @@ struct Args {
     /// victim: how long each request may take, in milliseconds.
     #[arg(long = "timeout-ms", value_name = "T", default_value = "5000", value_parser = millis)]
     timeout: Duration,
+    /// server: after this many requests on a connection, GOAWAY (graceful: the streams in
+    /// flight complete, then the connection closes).
+    #[arg(long, value_name = "N")]
+    goaway_after: Option<usize>,
 }
 
 fn header(v: &str) -> Result<(String, String), String> {
@@ -131,6 +137,7 @@ async fn server(a: Args) -> Result<()> {
     println!("listening");
     std::io::stdout().flush()?;
     let name = Bytes::from(format!("{}\n", a.name));
+    let goaway_after = a.goaway_after;
     for l in listeners {
         let name = name.clone();
         tasks.spawn(async move {
@@ -141,11 +148,27 @@ async fn server(a: Args) -> Result<()> {
                 };
                 let name = name.clone();
                 tokio::spawn(async move {
-                    let svc = service_fn(move |req| respond(req, name.clone()));
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                    let enough = std::sync::Arc::new(tokio::sync::Notify::new());
+                    let (count, tell) = (served.clone(), enough.clone());
+                    let svc = service_fn(move |req| {
+                        let n = count.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                        if Some(n) == goaway_after {
+                            tell.notify_one();
+                        }
+                        respond(req, name.clone())
+                    });
+                    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                         .max_concurrent_streams(100)
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
+                        .serve_connection(TokioIo::new(s), svc);
+                    tokio::pin!(conn);
+                    tokio::select! {
+                        _ = conn.as_mut() => {}
+                        () = enough.notified() => {
+                            conn.as_mut().graceful_shutdown();
+                            let _ = conn.await;
+                        }
+                    }
                 });
             }
         });
@@ -171,6 +194,14 @@ async fn answer(req: Request<Incoming>, name: Bytes) -> Response<ServerBody> {
     let path = req.uri().path();
     if path == "/echo" {
         return Response::new(req.into_body().boxed());
+    }
+    if let Some(n) = path.strip_prefix("/head-bytes/") {
+        let n = n.parse::<usize>().unwrap_or(0).min(1 << 20);
+        let mut resp = Response::new(made(Full::new(name).boxed()));
+        if let Ok(v) = hyper::header::HeaderValue::from_str(&"a".repeat(n)) {
+            resp.headers_mut().insert("x-fill", v);
+        }
+        return resp;
     }
     if let Some(ms) = path.strip_prefix("/sleep/") {
         let ms = ms.parse::<u64>().unwrap_or(0).min(60_000);

@@ -1159,6 +1159,20 @@ fn http2_streams_carry_large_bodies_both_ways_and_get_the_routers_own_answers() 
     let (head, body) = h2(&shop, &[], "/");
     assert_eq!(body, "checkout-base\n", "{head}");
     assert!(debug(&head).starts_with("baseline "), "{head}");
+    // The upstream sockets (in the client pod's namespace: to the fork and, for baseline, to
+    // the ClusterIP) are watched by TCP keepalive.
+    let sockets = shop
+        .client
+        .run(
+            &["ss", "-tnoH", "state", "established", "( dport = :50051 )"],
+            CLIENT_TIMEOUT,
+        )
+        .unwrap();
+    let lines: Vec<&str> = sockets.stdout.lines().filter(|l| !l.is_empty()).collect();
+    assert!(
+        !lines.is_empty() && lines.iter().all(|l| l.contains("keepalive")),
+        "an upstream socket without keepalive timer: {sockets:?}"
+    );
 
     // A response head beyond what the router decodes: the upstream stream is reset, 502.
     let (head, body) = h2(&shop, &["-H", KEY], "/head-bytes/20000");

@@ -38,6 +38,15 @@ impl ConnectError {
     }
 }
 
+/// TCP keepalive on upstream sockets: an upstream that vanished without closing (its node or
+/// network gone) is noticed after ~1 min of silence, also under a request that waits, without
+/// HTTP/2 PINGs (gRPC servers count a client's pings, and close connections that ping more
+/// often than every 5 minutes, or at all while idle).
+const UPSTREAM_KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
+    .with_time(Duration::from_secs(30))
+    .with_interval(Duration::from_secs(10))
+    .with_retries(3);
+
 pub struct Connector {
     pub mark: u32,
     pub timeout: Duration,
@@ -105,6 +114,7 @@ impl Connector {
             Ok(Err(source)) => Err(ConnectError::Io { addr: dst, source }),
             Ok(Ok(s)) => {
                 let _ = s.set_nodelay(true);
+                let _ = socket2::SockRef::from(&s).set_tcp_keepalive(&UPSTREAM_KEEPALIVE);
                 Ok(s)
             }
         }

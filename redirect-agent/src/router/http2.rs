@@ -35,9 +35,9 @@ use super::{
 
 /// Streams one client connection may have open at once.
 const MAX_CLIENT_STREAMS: u32 = 200;
-/// A connection is pinged this often and closed when the answer takes longer than
-/// [`PONG_WITHIN`]: a client or upstream that vanished without closing does not hold its
-/// streams (and their upstream streams) forever.
+/// A client connection is pinged this often and closed when the answer takes longer than
+/// [`PONG_WITHIN`]: a client that vanished without closing does not hold its streams (and
+/// their upstream streams) forever. Upstream connections rely on TCP keepalive instead.
 const PING_EVERY: Duration = Duration::from_secs(30);
 const PONG_WITHIN: Duration = Duration::from_secs(20);
 
@@ -112,7 +112,7 @@ pub async fn serve(
 }
 
 /// Completes when the peer leaves a ping unanswered (never, without a ping handle).
-pub(super) async fn keepalive(pp: Option<PingPong>) {
+async fn keepalive(pp: Option<PingPong>) {
     let Some(mut pp) = pp else {
         return std::future::pending().await;
     };

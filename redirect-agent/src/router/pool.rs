@@ -241,7 +241,7 @@ impl Pool {
         }
         let addr = key.upstream;
         let stream = self.connector.connect(key.client, addr).await?;
-        let (send, mut conn) = h2::client::Builder::new()
+        let (send, conn) = h2::client::Builder::new()
             // What one client pod's unread responses can make the router hold per upstream.
             .initial_connection_window_size(UPSTREAM_H2_CONN_WINDOW)
             .initial_window_size(UPSTREAM_H2_STREAM_WINDOW)
@@ -255,12 +255,9 @@ impl Pool {
             .map_err(|source| UpstreamError::H2Handshake { addr, source })?;
         let closed = Arc::new(AtomicBool::new(false));
         let ended = closed.clone();
+        // No PINGs: TCP keepalive watches the socket (see the connector).
         tokio::spawn(async move {
-            let alive = super::http2::keepalive(conn.ping_pong());
-            tokio::select! {
-                _ = &mut conn => {}
-                () = alive => {}
-            }
+            let _ = conn.await;
             ended.store(true, Ordering::Relaxed);
         });
         if let Ok(mut m) = self.h2.lock() {

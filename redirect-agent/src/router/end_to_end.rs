@@ -325,3 +325,163 @@ fn a_full_router_leaves_its_liveness_slot_and_returns_when_a_connection_ends() {
     eventually("registered again", || r.kernel.registered() == 0b01);
     drop(second);
 }
+
+/// An HTTP/2 upstream on loopback: answers every stream with `x-served-by: NAME`, echoes the
+/// request body back as it arrives and ends with the trailer `x-served-by: NAME`.
+fn h2_upstream(name: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            while let Ok((s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let Ok(mut conn) = h2::server::handshake(s).await else {
+                        return;
+                    };
+                    while let Some(Ok((req, respond))) = conn.accept().await {
+                        tokio::spawn(echo(req, respond, name));
+                    }
+                });
+            }
+        });
+    });
+    addr
+}
+
+async fn echo(
+    req: http::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<bytes::Bytes>,
+    name: &'static str,
+) {
+    let resp = http::Response::builder()
+        .header("x-served-by", name)
+        .body(())
+        .unwrap();
+    let Ok(mut send) = respond.send_response(resp, false) else {
+        return;
+    };
+    let mut body = req.into_body();
+    while let Some(Ok(chunk)) = body.data().await {
+        let _ = body.flow_control().release_capacity(chunk.len());
+        if send.send_data(chunk, false).is_err() {
+            return;
+        }
+    }
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-served-by", http::HeaderValue::from_static(name));
+    let _ = send.send_trailers(trailers);
+}
+
+/// What a stream brought back: status, `x-served-by`, body and the trailer `x-served-by`.
+type H2Answer = (u16, Option<String>, Vec<u8>, Option<String>);
+
+/// Sends one request on `send` (`body`: none when empty) and reads the whole answer.
+async fn h2_request(
+    send: &h2::client::SendRequest<bytes::Bytes>,
+    key: Option<&str>,
+    body: Vec<u8>,
+) -> H2Answer {
+    let mut req = http::Request::builder()
+        .method(if body.is_empty() { "GET" } else { "POST" })
+        .uri("http://checkout/x");
+    if let Some(key) = key {
+        req = req.header("baggage", format!("routing-key={key}"));
+    }
+    let mut send = send.clone().ready().await.unwrap();
+    let (response, mut up) = send
+        .send_request(req.body(()).unwrap(), body.is_empty())
+        .unwrap();
+    if !body.is_empty() {
+        // More than the router's windows: it must move the body as they open.
+        up.send_data(bytes::Bytes::from(body), true).unwrap();
+    }
+    let resp = response.await.unwrap();
+    let served_by = |h: &http::HeaderMap| {
+        h.get("x-served-by")
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    let head = (resp.status().as_u16(), served_by(resp.headers()));
+    let mut recv = resp.into_body();
+    let mut got = Vec::new();
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk.unwrap();
+        let _ = recv.flow_control().release_capacity(chunk.len());
+        got.extend_from_slice(&chunk);
+    }
+    let trailer = recv.trailers().await.unwrap().as_ref().and_then(served_by);
+    (head.0, head.1, got, trailer)
+}
+
+#[test]
+fn http2_streams_on_one_connection_are_routed_each_by_its_key_with_bodies_and_trailers() {
+    let (baseline, fork) = (h2_upstream("baseline"), h2_upstream("fork"));
+    let r = start(tables(Some(fork), false), RouterSettings::default());
+    let conn = r.connect(baseline);
+    conn.set_nonblocking(true).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let upload: Vec<u8> = (0..3 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let (keyed, unkeyed, big) = rt.block_on(async {
+        let io = tokio::net::TcpStream::from_std(conn).unwrap();
+        let (send, conn) = h2::client::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        let answers = async {
+            tokio::join!(
+                h2_request(&send, Some("feature-x"), Vec::new()),
+                h2_request(&send, None, Vec::new()),
+                h2_request(&send, Some("feature-x"), upload.clone()),
+            )
+        };
+        tokio::time::timeout(IO_TIMEOUT, answers).await.unwrap()
+    });
+    let named = |n: &str| Some(n.to_string());
+    assert_eq!(keyed, (200, named("fork"), Vec::new(), named("fork")));
+    assert_eq!(
+        unkeyed,
+        (200, named("baseline"), Vec::new(), named("baseline"))
+    );
+    assert_eq!(
+        (big.0, &big.1, &big.3),
+        (200, &named("fork"), &named("fork"))
+    );
+    assert!(
+        big.2 == upload,
+        "the echoed body differs ({} bytes)",
+        big.2.len()
+    );
+    use super::{Dest, RequestOutcome};
+    assert_eq!(
+        r.shared.stats.get_request(Dest::Fork, RequestOutcome::Ok),
+        2
+    );
+    assert_eq!(
+        r.shared
+            .stats
+            .get_request(Dest::Baseline, RequestOutcome::Ok),
+        1
+    );
+
+    // A fork without endpoints: the router's own 503 on that stream, the connection goes on.
+    let r = start(tables(None, false), RouterSettings::default());
+    let conn = r.connect(baseline);
+    conn.set_nonblocking(true).unwrap();
+    let (refused, after) = rt.block_on(async {
+        let io = tokio::net::TcpStream::from_std(conn).unwrap();
+        let (send, conn) = h2::client::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        let refused = h2_request(&send, Some("feature-x"), Vec::new()).await;
+        (refused, h2_request(&send, None, Vec::new()).await)
+    });
+    assert_eq!((refused.0, &refused.1), (503, &None));
+    let text = String::from_utf8_lossy(&refused.2);
+    assert!(text.contains("default/feature-x"), "{text}");
+    assert_eq!(after.1, named("baseline"));
+}

@@ -1,6 +1,6 @@
-//! The request body sent upstream: the client's body, cut when the client sends nothing for the
-//! body-idle timeout (when set), so a client that opens streams and never ends them cannot hold
-//! an upstream's streams forever.
+//! The request body sent upstream on hyper's HTTP/1 path (upgrades, CONNECT, HTTP/1.0): the
+//! client's body, cut when the client sends nothing for the body-idle timeout (when set), so a
+//! client that starts a body and never ends it cannot hold an upstream connection forever.
 
 use std::{
     pin::Pin,

@@ -73,10 +73,6 @@ pub fn worker(shared: Arc<Shared>, listeners: Vec<(u32, std::net::TcpListener)>)
     });
 }
 
-/// HTTP/2 receive windows towards clients: the most request body bytes one client connection
-/// can make the router hold while its upstream does not read.
-pub const CLIENT_H2_CONN_WINDOW: u32 = 128 * 1024;
-pub const CLIENT_H2_STREAM_WINDOW: u32 = 64 * 1024;
 /// The copy buffers of an opaque connection, one each way.
 pub const TUNNEL_BUFFERS: usize = 2 * 8 * 1024;
 

@@ -15,7 +15,7 @@ use super::{
     Worker,
     body::{BodyError, UpstreamBody},
     key::extract_key,
-    pool::{Checkout, PoolKey, UpstreamError},
+    pool::{Checkout, PoolKey},
     route::{Decided, Failure, decide, key_or_none},
     stats::RequestOutcome,
 };
@@ -99,7 +99,7 @@ async fn forward(
         let mut found = Checkout::default();
         let conn = pool.h1(key, &mut found).await;
         worker.shared.stats.count_pool_discards(found.discarded);
-        let mut conn = conn.map_err(|e| upstream_failed(worker, e))?;
+        let mut conn = conn.map_err(|e| Failure::unreachable(&worker.shared, e))?;
         // Back to the pool now: it is ready for the next request once this response has been
         // read, and only a ready, quiet connection is handed out again. A failed exchange
         // leaves the connection out.
@@ -113,18 +113,6 @@ async fn forward(
     }
 }
 
-/// An upstream connection could not be made; out of descriptors, the router is full.
-fn upstream_failed(worker: &Worker, e: UpstreamError) -> Failure {
-    if let UpstreamError::Connect(c) = &e {
-        worker.shared.connect_failed(c);
-    }
-    up(e)
-}
-
-fn up(e: impl std::fmt::Display) -> Failure {
-    Failure::Upstream(e.to_string())
-}
-
 /// A failed exchange: the client's fault when its request body could not be read (hyper's
 /// "user body" error, caused by the server side's parse of that body), else the upstream's.
 fn sending(e: hyper::Error) -> Failure {
@@ -133,7 +121,7 @@ fn sending(e: hyper::Error) -> Failure {
             Some(detail) => format!("{cause}: {detail}"),
             None => cause.to_string(),
         }),
-        None => Failure::Upstream(e.to_string()),
+        None => Failure::upstream(e),
     }
 }
 
@@ -204,11 +192,15 @@ async fn forward_upgrade(
 ) -> Result<Response<Incoming>, Failure> {
     let connect = req.method() == http::Method::CONNECT;
     let client_side = hyper::upgrade::on(&mut req);
-    let mut conn = worker.pool.new_h1(key, true).await.map_err(up)?;
+    let mut conn = worker
+        .pool
+        .new_h1(key, true)
+        .await
+        .map_err(Failure::upstream)?;
     let timeout = worker.shared.settings.response_timeout;
     let mut resp = match tokio::time::timeout(timeout, conn.send.send_request(req)).await {
         Err(_) => return Err(Failure::Timeout(timeout)),
-        Ok(r) => r.map_err(up)?,
+        Ok(r) => r.map_err(Failure::upstream)?,
     };
     let switched =
         resp.status() == StatusCode::SWITCHING_PROTOCOLS || (connect && resp.status().is_success());

@@ -25,14 +25,18 @@ use tokio::net::TcpStream;
 
 use super::{
     DEBUG_HEADER, Worker,
-    conn::{CLIENT_H2_CONN_WINDOW, CLIENT_H2_STREAM_WINDOW, drained},
+    conn::drained,
     key::extract_key,
-    pool::{PoolKey, UpstreamError},
+    pool::PoolKey,
     prefixed::Prefixed,
     route::{Decided, Failure, decide, key_or_none},
     stats::{Dest, Outcome, RequestOutcome},
 };
 
+/// HTTP/2 receive windows towards clients: the most request body bytes one client connection
+/// can make the router hold while its upstream does not read.
+pub const CLIENT_H2_CONN_WINDOW: u32 = 128 * 1024;
+const CLIENT_H2_STREAM_WINDOW: u32 = 64 * 1024;
 /// Streams one client connection may have open at once.
 const MAX_CLIENT_STREAMS: u32 = 200;
 /// A client connection is pinged this often and closed when the answer takes longer than
@@ -195,23 +199,21 @@ async fn forward(
         // goes once more, on a new connection.
         let mut fresh = false;
         loop {
-            let conn = worker.pool.h2(key).await.map_err(|e| {
-                if let UpstreamError::Connect(c) = &e {
-                    shared.connect_failed(c);
-                }
-                Failure::Upstream(e.to_string())
-            })?;
+            let conn = match worker.pool.h2(key).await {
+                Ok(c) => c,
+                Err(e) => return Err(Failure::unreachable(shared, e)),
+            };
             // Waits while the upstream's stream limit is reached.
             match conn.send.clone().ready().await {
                 Ok(mut send) => {
                     return send
                         .send_request(Request::from_parts(parts, ()), end)
-                        .map_err(upstream_error);
+                        .map_err(Failure::upstream);
                 }
                 Err(e) => {
                     conn.retire();
                     if fresh {
-                        return Err(upstream_error(e));
+                        return Err(Failure::upstream(e));
                     }
                     fresh = true;
                 }
@@ -237,7 +239,7 @@ async fn forward(
     let head = loop {
         tokio::select! {
             biased;
-            r = &mut response => break r.map_err(upstream_error)?,
+            r = &mut response => break r.map_err(Failure::upstream)?,
             r = &mut request_body => r?,
             _ = &mut deadline => return Err(Failure::Timeout(timeout)),
             _ = poll_fn(|cx| respond.poll_reset(cx)) => return Ok(()),
@@ -271,10 +273,6 @@ async fn forward(
     }
 }
 
-fn upstream_error(e: h2::Error) -> Failure {
-    Failure::Upstream(e.to_string())
-}
-
 /// Moves the client's request body and trailers upstream. A failure resets the upstream
 /// stream.
 async fn relay_request_body(
@@ -282,46 +280,22 @@ async fn relay_request_body(
     mut up: SendStream<Bytes>,
     idle: Option<Duration>,
 ) -> Result<(), Failure> {
-    loop {
-        let next = match idle {
-            None => body.data().await,
-            Some(d) => match tokio::time::timeout(d, body.data()).await {
-                Ok(next) => next,
-                Err(_) => {
-                    up.send_reset(Reason::CANCEL);
-                    return Err(Failure::Upstream(format!(
-                        "the client sent no request body data for {d:?}"
-                    )));
-                }
-            },
-        };
-        match next {
-            Some(Ok(chunk)) => {
-                let len = chunk.len();
-                let last = body.is_end_stream();
-                if let Err(e) = send_all(&mut up, chunk, last).await {
-                    return Err(Failure::Upstream(e.to_string()));
-                }
-                // Only now may the client send more: the router holds at most its window.
-                let _ = body.flow_control().release_capacity(len);
-                if last {
-                    return Ok(());
-                }
-            }
-            Some(Err(e)) => {
-                up.send_reset(Reason::CANCEL);
-                return Err(Failure::BadBody(client_reason(&e)));
-            }
-            None => break,
+    let cut = match relay(&mut body, &mut up, idle).await {
+        Ok(()) => return Ok(()),
+        Err(cut) => cut,
+    };
+    match cut {
+        Cut::Idle(d) => {
+            up.send_reset(Reason::CANCEL);
+            Err(Failure::Upstream(format!(
+                "the client sent no request body data for {d:?}"
+            )))
         }
-    }
-    match body.trailers().await {
-        Ok(Some(trailers)) => up.send_trailers(trailers).map_err(upstream_error),
-        Ok(None) => up.send_data(Bytes::new(), true).map_err(upstream_error),
-        Err(e) => {
+        Cut::Receive(e) => {
             up.send_reset(Reason::CANCEL);
             Err(Failure::BadBody(client_reason(&e)))
         }
+        Cut::Send(e) => Err(Failure::upstream(e)),
     }
 }
 
@@ -335,41 +309,62 @@ fn client_reason(e: &h2::Error) -> String {
 /// Moves the upstream's response body and trailers to the client. An upstream reset is passed
 /// on; a client reset ends it (dropping the upstream stream resets it).
 async fn relay_response_body(mut body: RecvStream, mut down: SendStream<Bytes>) {
+    if let Err(Cut::Receive(e)) = relay(&mut body, &mut down, None).await {
+        down.send_reset(e.reason().unwrap_or(Reason::INTERNAL_ERROR));
+    }
+}
+
+/// Why a relay stopped before the end of its stream.
+enum Cut {
+    /// Nothing arrived for the idle limit.
+    Idle(Duration),
+    /// The sending peer failed or reset its stream.
+    Receive(h2::Error),
+    /// The receiving peer reset its stream, or sending to it failed.
+    Send(h2::Error),
+}
+
+/// Moves `from`'s data and trailers to `to`, each frame within `to`'s window; `from`'s window
+/// is given back only once a frame is handed on, so at most one window is held. `idle`: the
+/// longest wait for the next frame. A reset of `to` ends it at once.
+async fn relay(
+    from: &mut RecvStream,
+    to: &mut SendStream<Bytes>,
+    idle: Option<Duration>,
+) -> Result<(), Cut> {
     loop {
         let next = tokio::select! {
             biased;
-            _ = poll_fn(|cx| down.poll_reset(cx)) => return,
-            next = body.data() => next,
+            r = poll_fn(|cx| to.poll_reset(cx)) => {
+                return Err(Cut::Send(r.map_or_else(|e| e, h2::Error::from)));
+            }
+            next = async {
+                match idle {
+                    None => Ok(from.data().await),
+                    Some(d) => tokio::time::timeout(d, from.data()).await.map_err(|_| d),
+                }
+            } => next.map_err(Cut::Idle)?,
         };
         match next {
             Some(Ok(chunk)) => {
                 let len = chunk.len();
-                let last = body.is_end_stream();
-                if send_all(&mut down, chunk, last).await.is_err() {
-                    return;
-                }
-                let _ = body.flow_control().release_capacity(len);
+                let last = from.is_end_stream();
+                send_all(to, chunk, last).await.map_err(Cut::Send)?;
+                let _ = from.flow_control().release_capacity(len);
                 if last {
-                    return;
+                    return Ok(());
                 }
             }
-            Some(Err(e)) => {
-                down.send_reset(e.reason().unwrap_or(Reason::INTERNAL_ERROR));
-                return;
-            }
+            Some(Err(e)) => return Err(Cut::Receive(e)),
             None => break,
         }
     }
-    let trailers: Result<Option<HeaderMap>, h2::Error> = body.trailers().await;
+    let trailers: Option<HeaderMap> = from.trailers().await.map_err(Cut::Receive)?;
     match trailers {
-        Ok(Some(t)) => {
-            let _ = down.send_trailers(t);
-        }
-        Ok(None) => {
-            let _ = down.send_data(Bytes::new(), true);
-        }
-        Err(e) => down.send_reset(e.reason().unwrap_or(Reason::INTERNAL_ERROR)),
+        Some(t) => to.send_trailers(t),
+        None => to.send_data(Bytes::new(), true),
     }
+    .map_err(Cut::Send)
 }
 
 /// Sends `data` as the peer's window allows, `end` ending the stream with the last frame.

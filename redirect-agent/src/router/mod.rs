@@ -427,7 +427,7 @@ async fn sweep_loop(shared: Arc<Shared>) {
 pub fn connection_buffer_bound(s: &RouterSettings) -> usize {
     s.max_header_bytes
         .max(8192)
-        .max(conn::CLIENT_H2_CONN_WINDOW as usize)
+        .max(http2::CLIENT_H2_CONN_WINDOW as usize)
         + conn::TUNNEL_BUFFERS
 }
 

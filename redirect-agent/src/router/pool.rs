@@ -73,6 +73,7 @@ struct SharedH2 {
 }
 
 /// A pooled HTTP/2 connection.
+#[derive(Clone)]
 pub struct H2 {
     pub send: h2::client::SendRequest<Bytes>,
     /// Set once the connection has ended or takes no new stream.
@@ -232,16 +233,13 @@ impl Pool {
         if let Some(conn) = self.h2.lock().ok().and_then(|mut m| {
             let e = m.get_mut(&key).filter(|e| !e.conn.is_closed())?;
             e.used = Instant::now();
-            Some(H2 {
-                send: e.conn.send.clone(),
-                closed: e.conn.closed.clone(),
-            })
+            Some(e.conn.clone())
         }) {
             return Ok(conn);
         }
         let addr = key.upstream;
         let stream = self.connector.connect(key.client, addr).await?;
-        let (send, conn) = h2::client::Builder::new()
+        let (send, driver) = h2::client::Builder::new()
             // What one client pod's unread responses can make the router hold per upstream.
             .initial_connection_window_size(UPSTREAM_H2_CONN_WINDOW)
             .initial_window_size(UPSTREAM_H2_STREAM_WINDOW)
@@ -253,26 +251,26 @@ impl Pool {
             .handshake::<_, Bytes>(stream)
             .await
             .map_err(|source| UpstreamError::H2Handshake { addr, source })?;
-        let closed = Arc::new(AtomicBool::new(false));
-        let ended = closed.clone();
+        let conn = H2 {
+            send,
+            closed: Arc::new(AtomicBool::new(false)),
+        };
+        let ended = conn.closed.clone();
         // No PINGs: TCP keepalive watches the socket (see the connector).
         tokio::spawn(async move {
-            let _ = conn.await;
+            let _ = driver.await;
             ended.store(true, Ordering::Relaxed);
         });
         if let Ok(mut m) = self.h2.lock() {
             m.insert(
                 key,
                 SharedH2 {
-                    conn: H2 {
-                        send: send.clone(),
-                        closed: closed.clone(),
-                    },
+                    conn: conn.clone(),
                     used: Instant::now(),
                 },
             );
         }
-        Ok(H2 { send, closed })
+        Ok(conn)
     }
 
     /// Drops connections closed upstream and those unused for `idle`: per-pod keys come and go

@@ -10,6 +10,7 @@ use redirect_common::OrigDst;
 use super::{
     Shared,
     key::KeyError,
+    pool::UpstreamError,
     stats::{Dest, RequestOutcome},
 };
 use crate::routing::{RequestRoute, for_request};
@@ -42,6 +43,19 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// The upstream failed with `e`.
+    pub fn upstream(e: impl std::fmt::Display) -> Self {
+        Failure::Upstream(e.to_string())
+    }
+
+    /// No upstream connection could be had; out of descriptors, the router is full.
+    pub fn unreachable(shared: &Shared, e: UpstreamError) -> Self {
+        if let UpstreamError::Connect(c) = &e {
+            shared.connect_failed(c);
+        }
+        Failure::upstream(e)
+    }
+
     /// The answer for a request to `upstream`: status, reason and how the request is counted.
     pub fn answer(self, upstream: SocketAddr) -> (StatusCode, String, RequestOutcome) {
         match self {

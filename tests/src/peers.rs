@@ -62,21 +62,20 @@ pub fn spawn_listening(pod: &Pod<'_>, argv: &[&str]) -> Proc {
 
 /// A Python peer server (`script server --name NAME --listen ip4 --listen ip6 EXTRA..`).
 pub fn peer_server(pod: &Pod<'_>, script: &str, name: &str, port: u16, extra: &[&str]) -> Proc {
-    let [l4, l6] = listen_addrs(pod, port);
-    let mut argv = vec![
-        "python3", script, "server", "--name", name, "--listen", &l4, "--listen", &l6,
-    ];
-    argv.extend_from_slice(extra);
-    spawn_listening(pod, &argv)
+    server(pod, &["python3", script], name, port, extra)
 }
 
 /// An `h2peer` server (the binary at `bin`) in `pod` on `port`, answering as `name`, with
 /// `extra` arguments.
 pub fn h2peer_server(pod: &Pod<'_>, bin: &str, name: &str, port: u16, extra: &[&str]) -> Proc {
+    server(pod, &[bin], name, port, extra)
+}
+
+/// `program.. server --name NAME --listen ip4 --listen ip6 EXTRA..` in `pod`, once listening.
+fn server(pod: &Pod<'_>, program: &[&str], name: &str, port: u16, extra: &[&str]) -> Proc {
     let [l4, l6] = listen_addrs(pod, port);
-    let mut argv = vec![
-        bin, "server", "--name", name, "--listen", &l4, "--listen", &l6,
-    ];
+    let mut argv = program.to_vec();
+    argv.extend_from_slice(&["server", "--name", name, "--listen", &l4, "--listen", &l6]);
     argv.extend_from_slice(extra);
     spawn_listening(pod, &argv)
 }

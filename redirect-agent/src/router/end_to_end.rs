@@ -378,6 +378,15 @@ async fn echo(
     let _ = send.send_trailers(trailers);
 }
 
+/// An HTTP/2 client on `conn`, its connection driven by the current runtime.
+async fn h2_client(conn: TcpStream) -> h2::client::SendRequest<bytes::Bytes> {
+    conn.set_nonblocking(true).unwrap();
+    let io = tokio::net::TcpStream::from_std(conn).unwrap();
+    let (send, driver) = h2::client::handshake(io).await.unwrap();
+    tokio::spawn(driver);
+    send
+}
+
 /// What a stream brought back: status, `x-served-by`, body and the trailer `x-served-by`.
 type H2Answer = (u16, Option<String>, Vec<u8>, Option<String>);
 
@@ -423,16 +432,13 @@ fn http2_streams_on_one_connection_are_routed_each_by_its_key_with_bodies_and_tr
     let (baseline, fork) = (h2_upstream("baseline"), h2_upstream("fork"));
     let r = start(tables(Some(fork), false), RouterSettings::default());
     let conn = r.connect(baseline);
-    conn.set_nonblocking(true).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     let upload: Vec<u8> = (0..3 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
     let (keyed, unkeyed, big) = rt.block_on(async {
-        let io = tokio::net::TcpStream::from_std(conn).unwrap();
-        let (send, conn) = h2::client::handshake(io).await.unwrap();
-        tokio::spawn(conn);
+        let send = h2_client(conn).await;
         let answers = async {
             tokio::join!(
                 h2_request(&send, Some("feature-x"), Vec::new()),
@@ -472,11 +478,8 @@ fn http2_streams_on_one_connection_are_routed_each_by_its_key_with_bodies_and_tr
     // A fork without endpoints: the router's own 503 on that stream, the connection goes on.
     let r = start(tables(None, false), RouterSettings::default());
     let conn = r.connect(baseline);
-    conn.set_nonblocking(true).unwrap();
     let (refused, after) = rt.block_on(async {
-        let io = tokio::net::TcpStream::from_std(conn).unwrap();
-        let (send, conn) = h2::client::handshake(io).await.unwrap();
-        tokio::spawn(conn);
+        let send = h2_client(conn).await;
         let refused = h2_request(&send, Some("feature-x"), Vec::new()).await;
         (refused, h2_request(&send, None, Vec::new()).await)
     });

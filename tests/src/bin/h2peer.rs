@@ -148,9 +148,9 @@ async fn server(a: Args) -> Result<()> {
                 };
                 let name = name.clone();
                 tokio::spawn(async move {
-                    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                    let count = std::sync::atomic::AtomicUsize::new(0);
                     let enough = std::sync::Arc::new(tokio::sync::Notify::new());
-                    let (count, tell) = (served.clone(), enough.clone());
+                    let tell = enough.clone();
                     let svc = service_fn(move |req| {
                         let n = count.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                         if Some(n) == goaway_after {
@@ -208,11 +208,7 @@ async fn answer(req: Request<Incoming>, name: Bytes) -> Response<ServerBody> {
         tokio::time::sleep(Duration::from_millis(ms)).await;
         return Response::new(made(Full::new(name).boxed()));
     }
-    Response::new(made(bytes_or_name(req, name).await))
-}
-
-async fn bytes_or_name(req: Request<Incoming>, name: Bytes) -> Body {
-    if let Some(n) = req.uri().path().strip_prefix("/bytes/") {
+    if let Some(n) = path.strip_prefix("/bytes/") {
         let n = n.parse::<u64>().unwrap_or(0).min(MAX_BYTES);
         let chunk = Bytes::from(vec![b'x'; 16 * 1024]);
         let frames = futures::stream::unfold(n, move |left| {
@@ -224,10 +220,10 @@ async fn bytes_or_name(req: Request<Incoming>, name: Bytes) -> Body {
                 })
             }
         });
-        return StreamBody::new(frames).boxed();
+        return Response::new(made(StreamBody::new(frames).boxed()));
     }
     let _ = req.into_body().collect().await;
-    Full::new(name).boxed()
+    Response::new(made(Full::new(name).boxed()))
 }
 
 fn request(a: &Args, method: &str, body: Body) -> Result<Request<Body>> {

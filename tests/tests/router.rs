@@ -1160,19 +1160,27 @@ fn http2_streams_carry_large_bodies_both_ways_and_get_the_routers_own_answers() 
     assert_eq!(body, "checkout-base\n", "{head}");
     assert!(debug(&head).starts_with("baseline "), "{head}");
     // The upstream sockets (in the client pod's namespace: to the fork and, for baseline, to
-    // the ClusterIP) are watched by TCP keepalive.
-    let sockets = shop
-        .client
-        .run(
-            &["ss", "-tnoH", "state", "established", "( dport = :50051 )"],
-            CLIENT_TIMEOUT,
-        )
-        .unwrap();
-    let lines: Vec<&str> = sockets.stdout.lines().filter(|l| !l.is_empty()).collect();
-    assert!(
-        !lines.is_empty() && lines.iter().all(|l| l.contains("keepalive")),
-        "an upstream socket without keepalive timer: {sockets:?}"
-    );
+    // the ClusterIP) are watched by TCP keepalive. `ss` shows a socket's keepalive timer once
+    // what it sent is acknowledged (before, its retransmission timer): asked for up to 5 s.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let sockets = shop
+            .client
+            .run(
+                &["ss", "-tnoH", "state", "established", "( dport = :50051 )"],
+                CLIENT_TIMEOUT,
+            )
+            .unwrap();
+        let lines: Vec<&str> = sockets.stdout.lines().filter(|l| !l.is_empty()).collect();
+        if !lines.is_empty() && lines.iter().all(|l| l.contains("keepalive")) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "an upstream socket without keepalive timer: {sockets:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // A response head beyond what the router decodes: the upstream stream is reset, 502.
     let (head, body) = h2(&shop, &["-H", KEY], "/head-bytes/20000");

@@ -24,9 +24,10 @@ pub trait ConnectEnv {
     fn pick(&self, start: usize, n: usize) -> usize;
     /// Whether the router's listener sits in liveness slot `slot` (`router_socks_v1`).
     fn router_alive(&self, slot: u32) -> bool;
-    /// Records the rewritten socket: the address asked for (for `getpeername()`) and, when
-    /// `to_router`, its original destination for the router. `false` when it cannot.
-    fn remember(&self, dst: &SockAddr, service_id: u32, to_router: bool) -> bool;
+    /// Records the socket being rewritten from `dst` to `to`: the address asked for (for
+    /// `getpeername()`) and, when `to_router`, its original destination for the router. `false`
+    /// when it cannot.
+    fn remember(&self, dst: &SockAddr, to: &SockAddr, service_id: u32, to_router: bool) -> bool;
 }
 
 /// One step of the decision, as it was taken.
@@ -187,7 +188,7 @@ pub fn decide<E: ConnectEnv, S: Steps>(env: &E, steps: &mut S) -> Decision {
             return d;
         };
         // Best effort: without the record the application sees the fork endpoint as its peer.
-        let ok = env.remember(&dst, service_id, false);
+        let ok = env.remember(&dst, ep, service_id, false);
         steps.step(Step::Recorded {
             to_router: false,
             ok,
@@ -213,7 +214,7 @@ pub fn decide<E: ConnectEnv, S: Steps>(env: &E, steps: &mut S) -> Decision {
         return d;
     }
     // Without the record the router could not route the connection: leave it alone.
-    let ok = env.remember(&dst, service_id, true);
+    let ok = env.remember(&dst, &to, service_id, true);
     steps.step(Step::Recorded {
         to_router: true,
         ok,
@@ -253,7 +254,7 @@ mod tests {
         router: RouterConfig,
         alive: bool,
         room: bool,
-        remembered: Cell<Option<bool>>,
+        remembered: Cell<Option<(SockAddr, bool)>>,
     }
 
     impl Env {
@@ -299,8 +300,8 @@ mod tests {
         fn router_alive(&self, _slot: u32) -> bool {
             self.alive
         }
-        fn remember(&self, _dst: &SockAddr, _service_id: u32, to_router: bool) -> bool {
-            self.remembered.set(Some(to_router));
+        fn remember(&self, _dst: &SockAddr, to: &SockAddr, _sid: u32, to_router: bool) -> bool {
+            self.remembered.set(Some((*to, to_router)));
             self.room
         }
     }
@@ -332,7 +333,7 @@ mod tests {
             (d.reason, d.rewrite.get()),
             (Reason::ToRouter, Some(ROUTER))
         );
-        assert_eq!(env.remembered.get(), Some(true));
+        assert_eq!(env.remembered.get(), Some((ROUTER, true)));
         assert_eq!(
             taken.0,
             [
@@ -355,7 +356,7 @@ mod tests {
         env.room = false;
         let d = decide(&env, &mut ());
         assert_eq!(d.reason, Reason::OriginFork);
-        assert_eq!(env.remembered.get(), Some(false));
+        assert_eq!(env.remembered.get(), Some((env.fork.endpoints[0], false)));
     }
 
     #[test]

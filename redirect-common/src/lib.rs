@@ -14,8 +14,10 @@ pub mod maps;
 #[cfg(feature = "user")]
 mod net;
 pub mod origin;
+pub mod peer;
 pub mod reason;
 
 pub use maps::*;
 pub use origin::OriginCacheEntry;
+pub use peer::PeerSlot;
 pub use reason::Reason;

@@ -14,9 +14,15 @@ pub const MAP_FORKS: &str = "forks_v1";
 pub const MAP_WORKLOADS: &str = "workloads_v1";
 pub const MAP_ROUTER: &str = "router_v1";
 pub const MAP_ROUTER_SOCKS: &str = "router_socks_v1";
-/// Per rewritten socket (socket storage): its [`SockRecord`], written at `connect()`, gone with
-/// the socket.
+/// Per socket sent to the router, and per socket sent to a fork endpoint once it asked
+/// `getpeername()` (socket storage): its [`SockRecord`], gone with the socket.
 pub const MAP_SOCK_RECORDS: &str = "sock_records_v1";
+/// What `getpeername()` reports for sockets sent to a fork endpoint, one [`crate::PeerSlot`]
+/// per socket cookie modulo `MAX_PEER_SLOTS`, written at `connect()` (see `peer`).
+pub const MAP_PEER_SLOTS: &str = "peer_slots_v1";
+/// Which peers may have a slot in `peer_slots_v1`: 1 at `peer::hint_index` of every fork
+/// endpoint `connect()` sent a socket to (see `peer`).
+pub const MAP_PEER_HINTS: &str = "peer_hints_v1";
 pub const MAP_CONNS: &str = "conns_v1";
 pub const MAP_COUNTERS: &str = "counters_v1";
 /// Whether (and what) `connect4`/`connect6` trace: one [`TraceControl`], checked first.
@@ -38,7 +44,7 @@ pub const MAP_ORIGIN_GEN: &str = "origin_gen_v1";
 pub const RETIRED_MAPS: [&str; 2] = ["orig_sk_v1", "peer_sk_v1"];
 
 /// Every map, for cleanup and status listings.
-pub const ALL_MAPS: [&str; 13] = [
+pub const ALL_MAPS: [&str; 15] = [
     MAP_SERVICES,
     MAP_FORKS,
     MAP_WORKLOADS,
@@ -47,6 +53,8 @@ pub const ALL_MAPS: [&str; 13] = [
     MAP_ROUTER,
     MAP_ROUTER_SOCKS,
     MAP_SOCK_RECORDS,
+    MAP_PEER_SLOTS,
+    MAP_PEER_HINTS,
     MAP_CONNS,
     MAP_COUNTERS,
     MAP_TRACE_CTL,
@@ -96,6 +104,13 @@ pub const MAX_SERVICES: u32 = 65_536;
 pub const MAX_FORKS: u32 = 16_384;
 pub const MAX_WORKLOADS: u32 = 16_384;
 pub const MAX_CONNS: u32 = 65_536;
+/// Slots of `peer_slots_v1` (3.5 MiB): a rewritten socket's first `getpeername()` finds its
+/// answer unless another rewritten socket took the slot since (see `peer`).
+pub const MAX_PEER_SLOTS: u32 = 65_536;
+const _: () = assert!(MAX_PEER_SLOTS.is_power_of_two());
+/// Entries of `peer_hints_v1` (32 KiB), far more than a node's fork endpoints.
+pub const MAX_PEER_HINTS: u32 = 4_096;
+const _: () = assert!(MAX_PEER_HINTS.is_power_of_two());
 /// Task cgroups whose caller lookup is cached (an LRU map: the least recently used go first).
 pub const MAX_ORIGIN_CACHE: u32 = 16_384;
 /// Bytes of the trace ring buffer (a power-of-two number of pages): ~2,900 events. When a reader
@@ -275,9 +290,11 @@ const _: () = assert!(size_of::<OrigDst>() == 40);
 /// `SockRecord::flags`: the socket was sent to the router, which needs `orig` in `conns_v1`.
 pub const SOCK_TO_ROUTER: u32 = 1;
 
-/// What `connect4`/`connect6` remember about a socket they rewrote, in its socket storage
-/// (`sock_records_v1`): `orig.dst` is what `getpeername()` reports. One storage serves both uses
-/// because creating one is most of a rewritten connect's time.
+/// What is remembered about a rewritten socket in its socket storage (`sock_records_v1`):
+/// `orig.dst` is what `getpeername()` reports. `connect4`/`connect6` write it for a socket they
+/// send to the router (one storage serves both uses, because creating one is most of that
+/// connect's time); `getpeername4`/`6` write it from the socket's `peer_slots_v1` slot for one
+/// sent to a fork endpoint.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockRecord {
@@ -386,6 +403,7 @@ mod pod {
     unsafe impl aya::Pod for TraceEvent {}
     unsafe impl aya::Pod for SockOffsets {}
     unsafe impl aya::Pod for crate::origin::OriginCacheEntry {}
+    unsafe impl aya::Pod for crate::peer::PeerSlot {}
 }
 
 #[cfg(test)]

@@ -52,7 +52,7 @@ const _: () = assert!(size_of::<OriginCacheEntry>() == 40);
 
 /// A 64-bit mix (the SplitMix64 finaliser): every input bit affects every output bit.
 #[inline(always)]
-const fn mix(mut z: u64) -> u64 {
+pub(crate) const fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)

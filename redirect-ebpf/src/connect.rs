@@ -6,21 +6,23 @@ use core::{ffi::c_void, ptr::addr_of};
 use aya_ebpf::{
     helpers::generated::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_prandom_u32,
-        bpf_map_lookup_elem, bpf_sk_release,
+        bpf_get_socket_cookie, bpf_map_lookup_elem, bpf_sk_release,
     },
     programs::SockAddrContext,
 };
 use redirect_common::{
-    ForkEndpoints, ForkKey, MAX_FORK_ENDPOINTS, OrigDst, OriginCacheEntry, RouterConfig,
-    SOCK_TO_ROUTER, SockAddr, SockRecord,
+    ForkEndpoints, ForkKey, MAX_FORK_ENDPOINTS, MAX_PEER_HINTS, MAX_PEER_SLOTS, OrigDst,
+    OriginCacheEntry, PeerSlot, RouterConfig, SOCK_TO_ROUTER, SockAddr, SockRecord,
     connect::{ConnectEnv, decide},
     origin::{self, OriginLookups},
+    peer,
 };
 
 use crate::{
     counters::count,
     maps::{
-        FORKS, ORIGIN_CACHE, ORIGIN_GEN, ROUTER, ROUTER_SOCKS, SERVICES, SOCK_RECORDS, WORKLOADS,
+        FORKS, ORIGIN_CACHE, ORIGIN_GEN, PEER_HINTS, PEER_SLOTS, ROUTER, ROUTER_SOCKS, SERVICES,
+        SOCK_RECORDS, WORKLOADS,
     },
     trace,
 };
@@ -54,24 +56,10 @@ impl ConnectEnv for Kernel<'_> {
     #[inline(always)]
     fn tcp_destination(&self) -> Option<SockAddr> {
         // SAFETY: the context pointer is valid for the program's run.
-        let sa = unsafe { &*self.ctx.sock_addr };
-        if sa.protocol != IPPROTO_TCP {
+        if unsafe { (*self.ctx.sock_addr).protocol } != IPPROTO_TCP {
             return None;
         }
-        let port = u16::from_be(sa.user_port as u16);
-        Some(if self.ipv6 {
-            SockAddr::v6(
-                [
-                    sa.user_ip6[0],
-                    sa.user_ip6[1],
-                    sa.user_ip6[2],
-                    sa.user_ip6[3],
-                ],
-                port,
-            )
-        } else {
-            SockAddr::v4(sa.user_ip4, port)
-        })
+        Some(context_addr(self.ctx, self.ipv6))
     }
 
     #[inline(always)]
@@ -125,11 +113,25 @@ impl ConnectEnv for Kernel<'_> {
         router_alive(slot)
     }
 
-    /// Records in the socket's storage the address the application asked for (which
-    /// `getpeername()` reports instead of the fork endpoint or the router) and, for the router,
-    /// the original destination that `sock_ops` hands on. A reconnect overwrites the record.
+    /// Records what `getpeername()` reports instead of the fork endpoint or the router: for a
+    /// fork endpoint, in the socket cookie's slot (`redirect_common::peer`: an array write,
+    /// where a socket storage costs an allocation); for the router, in the socket's storage,
+    /// with the original destination the record hook hands on. A reconnect overwrites either.
     #[inline(always)]
-    fn remember(&self, dst: &SockAddr, service_id: u32, to_router: bool) -> bool {
+    fn remember(&self, dst: &SockAddr, to: &SockAddr, service_id: u32, to_router: bool) -> bool {
+        if !to_router {
+            let cookie = socket_cookie(self.ctx);
+            let Some(slot) = PEER_SLOTS.get_ptr_mut(PeerSlot::index(cookie, MAX_PEER_SLOTS)) else {
+                return false;
+            };
+            // SAFETY: an element of an array map, written whole; a concurrent reader checks it.
+            unsafe { *slot = PeerSlot::new(cookie, *dst, *to) };
+            if let Some(hint) = PEER_HINTS.get_ptr_mut(peer::hint_index(to, MAX_PEER_HINTS)) {
+                // SAFETY: an element of an array map; a plain store, as every writer stores 1.
+                unsafe { *hint = 1 };
+            }
+            return true;
+        }
         let mut record = SockRecord {
             orig: OrigDst {
                 dst: *dst,
@@ -138,7 +140,7 @@ impl ConnectEnv for Kernel<'_> {
                 cgroup_id: unsafe { bpf_get_current_cgroup_id() },
                 recorded_ns: 0,
             },
-            flags: if to_router { SOCK_TO_ROUTER } else { 0 },
+            flags: SOCK_TO_ROUTER,
             _pad: 0,
         };
         let stored = SOCK_RECORDS.get_or_insert_ptr_mut(self.ctx, Some(&mut record));
@@ -150,6 +152,35 @@ impl ConnectEnv for Kernel<'_> {
         unsafe { *stored = record };
         true
     }
+}
+
+/// The address the context holds: the destination in `connect4`/`6`, the peer in
+/// `getpeername4`/`6`.
+#[inline(always)]
+pub fn context_addr(ctx: &SockAddrContext, ipv6: bool) -> SockAddr {
+    // SAFETY: the context pointer is valid for the program's run.
+    let sa = unsafe { &*ctx.sock_addr };
+    let port = u16::from_be(sa.user_port as u16);
+    if ipv6 {
+        SockAddr::v6(
+            [
+                sa.user_ip6[0],
+                sa.user_ip6[1],
+                sa.user_ip6[2],
+                sa.user_ip6[3],
+            ],
+            port,
+        )
+    } else {
+        SockAddr::v4(sa.user_ip4, port)
+    }
+}
+
+/// The socket's cookie (given one on first use; never 0).
+#[inline(always)]
+pub fn socket_cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: the helper takes the program's context.
+    unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut c_void) }
 }
 
 /// The caller lookup's view of the kernel: helpers and the pinned maps.

@@ -7,9 +7,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use redirect_common::{
-    ForkEndpoints, ForkKey, MAX_CONNS, MAX_FORKS, MAX_ORIGIN_CACHE, MAX_SERVICES, MAX_WORKLOADS,
-    OrigDst, OriginCacheEntry, Reason, RouterConfig, ServiceValue, SockAddr, SockRecord,
-    TRACE_RING_BYTES, TRACE_STATS, TraceControl, TraceEvent, WorkloadValue,
+    ForkEndpoints, ForkKey, MAX_CONNS, MAX_FORKS, MAX_ORIGIN_CACHE, MAX_PEER_HINTS, MAX_PEER_SLOTS,
+    MAX_SERVICES, MAX_WORKLOADS, OrigDst, OriginCacheEntry, PeerSlot, Reason, RouterConfig,
+    ServiceValue, SockAddr, SockRecord, TRACE_RING_BYTES, TRACE_STATS, TraceControl, TraceEvent,
+    WorkloadValue,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -44,9 +45,19 @@ pub static ROUTER: Array<RouterConfig, 1> = Array::new();
 #[btf_map(name = "router_socks_v1", pin_by_name)]
 pub static ROUTER_SOCKS: SockMap<2> = SockMap::new();
 
-/// Per rewritten socket: what `connect()` was asked for, for `sock_ops` and `getpeername()`.
+/// Per socket sent to the router (and per socket sent to a fork endpoint, once it asked for
+/// its peer): what `connect()` was asked for, for the record hook and `getpeername()`.
 #[btf_map(name = "sock_records_v1", pin_by_name)]
 pub static SOCK_RECORDS: SkStorage<SockRecord> = SkStorage::new();
+
+/// What `getpeername()` reports for sockets sent to a fork endpoint, by socket cookie
+/// (`redirect_common::peer`).
+#[btf_map(name = "peer_slots_v1", pin_by_name)]
+pub static PEER_SLOTS: Array<PeerSlot, { MAX_PEER_SLOTS as usize }> = Array::new();
+
+/// Which peers may have a slot in `peer_slots_v1` (`redirect_common::peer::hint_index`).
+#[btf_map(name = "peer_hints_v1", pin_by_name)]
+pub static PEER_HINTS: Array<u64, { MAX_PEER_HINTS as usize }> = Array::new();
 
 /// Original destination by client source address, for the router (which deletes what it reads).
 #[btf_map(name = "conns_v1", pin_by_name)]

@@ -795,15 +795,23 @@ fn fork_pods_and_keyed_requests_are_routed_with_either_kubelet_cgroup_layout() {
     }
 }
 
-/// What `getpeername()` says after connecting from `pod` to `ip:80`.
-fn peer_name(pod: &redirect_tests::Pod<'_>, ip: &str) -> String {
+/// What `getpeername()` says, asked twice each, on `sockets` sockets connected from `pod` to
+/// `ip:port` and all held open until every connect is done: the distinct answers.
+fn peer_names(pod: &redirect_tests::Pod<'_>, ip: &str, port: u16, sockets: usize) -> String {
     let script = format!(
         "import socket\n\
          fam = socket.AF_INET6 if ':' in '{ip}' else socket.AF_INET\n\
-         s = socket.socket(fam, socket.SOCK_STREAM)\n\
-         s.settimeout(5)\n\
-         s.connect(('{ip}', 80))\n\
-         print(s.getpeername()[0], s.getpeername()[1])\n"
+         socks = []\n\
+         for _ in range({sockets}):\n\
+         \x20   s = socket.socket(fam, socket.SOCK_STREAM)\n\
+         \x20   s.settimeout(5)\n\
+         \x20   s.connect(('{ip}', {port}))\n\
+         \x20   socks.append(s)\n\
+         seen = set()\n\
+         for s in socks:\n\
+         \x20   for _ in range(2):\n\
+         \x20       seen.add('%s %d' % s.getpeername()[:2])\n\
+         print(','.join(sorted(seen)))\n"
     );
     pod.run(&["python3", "-c", &script], CLIENT_TIMEOUT)
         .unwrap()
@@ -811,6 +819,11 @@ fn peer_name(pod: &redirect_tests::Pod<'_>, ip: &str) -> String {
         .unwrap()
         .trim()
         .to_string()
+}
+
+/// What `getpeername()` says after connecting from `pod` to `ip:80`.
+fn peer_name(pod: &redirect_tests::Pod<'_>, ip: &str) -> String {
+    peer_names(pod, ip, 80, 1)
 }
 
 #[test]
@@ -824,10 +837,30 @@ fn getpeername_reports_the_address_the_application_connected_to() {
         for pod in [&shop.frontend_fork, &shop.client] {
             assert_eq!(peer_name(pod, ip), format!("{ip} 80"), "{}", pod.name());
         }
+        // Many rewritten sockets, each asked only once all are connected.
+        assert_eq!(
+            peer_names(&shop.frontend_fork, ip, 80, 64),
+            format!("{ip} 80")
+        );
     }
     // IPv4-mapped on an IPv6 socket keeps its mapped form.
     let mapped = format!("::ffff:{CHECKOUT_VIP4}");
     assert_eq!(peer_name(&shop.client, &mapped), format!("{mapped} 80"));
+    // A socket connected to the fork endpoint itself (whose address rewritten sockets have as
+    // their peer) reports that endpoint, from a fork pod as from a baseline pod.
+    for ip in [
+        shop.checkout_fork.ip4().to_string(),
+        shop.checkout_fork.ip6().to_string(),
+    ] {
+        for pod in [&shop.frontend_fork, &shop.client] {
+            assert_eq!(
+                peer_names(pod, &ip, SERVER_PORT, 1),
+                format!("{ip} {SERVER_PORT}"),
+                "{}",
+                pod.name()
+            );
+        }
+    }
 }
 
 /// `GET /status` of the agent's admin endpoint (in the node netns).

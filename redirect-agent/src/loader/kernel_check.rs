@@ -31,7 +31,7 @@ enum Probe {
 const SOCK_ADDR: ProgramType = ProgramType::CgroupSockAddr;
 
 /// Everything probed, in the order reported.
-pub const NEEDS: [Need; 11] = [
+pub const NEEDS: [Need; 12] = [
     Need {
         what: "cgroup socket-address programs (connect4/6, getpeername4/6)",
         since: "Linux 4.17",
@@ -89,6 +89,11 @@ pub const NEEDS: [Need; 11] = [
         what: "bpf_sk_storage_get in sock_ops programs",
         since: "Linux 5.2",
         probe: Probe::Helper(ProgramType::SockOps, BpfHelper::BPF_FUNC_sk_storage_get),
+    },
+    Need {
+        what: "bpf_get_socket_cookie in socket-address programs (peer_slots_v1)",
+        since: "Linux 5.0",
+        probe: Probe::Helper(SOCK_ADDR, BpfHelper::BPF_FUNC_get_socket_cookie),
     },
 ];
 

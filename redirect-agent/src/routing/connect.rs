@@ -83,7 +83,7 @@ impl ConnectEnv for OverTables<'_> {
         self.input.router_alive
     }
 
-    fn remember(&self, _dst: &SockAddr, _service_id: u32, _to_router: bool) -> bool {
+    fn remember(&self, _: &SockAddr, _: &SockAddr, _: u32, _to_router: bool) -> bool {
         true
     }
 }

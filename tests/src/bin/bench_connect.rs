@@ -27,13 +27,16 @@
 //! Besides wall-clock connections per second, each sample reports connections per CPU-second
 //! of the client process (`CLOCK_PROCESS_CPUTIME_ID`, which includes the handshake's softirq
 //! work done in the client's context): less sensitive to other load on a shared machine.
-//! After the rounds, one more sample of `miss`, `origin`, `direct_fork` and `to_router` (the
-//! `client` pod to the `target` ClusterIP, which `connect4` sends to the router) runs with the
-//! kernel's BPF run-time statistics enabled and reports the programs' own time per connection
-//! (read through `bpftool`; skipped with a note without it).
+//! After the rounds, five more interleaved rounds of `miss`, `origin`, `direct_fork` and
+//! `to_router` (the `client` pod to the `target` ClusterIP, which `connect4` sends to the
+//! router) run with the kernel's BPF run-time statistics enabled and report the programs' own
+//! time per connection (read through `bpftool`; skipped with a note without it); then, with a
+//! `getpeername()` after each connect, `miss`, `origin` and `unforked` (the `client` pod to
+//! the second listener, which is no fork endpoint), for what `getpeername4` costs.
 //!
 //! Hidden modes, used by the benchmark itself:
-//! - `client --addr IP:PORT --seconds S [--count N] [--netns PATH]`: blocking connect() then
+//! - `client --addr IP:PORT --seconds S [--count N] [--netns PATH] [--getpeername]`: blocking
+//!   connect() (with `--getpeername`, then getpeername(), which must name `IP:PORT`) then
 //!   close() in a loop for S seconds (at most N connections) and prints
 //!   `connects=<n> ns=<elapsed> cpu_ns=<client CPU time>`. Every socket gets
 //!   `SO_LINGER {on, 0}`, so close() sends a RST and leaves no TIME_WAIT behind: the ephemeral
@@ -114,6 +117,9 @@ struct ClientArgs {
     /// Network namespace to enter before the first socket.
     #[arg(long, value_name = "PATH")]
     netns: Option<String>,
+    /// Call getpeername() after each connect() and check it names --addr.
+    #[arg(long)]
+    getpeername: bool,
 }
 
 #[derive(clap::Args)]
@@ -172,6 +178,7 @@ fn client(args: ClientArgs) -> Result<()> {
         seconds,
         count,
         netns,
+        getpeername,
     } = args;
     if let Some(path) = netns {
         enter_netns(&path)?;
@@ -204,6 +211,14 @@ fn client(args: ClientArgs) -> Result<()> {
         setsockopt(&sock, sockopt::Linger, &linger).context("SO_LINGER")?;
         connect(sock.as_raw_fd(), &target)
             .with_context(|| format!("connect {addr} (after {n} connections)"))?;
+        if getpeername {
+            let peer: SockaddrStorage =
+                nix::sys::socket::getpeername(sock.as_raw_fd()).context("getpeername")?;
+            ensure!(
+                peer == target,
+                "getpeername after connecting to {addr} named {peer} (after {n} connections)"
+            );
+        }
         drop(sock);
         n += 1;
         let elapsed = start.elapsed();
@@ -256,6 +271,9 @@ enum Scenario {
     DirectFork,
     /// Only in the run-time sample: a baseline pod to the forked ClusterIP, sent to the router.
     ToRouter,
+    /// Only in the `getpeername()` sample: a baseline pod to the fork pod's second listener, an
+    /// address that is no fork endpoint.
+    Unforked,
 }
 
 impl Scenario {
@@ -273,6 +291,7 @@ impl Scenario {
             Scenario::Origin => "origin",
             Scenario::DirectFork => "direct_fork",
             Scenario::ToRouter => "to_router",
+            Scenario::Unforked => "unforked",
         }
     }
 }
@@ -403,7 +422,7 @@ fn measure(mc: &MiniCluster, o: &Options) -> Result<(Samples, Vec<JsonEntry>)> {
     // Warm-up, which also checks that each scenario takes the path it is named after.
     for sc in Scenario::ALL.into_iter().chain([Scenario::ToRouter]) {
         let before = agent.counters()?;
-        let s = scene.sample(sc, o.warmup)?;
+        let s = scene.sample(sc, o.warmup, false)?;
         let after = agent.counters()?;
         let delta = |label: &str| after[label] - before[label];
         let total = after.values().sum::<u64>() - before.values().sum::<u64>();
@@ -415,6 +434,7 @@ fn measure(mc: &MiniCluster, o: &Options) -> Result<(Samples, Vec<JsonEntry>)> {
             }
             Scenario::Origin => delta("origin_fork") >= n,
             Scenario::ToRouter => delta("to_router") >= n,
+            Scenario::Unforked => delta("not_forked") >= n,
         };
         ensure!(
             ok,
@@ -441,7 +461,7 @@ fn measure(mc: &MiniCluster, o: &Options) -> Result<(Samples, Vec<JsonEntry>)> {
                 bail!("interrupted");
             }
             let sc = Scenario::ALL[(i + round) % Scenario::ALL.len()];
-            let s = scene.sample(sc, o.seconds)?;
+            let s = scene.sample(sc, o.seconds, false)?;
             samples[sc as usize].push(s);
             line.push_str(&format!("  {} {:.0}", sc.name(), s.rate));
         }
@@ -587,13 +607,45 @@ fn run_stats(progs: &[(String, String)]) -> Result<Vec<(String, u64, u64)>> {
         .collect()
 }
 
+/// Rounds of the program run-time sample, each scenario once per round in a rotating order (as
+/// the rate rounds): this machine's load moves by tens of percent from one second to the next.
+const PROGRAM_ROUNDS: usize = 5;
+
+/// Run time (ns) and runs per attach type, between two `run_stats` readings.
+fn stats_delta(
+    before: &[(String, u64, u64)],
+    after: &[(String, u64, u64)],
+    kind: &str,
+) -> (f64, f64) {
+    let sum = |v: &[(String, u64, u64)]| -> (u64, u64) {
+        v.iter()
+            .filter(|(k, _, _)| k == kind)
+            .fold((0, 0), |(t, c), (_, dt, dc)| (t + dt, c + dc))
+    };
+    let ((t1, c1), (t0, c0)) = (sum(after), sum(before));
+    ((t1 - t0) as f64, (c1 - c0) as f64)
+}
+
+/// One scenario's totals over the rounds of `program_time`.
+#[derive(Clone, Copy, Default)]
+struct ProgramTotals {
+    connects: f64,
+    client_cpu_ns: f64,
+    connect_ns: f64,
+    connect_runs: f64,
+    record_ns: f64,
+    record_runs: f64,
+}
+
 /// The programs' own run time per connection, measured by the kernel (BPF run-time stats,
 /// enabled only for these extra samples because timing every run costs a little), against the
-/// client's CPU time per connection. Returns the figures for `--json`, per scenario:
-/// `connect4_<sc>_ns` (per run), `record_<sc>_runs` (runs of the record hook, `sock_ops` or
-/// `fentry`, per connection), `record_<sc>_ns` (per run), `programs_<sc>_ns` (per connection),
-/// `programs_<sc>_share` (% of the client's CPU time per connection), and
-/// `connect4_origin_ns_over_miss_ns`.
+/// client's CPU time per connection, over `PROGRAM_ROUNDS` interleaved rounds. Returns the
+/// figures for `--json`, per scenario: `connect4_<sc>_ns` (per run), `record_<sc>_runs` (runs
+/// of the record hook, `sock_ops` or `fentry`, per connection), `record_<sc>_ns` (per run),
+/// `programs_<sc>_ns` (per connection), `programs_<sc>_share` (% of the client's CPU time per
+/// connection); `connect4_origin_ns_over_miss_ns`; and `getpeername_<sc>_ns`, what a
+/// `getpeername()` right after `connect()` costs in `getpeername4` for `unforked`, `miss` and
+/// `origin`.
 fn program_time(scene: &Scene<'_>, pin_dir: &Path, seconds: f64) -> Result<Vec<JsonEntry>> {
     let mut progs = attached(scene.mc.cgroup_root())?;
     let fentry = fentry_hook(pin_dir)?;
@@ -602,51 +654,61 @@ fn program_time(scene: &Scene<'_>, pin_dir: &Path, seconds: f64) -> Result<Vec<J
     } else {
         "sock_ops"
     };
+    let record_kind = if fentry.is_some() {
+        "fentry"
+    } else {
+        "cgroup_sock_ops"
+    };
     progs.extend(fentry);
     let _stats = enable_bpf_stats()?;
-    println!();
-    println!(
-        "program run time per connection (kernel BPF stats, {seconds} s per scenario; record \
-         hook {hook}, whose runs count every TCP connect of the machine):"
-    );
-    println!(
-        "{:<12} {:>13} {:>19} {:>12} {:>15} {:>7}",
-        "scenario", "connect4 ns", "record runs x ns", "programs ns", "client CPU ns", "share"
-    );
-    let mut json = Vec::new();
-    let mut connect4_ns = [0.0; 5];
     let scenarios = [
         Scenario::Miss,
         Scenario::Origin,
         Scenario::DirectFork,
         Scenario::ToRouter,
     ];
-    for sc in scenarios {
-        let before = run_stats(&progs)?;
-        let s = scene.sample(sc, seconds)?;
-        let after = run_stats(&progs)?;
-        let n = s.connects as f64;
-        let delta = |kind: &str| -> (f64, f64) {
-            let sum = |v: &[(String, u64, u64)]| -> (u64, u64) {
-                v.iter()
-                    .filter(|(k, _, _)| k == kind)
-                    .fold((0, 0), |(t, c), (_, dt, dc)| (t + dt, c + dc))
-            };
-            let ((t1, c1), (t0, c0)) = (sum(&after), sum(&before));
-            ((t1 - t0) as f64, (c1 - c0) as f64)
-        };
-        let (connect_ns, connect_runs) = delta("cgroup_inet4_connect");
-        let (ops_ns, ops_runs) = if hook == "fentry" {
-            delta("fentry")
-        } else {
-            delta("cgroup_sock_ops")
-        };
-        let total = (connect_ns + ops_ns) / n;
-        let cpu = 1e9 / s.cpu_rate;
-        let per_connect = connect_ns / connect_runs.max(1.0);
-        let (runs, per_op) = (ops_runs / n, ops_ns / ops_runs.max(1.0));
+    let mut totals = [ProgramTotals::default(); 4];
+    let mut round_ratios = Vec::new();
+    for round in 0..PROGRAM_ROUNDS {
+        let mut per_run = [0.0; 4];
+        for i in 0..scenarios.len() {
+            let k = (i + round) % scenarios.len();
+            let before = run_stats(&progs)?;
+            let s = scene.sample(scenarios[k], seconds, false)?;
+            let after = run_stats(&progs)?;
+            let (connect_ns, connect_runs) = stats_delta(&before, &after, "cgroup_inet4_connect");
+            let (record_ns, record_runs) = stats_delta(&before, &after, record_kind);
+            let t = &mut totals[k];
+            t.connects += s.connects as f64;
+            t.client_cpu_ns += s.connects as f64 * 1e9 / s.cpu_rate;
+            t.connect_ns += connect_ns;
+            t.connect_runs += connect_runs;
+            t.record_ns += record_ns;
+            t.record_runs += record_runs;
+            per_run[k] = connect_ns / connect_runs.max(1.0);
+        }
+        round_ratios.push(per_run[1] / per_run[0]);
+    }
+    println!();
+    println!(
+        "program run time per connection (kernel BPF stats, {PROGRAM_ROUNDS} rounds x {seconds} s \
+         per scenario; record hook {hook}, whose runs count every TCP connect of the machine):"
+    );
+    println!(
+        "{:<12} {:>13} {:>19} {:>12} {:>15} {:>7}",
+        "scenario", "connect4 ns", "record runs x ns", "programs ns", "client CPU ns", "share"
+    );
+    let mut json = Vec::new();
+    let mut connect4_ns = [0.0; 4];
+    for (k, sc) in scenarios.into_iter().enumerate() {
+        let t = totals[k];
+        let n = t.connects.max(1.0);
+        let total = (t.connect_ns + t.record_ns) / n;
+        let cpu = t.client_cpu_ns / n;
+        let per_connect = t.connect_ns / t.connect_runs.max(1.0);
+        let (runs, per_op) = (t.record_runs / n, t.record_ns / t.record_runs.max(1.0));
         let share = total / cpu * 100.0;
-        connect4_ns[sc as usize] = per_connect;
+        connect4_ns[k] = per_connect;
         println!(
             "{:<12} {per_connect:>13.1} {runs:>10.1} x {per_op:<6.1} {total:>12.0} {cpu:>15.0} \
              {share:>6.2}%",
@@ -661,28 +723,50 @@ fn program_time(scene: &Scene<'_>, pin_dir: &Path, seconds: f64) -> Result<Vec<J
             (format!("programs_{name}_share"), share, "%"),
         ]);
     }
-    let (origin, miss) = (
-        connect4_ns[Scenario::Origin as usize],
-        connect4_ns[Scenario::Miss as usize],
-    );
+    let ratio = connect4_ns[1] / connect4_ns[0];
     println!(
-        "connect4 origin / miss: {:.2} (goal <= 2.00)",
-        origin / miss
+        "connect4 origin / miss: {ratio:.2} (per-round range {:.2} - {:.2}; goal <= 2.00)",
+        min(&round_ratios),
+        max(&round_ratios),
     );
-    json.push((
-        "connect4_origin_ns_over_miss_ns".into(),
-        origin / miss,
-        "ratio",
-    ));
+    json.push(("connect4_origin_ns_over_miss_ns".into(), ratio, "ratio"));
+
+    // getpeername() right after connect(): a socket whose peer is no fork endpoint is answered
+    // after one hint lookup; one whose peer is (`miss` connects to the fork endpoint directly)
+    // also reads its slot; a rewritten socket's first call copies the answer from its slot into
+    // its storage.
+    let peer_scenarios = [Scenario::Unforked, Scenario::Miss, Scenario::Origin];
+    let mut peername = [(0.0, 0.0); 3];
+    for round in 0..PROGRAM_ROUNDS {
+        for i in 0..peer_scenarios.len() {
+            let k = (i + round) % peer_scenarios.len();
+            let before = run_stats(&progs)?;
+            scene.sample(peer_scenarios[k], seconds, true)?;
+            let after = run_stats(&progs)?;
+            let (ns, runs) = stats_delta(&before, &after, "cgroup_inet4_getpeername");
+            peername[k].0 += ns;
+            peername[k].1 += runs;
+        }
+    }
+    let per_call = peername.map(|(ns, runs)| ns / f64::max(runs, 1.0));
+    println!(
+        "getpeername4 ns, getpeername() once right after each connect(): unforked peer {:.1}, \
+         fork endpoint connected directly (miss) {:.1}, rewritten (origin) {:.1}",
+        per_call[0], per_call[1], per_call[2]
+    );
+    for (sc, ns) in peer_scenarios.into_iter().zip(per_call) {
+        json.push((format!("getpeername_{}_ns", sc.name()), ns, "ns/run"));
+    }
     Ok(json)
 }
 
 impl Scene<'_> {
-    /// One client run of `seconds`.
-    fn sample(&self, sc: Scenario, seconds: f64) -> Result<Sample> {
+    /// One client run of `seconds`; with `getpeername`, the client asks for its peer after each
+    /// connect and checks it is the address it connected to.
+    fn sample(&self, sc: Scenario, seconds: f64, getpeername: bool) -> Result<Sample> {
         let fork_ip = IpAddr::V4(self.target_fork.ip4());
         let addr = match sc {
-            Scenario::None => SocketAddr::new(fork_ip, FREE_PORT).to_string(),
+            Scenario::None | Scenario::Unforked => SocketAddr::new(fork_ip, FREE_PORT).to_string(),
             Scenario::Miss | Scenario::DirectFork => SocketAddr::new(fork_ip, POD_PORT).to_string(),
             Scenario::Origin | Scenario::ToRouter => format!("{TARGET_VIP4}:{SERVICE_PORT}"),
         };
@@ -695,6 +779,9 @@ impl Scene<'_> {
             "--seconds",
             &secs,
         ];
+        if getpeername {
+            argv.push("--getpeername");
+        }
         let timeout = Duration::from_secs_f64(seconds) + CLIENT_SLACK;
         let out = match sc {
             Scenario::None => {
@@ -704,7 +791,9 @@ impl Scene<'_> {
                 argv.extend(["--netns", netns]);
                 self.mc.node().run(&argv, timeout)?
             }
-            Scenario::Miss | Scenario::ToRouter => self.client.run(&argv, timeout)?,
+            Scenario::Miss | Scenario::ToRouter | Scenario::Unforked => {
+                self.client.run(&argv, timeout)?
+            }
             Scenario::Origin | Scenario::DirectFork => self.caller_fork.run(&argv, timeout)?,
         };
         let text = out

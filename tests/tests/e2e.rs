@@ -742,7 +742,7 @@ fn the_kernel_check_finds_everything_the_programs_need_here() {
     );
     // One line per need, each answered yes (the agent refuses to load otherwise).
     let answered = text.lines().filter(|l| l.ends_with(" yes")).count();
-    assert_eq!(answered, 11, "{text}");
+    assert_eq!(answered, 12, "{text}");
     assert!(
         text.contains("everything the programs need is there"),
         "{text}"

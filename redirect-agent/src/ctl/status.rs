@@ -107,7 +107,7 @@ pub fn collect(ctx: &Ctx) -> Result<StatusDoc, CtlError> {
                     .map(|p| p.display().to_string()),
                 kernel_function: l
                     .link
-                    .filter(|i| i.link_type != sys::LINK_TYPE_CGROUP)
+                    .filter(|i| i.link_type == sys::LINK_TYPE_TRACING)
                     .map(|_| format!("fentry/{TCP_CONNECT_FN}")),
                 loaded_at_unix_ms: l.prog_loaded_at.map(unix_ms),
                 error: l.error,

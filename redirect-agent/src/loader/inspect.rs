@@ -40,7 +40,7 @@ pub struct LinkStatus {
     pub program: &'static str,
     pub pin: PathBuf,
     /// None when the pin is missing or unreadable (`error` says why).
-    pub link: Option<sys::CgroupLinkInfo>,
+    pub link: Option<sys::LinkInfo>,
     pub prog_name: Option<String>,
     /// When the program the link runs was loaded (the agent's last start, as programs are
     /// swapped into existing links).
@@ -80,7 +80,7 @@ pub fn links(pin_dir: &Path) -> Vec<LinkStatus> {
                 st.error = Some("not pinned".into());
                 return st;
             }
-            match sys::obj_get(&pin).and_then(|fd| sys::cgroup_link_details(&fd)) {
+            match sys::obj_get(&pin).and_then(|fd| sys::link_details(&fd)) {
                 Ok(info) => {
                     if let Some(p) = progs.iter().find(|p| p.id() == info.prog_id) {
                         st.prog_name = p.name_as_str().map(str::to_string);

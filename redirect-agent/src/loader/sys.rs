@@ -96,13 +96,15 @@ pub fn link_update(link: &OwnedFd, prog_fd: i32) -> io::Result<()> {
     bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
 }
 
+/// `bpf_link_info.type` of a tracing link, as `fentry` makes (`BPF_LINK_TYPE_TRACING`).
+pub const LINK_TYPE_TRACING: u32 = 2;
 /// `bpf_link_info.type` of a cgroup link (`BPF_LINK_TYPE_CGROUP`).
 pub const LINK_TYPE_CGROUP: u32 = 3;
 
 /// What `BPF_OBJ_GET_INFO_BY_FD` tells about a link: a cgroup link, or the `fentry` record
 /// hook's tracing link (no cgroup).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CgroupLinkInfo {
+pub struct LinkInfo {
     pub link_type: u32,
     pub link_id: u32,
     pub prog_id: u32,
@@ -112,7 +114,7 @@ pub struct CgroupLinkInfo {
 }
 
 /// Link type, link id, program id, attach cgroup and attach type of a link.
-pub fn cgroup_link_details(link: &OwnedFd) -> io::Result<CgroupLinkInfo> {
+pub fn link_details(link: &OwnedFd) -> io::Result<LinkInfo> {
     // struct bpf_link_info: type, id, prog_id (u32 each), then the cgroup arm at offset 16:
     // cgroup_id (u64), attach_type (u32); a tracing link's arm starts with attach_type.
     let mut info = [0u64; 12];
@@ -122,7 +124,7 @@ pub fn cgroup_link_details(link: &OwnedFd) -> io::Result<CgroupLinkInfo> {
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
     let link_type = (info[0] & 0xffff_ffff) as u32;
     let cgroup = link_type == LINK_TYPE_CGROUP;
-    Ok(CgroupLinkInfo {
+    Ok(LinkInfo {
         link_type,
         link_id: (info[0] >> 32) as u32,
         prog_id: (info[1] & 0xffff_ffff) as u32,

@@ -559,15 +559,17 @@ fn fentry_hook(pin_dir: &Path) -> Result<Option<(String, String)>> {
 /// The record hook's program run time with the agent's automatic choice and, when that is
 /// `fentry`, again with `--record-hook sock-ops` (same scene, one run: the two side by side).
 fn record_hooks_time(scene: &Scene<'_>, agent: &mut Agent, seconds: f64) -> Result<Vec<JsonEntry>> {
-    let mut json = program_time(scene, &agent.pin_dir, seconds)?;
-    if fentry_hook(&agent.pin_dir)?.is_none() {
+    let fentry = fentry_hook(&agent.pin_dir)?;
+    let chose_fentry = fentry.is_some();
+    let mut json = program_time(scene, fentry, seconds)?;
+    if !chose_fentry {
         println!("record hook: sock_ops (fentry on tcp_connect not available on this kernel)");
         return Ok(json);
     }
     agent.set_extra(&["--record-hook", "sock-ops"]);
     agent.restart(scene.mc)?;
     println!("\nthe same with --record-hook sock-ops (the fallback before Linux 5.11):");
-    let ops = program_time(scene, &agent.pin_dir, seconds)?;
+    let ops = program_time(scene, fentry_hook(&agent.pin_dir)?, seconds)?;
     let value = |v: &[JsonEntry], k: &str| v.iter().find(|e| e.0 == k).map(|e| e.1);
     if let (Some(f), Some(o)) = (
         value(&json, "programs_miss_ns"),
@@ -639,25 +641,25 @@ struct ProgramTotals {
 
 /// The programs' own run time per connection, measured by the kernel (BPF run-time stats,
 /// enabled only for these extra samples because timing every run costs a little), against the
-/// client's CPU time per connection, over `PROGRAM_ROUNDS` interleaved rounds. Returns the
+/// client's CPU time per connection, over `PROGRAM_ROUNDS` interleaved rounds, with the `fentry`
+/// record hook's (attach type, program id) when the agent attached it. Returns the
 /// figures for `--json`, per scenario: `connect4_<sc>_ns` (per run), `record_<sc>_runs` (runs
 /// of the record hook, `sock_ops` or `fentry`, per connection), `record_<sc>_ns` (per run),
 /// `programs_<sc>_ns` (per connection), `programs_<sc>_share` (% of the client's CPU time per
 /// connection); `connect4_origin_ns_over_miss_ns`; and `getpeername_<sc>_ns`, what a
 /// `getpeername()` right after `connect()` costs in `getpeername4` for `unforked`, `miss` and
 /// `origin`.
-fn program_time(scene: &Scene<'_>, pin_dir: &Path, seconds: f64) -> Result<Vec<JsonEntry>> {
+fn program_time(
+    scene: &Scene<'_>,
+    fentry: Option<(String, String)>,
+    seconds: f64,
+) -> Result<Vec<JsonEntry>> {
     let mut progs = attached(scene.mc.cgroup_root())?;
-    let fentry = fentry_hook(pin_dir)?;
-    let hook = if fentry.is_some() {
-        "fentry"
+    // The hook's name, and its attach type as `run_stats` reports it.
+    let (hook, record_kind) = if fentry.is_some() {
+        ("fentry", "fentry")
     } else {
-        "sock_ops"
-    };
-    let record_kind = if fentry.is_some() {
-        "fentry"
-    } else {
-        "cgroup_sock_ops"
+        ("sock_ops", "cgroup_sock_ops")
     };
     progs.extend(fentry);
     let _stats = enable_bpf_stats()?;

@@ -51,12 +51,12 @@ fn a_sandbox_created_in_the_api_routes_from_its_watch_event_and_pods_are_watched
         "checkout-base\n"
     );
     shop.add_sandbox().unwrap();
-    shop.agent()
-        .wait_synced(2, Duration::from_secs(20))
-        .unwrap();
-    assert_eq!(
-        get(&shop.frontend_fork, CHECKOUT_VIP4, "").unwrap(),
-        "checkout-fork\n"
+    // Not a generation number: other watch events may be synced (with nothing to apply) before
+    // the sandbox's.
+    eventually(
+        "the sandbox's fork reached",
+        Duration::from_secs(20),
+        || fork_pod_reaches(&shop, "checkout-fork\n"),
     );
     assert!(through_router(&shop.client, CHECKOUT_VIP4).unwrap());
 

@@ -2,8 +2,8 @@
 //! address the application asked for (the ClusterIP), kept in a slot of `peer_slots_v1`.
 //!
 //! A socket storage per rewritten socket would keep that answer exactly, but creating one (an
-//! allocation and its accounting) is most of a rewritten `connect()`'s time: ~1 µs, where the
-//! rest of the decision costs about two misses. So `connect()` writes a fixed slot instead, the
+//! allocation and its accounting) is most of a rewritten `connect()`'s time: ~1 µs, three times
+//! the rest of the decision. So `connect()` writes a fixed slot instead, the
 //! one at the socket's cookie modulo [`MAX_PEER_SLOTS`](crate::MAX_PEER_SLOTS) (one array write),
 //! and the first `getpeername()` that finds its slot intact copies the answer into the socket's
 //! storage, where it stays for the socket's life. A socket is then answered exactly when its

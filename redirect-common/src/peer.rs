@@ -156,18 +156,18 @@ mod tests {
     #[test]
     fn every_field_changes_the_check() {
         let s = PeerSlot::new(9, VIP, EP);
-        let mut v = s;
-        v.asked.ip[3] ^= 1;
-        assert_ne!(v.check_of(), s.check);
-        let mut v = s;
-        v.asked.port ^= 1;
-        assert_ne!(v.check_of(), s.check);
-        let mut v = s;
-        v.sent_to.ip[0] ^= 1;
-        assert_ne!(v.check_of(), s.check);
-        let mut v = s;
-        v.sent_to.port ^= 1;
-        assert_ne!(v.check_of(), s.check);
+        let changes: [fn(&mut PeerSlot); 5] = [
+            |v| v.cookie ^= 1,
+            |v| v.asked.ip[3] ^= 1,
+            |v| v.asked.port ^= 1,
+            |v| v.sent_to.ip[0] ^= 1,
+            |v| v.sent_to.port ^= 1,
+        ];
+        for (i, change) in changes.into_iter().enumerate() {
+            let mut v = s;
+            change(&mut v);
+            assert_ne!(v.check_of(), s.check, "change {i}");
+        }
         assert_eq!(PeerSlot::index(65_536 + 5, 65_536), 5);
     }
 

@@ -127,8 +127,13 @@ impl ConnectEnv for Kernel<'_> {
             // SAFETY: an element of an array map, written whole; a concurrent reader checks it.
             unsafe { *slot = PeerSlot::new(cookie, *dst, *to) };
             if let Some(hint) = PEER_HINTS.get_ptr_mut(peer::hint_index(to, MAX_PEER_HINTS)) {
+                // Written once: a store on every connect would bounce the line between CPUs.
                 // SAFETY: an element of an array map; a plain store, as every writer stores 1.
-                unsafe { *hint = 1 };
+                unsafe {
+                    if *hint == 0 {
+                        *hint = 1;
+                    }
+                }
             }
             return true;
         }

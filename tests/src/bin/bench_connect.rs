@@ -429,12 +429,11 @@ fn measure(mc: &MiniCluster, o: &Options) -> Result<(Samples, Vec<JsonEntry>)> {
         let n = s.connects;
         let ok = match sc {
             Scenario::None => total == 0,
-            Scenario::Miss | Scenario::DirectFork => {
+            Scenario::Miss | Scenario::DirectFork | Scenario::Unforked => {
                 delta("not_forked") >= n && delta("origin_fork") == 0
             }
             Scenario::Origin => delta("origin_fork") >= n,
             Scenario::ToRouter => delta("to_router") >= n,
-            Scenario::Unforked => delta("not_forked") >= n,
         };
         ensure!(
             ok,
@@ -456,11 +455,11 @@ fn measure(mc: &MiniCluster, o: &Options) -> Result<(Samples, Vec<JsonEntry>)> {
     let mut samples: Samples = Default::default();
     for round in 0..o.rounds {
         let mut line = format!("round {}/{}:", round + 1, o.rounds);
-        for i in 0..Scenario::ALL.len() {
+        for k in rotated(round, Scenario::ALL.len()) {
             if redirect_tests::scene::stop::requested() {
                 bail!("interrupted");
             }
-            let sc = Scenario::ALL[(i + round) % Scenario::ALL.len()];
+            let sc = Scenario::ALL[k];
             let s = scene.sample(sc, o.seconds, false)?;
             samples[sc as usize].push(s);
             line.push_str(&format!("  {} {:.0}", sc.name(), s.rate));
@@ -609,6 +608,12 @@ fn run_stats(progs: &[(String, String)]) -> Result<Vec<(String, u64, u64)>> {
         .collect()
 }
 
+/// The order of `n` scenarios in round `round`: each round starts one later, so every scenario
+/// runs in every position across the rounds.
+fn rotated(round: usize, n: usize) -> impl Iterator<Item = usize> {
+    (0..n).map(move |i| (i + round) % n)
+}
+
 /// Rounds of the program run-time sample, each scenario once per round in a rotating order (as
 /// the rate rounds): this machine's load moves by tens of percent from one second to the next.
 const PROGRAM_ROUNDS: usize = 5;
@@ -669,12 +674,18 @@ fn program_time(
         Scenario::DirectFork,
         Scenario::ToRouter,
     ];
+    let at = |sc: Scenario| {
+        scenarios
+            .iter()
+            .position(|s| *s == sc)
+            .expect("listed above")
+    };
+    let (origin, miss) = (at(Scenario::Origin), at(Scenario::Miss));
     let mut totals = [ProgramTotals::default(); 4];
     let mut round_ratios = Vec::new();
     for round in 0..PROGRAM_ROUNDS {
         let mut per_run = [0.0; 4];
-        for i in 0..scenarios.len() {
-            let k = (i + round) % scenarios.len();
+        for k in rotated(round, scenarios.len()) {
             let before = run_stats(&progs)?;
             let s = scene.sample(scenarios[k], seconds, false)?;
             let after = run_stats(&progs)?;
@@ -689,7 +700,7 @@ fn program_time(
             t.record_runs += record_runs;
             per_run[k] = connect_ns / connect_runs.max(1.0);
         }
-        round_ratios.push(per_run[1] / per_run[0]);
+        round_ratios.push(per_run[origin] / per_run[miss]);
     }
     println!();
     println!(
@@ -725,7 +736,7 @@ fn program_time(
             (format!("programs_{name}_share"), share, "%"),
         ]);
     }
-    let ratio = connect4_ns[1] / connect4_ns[0];
+    let ratio = connect4_ns[origin] / connect4_ns[miss];
     println!(
         "connect4 origin / miss: {ratio:.2} (per-round range {:.2} - {:.2}; goal <= 2.00)",
         min(&round_ratios),
@@ -740,8 +751,7 @@ fn program_time(
     let peer_scenarios = [Scenario::Unforked, Scenario::Miss, Scenario::Origin];
     let mut peername = [(0.0, 0.0); 3];
     for round in 0..PROGRAM_ROUNDS {
-        for i in 0..peer_scenarios.len() {
-            let k = (i + round) % peer_scenarios.len();
+        for k in rotated(round, peer_scenarios.len()) {
             let before = run_stats(&progs)?;
             scene.sample(peer_scenarios[k], seconds, true)?;
             let after = run_stats(&progs)?;
